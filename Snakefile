@@ -1,0 +1,46 @@
+# saescale: reproduce "Scaling and evaluating sparse autoencoders" (Gao et al. 2024) as one workflow.
+# The rules live in workflow/rules/ (one file per stage); all logic lives in the saescale package.
+import json
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from saescale import paths
+from saescale.config import ConfigError, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+try:
+    CFG = validate(config)
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/subject.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/normalize.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/scaling.smk"
+include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
+    scaling,
+    report,
+
+
+rule all:
+    default_target: True
+    input:
+        paths.REPORT,

@@ -1,0 +1,250 @@
+"""`saescale <stage> ...`: one subcommand per pipeline stage. A thin adapter: parse arguments, load
+inputs, call the stage's module, write outputs. Rules call it; people can too.
+
+Stage settings arrive as one JSON object (`--spec`), the slice of the validated config the rule passes
+as a Snakemake param, so a config change reruns exactly the jobs whose slice changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+from saescale.files import read_json, setup_logging, write_json_atomic
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("saescale", "torch", "transformers", "tokenizers", "datasets", "zarr", "snakemake", "numpy", "scipy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def cmd_corpus(a) -> None:
+    from saescale.corpus import build_builtin_corpus
+
+    build_builtin_corpus(a.out_jsonl, a.out_info)
+
+
+def cmd_tokenizer(a) -> None:
+    from saescale.subject import train_tokenizer
+
+    train_tokenizer(a.corpus, a.spec["vocab_size"], a.out)
+
+
+def cmd_lm(a) -> None:
+    from saescale.subject import train_builtin_lm
+
+    train_builtin_lm(a.tokens, a.tokenizer, a.spec, a.out)
+
+
+def cmd_tokenize(a) -> None:
+    from saescale.corpus import tokenize
+
+    s = a.spec
+    tokenize(s["dataset"], a.tokenizer, s["ctx_len"], s["eval_tokens"], a.out, a.corpus)
+
+
+def cmd_extract(a) -> None:
+    import torch
+
+    from saescale.store import extract
+    from saescale.subject import load_model, pick_device
+
+    torch.set_num_threads(a.threads)
+    s = a.spec
+    device = pick_device("auto")
+    model = load_model(a.model, s.get("revision"), device)
+    extract(model, a.tokens, s["layers"], s["train_tokens"], s["dtype"], s["batch_windows"], s["chunk_windows"],
+            a.out, model_name=s["model"], device=device)
+
+
+def cmd_normalize(a) -> None:
+    from saescale.normalize import layer_stats
+    from saescale.store import open_store, read_rows
+
+    root = open_store(a.activations)
+    stats = {"site": root.attrs["site"], "layers": {}}
+    for layer in root.attrs["layers"]:
+        stats["layers"][str(layer)] = layer_stats(read_rows(root, layer, "train"), seed=a.seed)
+    write_json_atomic(a.out, stats)
+
+
+def cmd_train(a) -> None:
+    import numpy as np
+    import torch
+
+    from saescale.config import k_aux_for, lr_for
+    from saescale.normalize import normalize
+    from saescale.sae.train import LOG_COLUMNS, SELECTION_ROWS, TrainSpec, train_sae
+    from saescale.store import BatchStream, open_store, read_rows
+    from saescale.subject import pick_device
+
+    t = a.spec
+    torch.set_num_threads(t["threads"])
+    root = open_store(a.activations)
+    stats = read_json(a.norm)["layers"][str(a.layer)]
+    d = stats["d_model"]
+    device = pick_device(t["device"])
+    spec = TrainSpec(arch=a.arch, n=a.n, k=a.k, d_model=d, lr=lr_for(t, a.n), batch_size=t["batch_size"],
+                     tokens=t["tokens"], adam_eps=t["adam_eps"], adam_betas=tuple(t["adam_betas"]),
+                     auxk_coef=t["auxk_coef"], k_aux=min(k_aux_for(t, d), a.n), dead_tokens=t["dead_tokens"],
+                     ema_decay=t["ema_decay"], log_every=t["log_every"], checkpoint_seconds=t["checkpoint_seconds"],
+                     seed=t["seed"], device=str(device))
+    if a.k > a.n:
+        raise SystemExit(f"k={a.k} is larger than n={a.n}")
+    stream = BatchStream(root, a.layer, spec.batch_size, spec.seed, t["in_memory_max_gb"], t["shuffle_chunks"])
+    selection = normalize(torch.from_numpy(read_rows(root, a.layer, "train", SELECTION_ROWS).astype(np.float32)))[0]
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
+    sae, rows, summary = train_sae(stream, np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec,
+                                   checkpoint, selection.numpy())
+    import pandas as pd
+
+    sae.save(out / "sae.safetensors.tmp")
+    (out / "sae.safetensors.tmp").replace(out / "sae.safetensors")
+    tmp_log = out / "train_log.csv.tmp"
+    pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(tmp_log, index=False)
+    tmp_log.replace(out / "train_log.csv")
+    cfg = {**sae.config(), "subject": a.subject, "layer": a.layer, "site": root.attrs["site"],
+           "normalization": "per-token: subtract mean over d, scale to unit L2 norm (REFERENCE A.2)",
+           "train_spec": {**spec.__dict__, "data_in_memory": stream.in_memory}, "train": summary,
+           "versions": versions()}
+    write_json_atomic(out / "cfg.json", cfg)  # written last: its presence marks a finished SAE
+    checkpoint.unlink(missing_ok=True)
+
+
+def cmd_evaluate(a) -> None:
+    import torch
+
+    from saescale.evaluate.downstream import downstream_metrics
+    from saescale.evaluate.reconstruction import reconstruction_metrics
+    from saescale.sae.model import SparseAutoencoder
+    from saescale.store import open_store, split_rows
+    from saescale.subject import load_model, pick_device
+
+    s = a.spec
+    torch.set_num_threads(a.threads)
+    device = pick_device("auto")
+    sae_dir = Path(a.sae_dir)
+    cfg = read_json(sae_dir / "cfg.json")
+    sae = SparseAutoencoder.load(sae_dir / "sae.safetensors", sae_dir / "cfg.json", device).eval()
+    root = open_store(a.activations)
+    stats = read_json(a.norm)["layers"][str(a.layer)]
+    recon = reconstruction_metrics(sae, root, a.layer, torch.tensor(stats["mean"]), s["batch_size"], device)
+    recon.pop("latent_firing_counts")
+    ctx = root.attrs["ctx_len"]
+    rows = split_rows(root, "eval")
+    n_win = min(s["downstream_windows"], (rows.stop - rows.start) // ctx)
+    windows = root["token"][rows.start:rows.start + n_win * ctx].reshape(n_win, ctx)
+    model = load_model(a.model, a.revision, device)
+    down = downstream_metrics(model, a.layer, sae, windows, s["downstream_batch"], device)
+    result = {"subject": cfg["subject"], "layer": a.layer, "arch": cfg["arch"], "n": cfg["n_latents"],
+              "k": cfg["k"], "d_model": cfg["d_model"], **recon, "downstream": down, "train": cfg["train"],
+              "lr": cfg["train_spec"]["lr"], "device": str(device), "versions": versions()}
+    write_json_atomic(a.out, result)
+
+
+def cmd_scaling(a) -> None:
+    from saescale.scaling.collect import collect, write_scaling
+
+    table = collect(a.evals)
+    write_scaling(table, a.out_metrics, a.out_fits)
+
+
+def cmd_report(a) -> None:
+    from saescale.report.render import render_report
+
+    render_report(config=a.spec, out=a.out)
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--spec is not valid JSON: {exc}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saescale", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def stage(name: str, fn, help: str, spec: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--log", help="also append log lines to this file")
+        if spec:
+            sp.add_argument("--spec", type=_json_arg, required=True, help="stage settings as JSON")
+        return sp
+
+    sp = stage("corpus", cmd_corpus, "write the builtin CPython-stdlib corpus", spec=False)
+    sp.add_argument("--out-jsonl", required=True)
+    sp.add_argument("--out-info", required=True)
+
+    sp = stage("tokenizer", cmd_tokenizer, "train the builtin byte-level BPE tokenizer")
+    sp.add_argument("--corpus", required=True)
+    sp.add_argument("--out", required=True)
+
+    sp = stage("lm", cmd_lm, "train the builtin tiny GPT-2")
+    sp.add_argument("--tokens", required=True)
+    sp.add_argument("--tokenizer", required=True)
+    sp.add_argument("--out", required=True)
+
+    sp = stage("tokenize", cmd_tokenize, "tokenize a dataset into fixed windows (Zarr)")
+    sp.add_argument("--tokenizer", required=True, help="HF id or local path")
+    sp.add_argument("--corpus", help="builtin corpus JSONL (dataset path 'builtin')")
+    sp.add_argument("--out", required=True)
+
+    sp = stage("extract", cmd_extract, "record resid_post activations into a Zarr store")
+    sp.add_argument("--model", required=True, help="HF id or local path")
+    sp.add_argument("--tokens", required=True)
+    sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--out", required=True)
+
+    sp = stage("normalize", cmd_normalize, "per-layer statistics (mean, geometric median)", spec=False)
+    sp.add_argument("--activations", required=True)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True)
+
+    sp = stage("train", cmd_train, "train one SAE")
+    for name in ("activations", "norm", "subject", "arch", "out-dir"):
+        sp.add_argument(f"--{name}", required=True)
+    for name in ("layer", "n", "k"):
+        sp.add_argument(f"--{name}", type=int, required=True)
+
+    sp = stage("evaluate", cmd_evaluate, "evaluate one SAE on the held-out split")
+    for name in ("sae-dir", "activations", "norm", "model", "out"):
+        sp.add_argument(f"--{name}", required=True)
+    sp.add_argument("--layer", type=int, required=True)
+    sp.add_argument("--revision")
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = stage("scaling", cmd_scaling, "collect eval JSONs into a table and fit the scaling laws", spec=False)
+    sp.add_argument("--evals", nargs="+", required=True)
+    sp.add_argument("--out-metrics", required=True)
+    sp.add_argument("--out-fits", required=True)
+
+    sp = stage("report", cmd_report, "render reports/report.html")
+    sp.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = setup_logging(args.log)
+    log.info("saescale %s %s", args.stage, " ".join(sys.argv[2:])[:500])
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The validated configuration: one schema (schema/config.schema.yaml) holds every key and default.
+
+`load_config` fills defaults, validates types against the schema, then checks what a schema cannot
+(k <= n, layers inside the model, ...). Every error names the key, e.g.
+`config.sweep.k[2]: 900 is larger than the smallest n (512)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(str(resources.files("saescale") / "schema" / "config.schema.yaml"))
+
+
+class ConfigError(ValueError):
+    """A config value a person has to fix; the message names the key."""
+
+
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _fill_defaults(node: Any, sch: dict) -> None:
+    """Set schema defaults in place, recursing into `properties` and `additionalProperties` objects."""
+    if not isinstance(node, dict):
+        return
+    for key, sub in sch.get("properties", {}).items():
+        if key not in node and "default" in sub:
+            node[key] = copy.deepcopy(sub["default"])
+        if key in node:
+            _fill_defaults(node[key], sub)
+    extra = sch.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in node.items():
+            if key not in sch.get("properties", {}):
+                _fill_defaults(value, extra)
+
+
+def _key_path(path: Any) -> str:
+    out = "config"
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def validate(cfg: dict) -> dict:
+    """Return a copy of `cfg` with defaults filled, or raise ConfigError naming the offending key."""
+    cfg = copy.deepcopy(cfg) if cfg is not None else {}
+    sch = schema()
+    _fill_defaults(cfg, sch)
+    validator = jsonschema.Draft202012Validator(sch)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            msg = err.message
+            if err.validator == "additionalProperties":
+                msg += " (check the spelling; allowed keys are listed in workflow/schemas/config.schema.yaml)"
+            lines.append(f"{_key_path(err.absolute_path)}: {msg}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    _check_semantics(cfg)
+    return cfg
+
+
+def _check_semantics(cfg: dict) -> None:
+    sweep = cfg["sweep"]
+    for i, k in enumerate(sweep["k"]):
+        if k > min(sweep["n"]):
+            raise ConfigError(
+                f"config.sweep.k[{i}]: {k} is larger than the smallest n ({min(sweep['n'])}); "
+                "TopK needs k <= n latents"
+            )
+    for name, subj in cfg["subjects"].items():
+        where = f"config.subjects.{name}"
+        if subj["model"] == "builtin":
+            n_layer = subj["builtin"]["n_layer"]
+            for i, layer in enumerate(subj["layers"]):
+                if layer >= n_layer:
+                    raise ConfigError(
+                        f"{where}.layers[{i}]: block {layer} does not exist in the builtin model "
+                        f"({n_layer} blocks, 0-indexed)"
+                    )
+            b = subj["builtin"]
+            if b["n_embd"] % b["n_head"]:
+                raise ConfigError(f"{where}.builtin.n_head: {b['n_head']} does not divide n_embd={b['n_embd']}")
+        if subj["eval_tokens"] < subj["ctx_len"]:
+            raise ConfigError(f"{where}.eval_tokens: {subj['eval_tokens']} is less than one window of ctx_len tokens")
+    if cfg["train"]["batch_size"] > cfg["train"]["tokens"]:
+        raise ConfigError(
+            f"config.train.batch_size: {cfg['train']['batch_size']} exceeds the token budget train.tokens"
+        )
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return validate(raw)
+
+
+# ---- derived values: the one place that knows each rule of thumb --------------------------------
+
+
+def lr_for(train: dict, n: int) -> float:
+    """REFERENCE A.7: the largest converging lr scales with 1/sqrt(n), unless train.lr fixes it."""
+    if train["lr"] is not None:
+        return float(train["lr"])
+    return float(train["lr_ref"] * math.sqrt(train["lr_ref_n"] / n))
+
+
+def k_aux_for(train: dict, d_model: int) -> int:
+    """REFERENCE A.5 (App. B.1): a power of two close to d_model / 2."""
+    if train["k_aux"] is not None:
+        return int(train["k_aux"])
+    return int(2 ** round(math.log2(max(d_model / 2, 1))))

@@ -1,0 +1,169 @@
+"""Text datasets -> fixed-length token windows (Zarr), split into train/eval by window.
+
+The builtin corpus is the CPython standard library's own source (present wherever Python is), written
+once as JSON lines and then loaded through `datasets.load_dataset("json", ...)`: the same code path as a
+user's local files or a hub dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import zarr
+
+from saescale.files import atomic_dir, write_json_atomic
+
+log = logging.getLogger("saescale.corpus")
+
+EOS_TOKEN = "<|endoftext|>"
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "lib2to3", "turtledemo"}
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """CPython standard-library .py sources, without tests and installed packages, in a stable order."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    out = []
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root).parts
+        if any(part in _SKIP_DIRS or part.startswith("test") for part in parts[:-1]):
+            continue
+        if parts[-1].startswith("test_"):
+            continue
+        out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def build_builtin_corpus(out_jsonl: str | Path, out_info: str | Path) -> dict:
+    """Write the stdlib corpus as JSON lines {"text", "path"} plus provenance (Python version, hash)."""
+    import json
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_files(root)
+    digest = hashlib.sha256()
+    n_bytes = 0
+    out_jsonl = Path(out_jsonl)
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_jsonl.with_name(out_jsonl.name + ".tmp")
+    with tmp.open("w") as f:
+        for p in files:
+            text = p.read_text(encoding="utf-8", errors="replace")
+            rel = p.relative_to(root).as_posix()
+            digest.update(rel.encode() + b"\0" + text.encode())
+            n_bytes += len(text.encode())
+            f.write(json.dumps({"text": text, "path": rel}) + "\n")
+    tmp.replace(out_jsonl)
+    info = {
+        "source": "CPython standard library (no tests, no site-packages)",
+        "python_version": platform.python_version(),
+        "stdlib_root": str(root),
+        "n_files": len(files),
+        "n_bytes": n_bytes,
+        "sha256": digest.hexdigest(),
+    }
+    write_json_atomic(out_info, info)
+    log.info("builtin corpus: %d files, %.1f MB, sha256 %s", len(files), n_bytes / 1e6, info["sha256"][:12])
+    return info
+
+
+def load_texts(dataset: dict, builtin_jsonl: str | None = None) -> Iterable[str]:
+    """Documents of the configured dataset, through `datasets.load_dataset` in every case."""
+    import datasets
+
+    if dataset["path"] == "builtin":
+        if builtin_jsonl is None:
+            raise ValueError("the builtin dataset needs the corpus file built by the 'corpus' rule")
+        ds = datasets.load_dataset("json", data_files=str(builtin_jsonl), split="train")
+    else:
+        kwargs = {"name": dataset.get("name"), "split": dataset.get("split", "train")}
+        if dataset.get("data_files") is not None:
+            kwargs["data_files"] = dataset["data_files"]
+        if dataset.get("streaming"):
+            kwargs["streaming"] = True
+        ds = datasets.load_dataset(dataset["path"], **kwargs)
+    field = dataset.get("text_field", "text")
+    cols = ds.column_names if not dataset.get("streaming") else None
+    if cols is not None and field not in cols:
+        raise ValueError(f"dataset.text_field: column '{field}' not in the dataset (columns: {cols})")
+    return (row[field] for row in ds)
+
+
+def _batched(it: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def token_stream_windows(
+    texts: Iterable[str], tokenizer, ctx_len: int, max_tokens: int | None = None
+) -> np.ndarray:
+    """Concatenate documents separated by EOS and cut the stream into [n_windows, ctx_len] int32 windows."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; it is needed to separate documents")
+    pieces: list[np.ndarray] = []
+    total = 0
+    for batch in _batched(texts, 256):
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            arr = np.asarray(ids + [eos], dtype=np.int32)
+            pieces.append(arr)
+            total += len(arr)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    n_windows = len(stream) // ctx_len
+    return stream[: n_windows * ctx_len].reshape(n_windows, ctx_len)
+
+
+def split_windows(n_windows: int, n_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split by window: (train window ids, eval window ids), each in random order."""
+    if n_eval >= n_windows:
+        raise ValueError(f"eval_tokens asks for {n_eval} windows but the dataset has only {n_windows}")
+    perm = np.random.default_rng(seed).permutation(n_windows)
+    return perm[n_eval:].astype(np.int64), perm[:n_eval].astype(np.int64)
+
+
+def write_token_store(out: str | Path, windows: np.ndarray, train_ids: np.ndarray, eval_ids: np.ndarray,
+                      attrs: dict) -> None:
+    with atomic_dir(out) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        root.create_array("windows", data=windows, chunks=(min(len(windows), 4096), windows.shape[1]))
+        root.create_array("train_ids", data=train_ids)
+        root.create_array("eval_ids", data=eval_ids)
+        root.attrs.update({**attrs, "n_windows": int(len(windows)), "n_train": int(len(train_ids)),
+                           "n_eval": int(len(eval_ids)), "ctx_len": int(windows.shape[1]), "complete": True})
+
+
+def open_token_store(path: str | Path) -> zarr.Group:
+    root = zarr.open_group(str(path), mode="r")
+    if not root.attrs.get("complete"):
+        raise RuntimeError(f"{path} is not a complete token store; rerun the tokenize rule")
+    return root
+
+
+def tokenize(dataset: dict, tokenizer_path: str, ctx_len: int, eval_tokens: int, out: str,
+             builtin_jsonl: str | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    windows = token_stream_windows(load_texts(dataset, builtin_jsonl), tok, ctx_len, dataset.get("max_tokens"))
+    n_eval = -(-eval_tokens // ctx_len)
+    train_ids, eval_ids = split_windows(len(windows), n_eval, dataset.get("seed", 0))
+    attrs = {"tokenizer": str(tokenizer_path), "dataset": dataset, "vocab_size": len(tok),
+             "eos_token_id": tok.eos_token_id}
+    write_token_store(out, windows, train_ids, eval_ids, attrs)
+    log.info("tokenized %d windows of %d tokens (%d train, %d eval)", len(windows), ctx_len,
+             len(train_ids), len(eval_ids))
+    return attrs

@@ -1,0 +1,44 @@
+"""Reconstruction metrics over the eval split: FVU, L0, dead fraction (REFERENCE C.1, C.2, A.8)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import zarr
+
+from saescale.normalize import normalize
+from saescale.sae.losses import fvu_terms
+from saescale.sae.model import SparseAutoencoder
+from saescale.store import split_rows
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int, mean: torch.Tensor,
+                           batch_size: int, device: torch.device) -> dict:
+    """FVU as a ratio of sums over the whole eval set (not a mean of per-batch ratios), L0, and the
+    fraction of latents that never fire on any eval token."""
+    x_store = root[f"L{layer}/x"]
+    rows = split_rows(root, "eval")
+    err = base = l0_sum = 0.0
+    fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
+    mean = mean.to(device)
+    for start in range(rows.start, rows.stop, batch_size):
+        raw = torch.from_numpy(x_store[start:min(start + batch_size, rows.stop)].astype(np.float32)).to(device)
+        x = normalize(raw)[0]
+        x_hat, latents = sae(x)
+        e, b = fvu_terms(x, x_hat, mean)
+        err, base = err + e, base + b
+        active = latents.values > 0
+        l0_sum += float(active.sum())
+        fired.index_add_(0, latents.indices[active], torch.ones_like(latents.indices[active]))
+    n_tokens = rows.stop - rows.start
+    return {
+        "eval_tokens": n_tokens,
+        "fvu": err / base,
+        "mse": err / n_tokens,
+        "baseline_mse": base / n_tokens,
+        "l0": l0_sum / n_tokens,
+        "dead_fraction": float((fired == 0).float().mean()),
+        "dead_latents": int((fired == 0).sum()),
+        "latent_firing_counts": fired.cpu().numpy(),
+    }

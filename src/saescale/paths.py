@@ -1,0 +1,34 @@
+"""Where every stage writes: the one place that knows the output path patterns (DESIGN.md, 'Files on disk').
+
+Patterns use Snakemake wildcard syntax so the rules use them as-is; `fmt` fills them from Python.
+"""
+
+from __future__ import annotations
+
+CORPUS = "data/corpus/builtin.jsonl"
+CORPUS_INFO = "data/corpus/builtin.json"
+TOKENIZER = "data/subjects/{subject}/tokenizer"
+MODEL = "data/subjects/{subject}/model"
+TOKENS = "data/tokens/{subject}.zarr"
+ACTIVATIONS = "data/activations/{subject}.zarr"
+NORM = "data/activations/{subject}.norm.json"
+SAE_DIR = "data/saes/{subject}/L{layer}/{arch}/n{n}_k{k}"
+SAE_WEIGHTS = SAE_DIR + "/sae.safetensors"
+SAE_CFG = SAE_DIR + "/cfg.json"
+SAE_LOG = SAE_DIR + "/train_log.csv"
+SAE_CHECKPOINT = SAE_DIR + "/checkpoint.pt"
+EVAL = "data/eval/{subject}/L{layer}/{arch}/n{n}_k{k}.json"
+METRICS = "data/scaling/{subject}/L{layer}/metrics.csv"
+FITS = "data/scaling/{subject}/L{layer}/fits.json"
+REPORT = "reports/report.html"
+LOGS = "logs/{rule}/{name}.log"
+BENCH = "benchmarks/results/{rule}/{name}.tsv"
+
+
+def fmt(pattern: str, **wildcards: object) -> str:
+    return pattern.format(**wildcards)
+
+
+def staging(path: str) -> str:
+    """The temporary name a store is written under; renamed to `path` only when complete."""
+    return path.rstrip("/") + ".partial"

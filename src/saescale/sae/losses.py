@@ -1,0 +1,32 @@
+"""Losses and reconstruction metrics, all in the normalized input space (REFERENCE A.2, A.5, C.1)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor, baseline_mse: float) -> torch.Tensor:
+    """REFERENCE A.5: the main loss is the MSE divided by a constant computed once, the error of
+    predicting the dataset mean (so a batch's value estimates its FVU)."""
+    return ((x_hat.float() - x.float()) ** 2).sum(dim=-1).mean() / baseline_mse
+
+
+def auxk_loss(e_hat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """REFERENCE A.5: AuxK reconstruction of the main error e, normalized per batch by the error's own
+    variance (its scale shrinks as training proceeds); NaN (seen at scale) counts as 0."""
+    e = e.float()
+    num = ((e_hat.float() - e) ** 2).sum(dim=-1).mean()
+    den = ((e - e.mean(dim=0, keepdim=True)) ** 2).sum(dim=-1).mean()
+    return (num / den).nan_to_num(0.0)
+
+
+def fvu_terms(x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor) -> tuple[float, float]:
+    """(sum ||x - x_hat||^2, sum ||x - mean||^2) of a batch; FVU = ratio of the sums over the eval set."""
+    x = x.float()
+    return float(((x - x_hat.float()) ** 2).sum()), float(((x - mean) ** 2).sum())
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor) -> float:
+    """REFERENCE C.1: fraction of variance unexplained against the dataset-mean predictor."""
+    err, base = fvu_terms(x, x_hat, mean)
+    return err / base

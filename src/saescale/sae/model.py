@@ -1,0 +1,95 @@
+"""The sparse autoencoder (REFERENCE A.3): z = act(W_enc (x - b_pre) + b_enc), x_hat = W_dec^T z + b_pre.
+
+Decoder directions are the rows of W_dec [n, d] (SAELens' orientation), kept at unit norm. Decoding
+gathers only the k active rows (`embedding_bag`), so the decoder costs O(batch * k * d), not O(batch * n * d).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from saescale.sae.activations import ACTIVATIONS, Latents
+
+ENCODER_RESCALE_SAMPLES = 256  # REFERENCE A.4: openai init_from_data_ uses 256 random unit inputs
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, d_model: int, n_latents: int, arch: str = "topk", k: int = 32):
+        super().__init__()
+        if arch not in ACTIVATIONS:
+            raise ValueError(f"unknown arch '{arch}'; known: {sorted(ACTIVATIONS)}")
+        self.d_model, self.n_latents, self.arch, self.k = d_model, n_latents, arch, k
+        self.W_enc = nn.Parameter(torch.empty(n_latents, d_model))  # [n, d]
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))  # [n, d], rows = decoder directions
+        self.b_pre = nn.Parameter(torch.zeros(d_model))
+        self.activation = ACTIVATIONS[arch](k)
+        nn.init.kaiming_uniform_(self.W_enc, a=5**0.5)  # nn.Linear's default: U(-1/sqrt(d), 1/sqrt(d))
+
+    # ---- the forward pass, in the paper's words ---------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x - self.b_pre, self.W_enc, self.b_enc)  # [batch, n]
+
+    def encode(self, x: torch.Tensor) -> Latents:
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, latents: Latents) -> torch.Tensor:
+        return self.decode_residual(latents) + self.b_pre
+
+    def decode_residual(self, latents: Latents) -> torch.Tensor:
+        """W_dec^T z without the pre-bias (AuxK reconstructs the error with it)."""
+        return F.embedding_bag(latents.indices, self.W_dec, per_sample_weights=latents.values.to(self.W_dec.dtype),
+                               mode="sum")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latents]:
+        latents = self.encode(x)
+        return self.decode(latents), latents
+
+    # ---- initialization (REFERENCE A.4) -----------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data_(self, b_pre: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """b_pre at the geometric median; decoder = encoder directions at unit norm ("tied" init, only at
+        init); encoder scaled so reconstructions of unit inputs have unit norm."""
+        self.b_pre.copy_(b_pre)
+        self.W_dec.copy_(self.W_enc)
+        self.normalize_decoder_()
+        u = torch.randn(ENCODER_RESCALE_SAMPLES, self.d_model, generator=generator, device=self.W_enc.device)
+        u = u / u.norm(dim=1, keepdim=True)
+        x_hat, _ = self(u + self.b_pre)
+        r = (x_hat - self.b_pre).norm(dim=1).mean()
+        self.W_enc.div_(r.clamp_min(1e-12))
+
+    # ---- decoder constraint (REFERENCE A.6) --------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove the gradient component parallel to each (unit) decoder row: Adam then only rotates rows."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    # ---- save / load ------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"d_model": self.d_model, "n_latents": self.n_latents, "arch": self.arch, "k": self.k}
+
+    def save(self, weights_path: str | Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(weights_path))
+
+    @classmethod
+    def load(cls, weights_path: str | Path, cfg_path: str | Path | None = None,
+             device: str | torch.device = "cpu") -> "SparseAutoencoder":
+        weights_path = Path(weights_path)
+        cfg = json.loads(Path(cfg_path or weights_path.with_name("cfg.json")).read_text())
+        sae = cls(cfg["d_model"], cfg["n_latents"], cfg["arch"], cfg["k"])
+        sae.load_state_dict(load_file(str(weights_path)))
+        return sae.to(device)

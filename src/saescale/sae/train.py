@@ -1,0 +1,212 @@
+"""The training loop (REFERENCE A.3-A.7), in plain sight: batch -> loss (+AuxK) -> backward -> project the
+decoder gradient -> Adam -> renormalize decoder rows -> EMA -> dead-latent bookkeeping -> log/checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saescale.normalize import normalize
+from saescale.sae.activations import Latents
+from saescale.sae.losses import auxk_loss, normalized_mse
+from saescale.sae.model import SparseAutoencoder
+
+log = logging.getLogger("saescale.train")
+
+FIRING_THRESHOLD = 1e-3  # REFERENCE A.5: a latent "fires" when selected with value > 1e-3
+SELECTION_ROWS = 32768  # training rows used to choose EMA vs raw weights at the end (REFERENCE A.7)
+
+LOG_COLUMNS = ["step", "tokens", "loss", "fvu", "auxk_loss", "l0", "dead_fraction", "lr", "elapsed_s", "flops"]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    arch: str
+    n: int
+    k: int
+    d_model: int
+    lr: float
+    batch_size: int
+    tokens: int
+    adam_eps: float
+    adam_betas: tuple[float, float]
+    auxk_coef: float
+    k_aux: int
+    dead_tokens: int
+    ema_decay: float
+    log_every: int
+    checkpoint_seconds: float
+    seed: int
+    device: str
+
+    def fingerprint(self) -> str:
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("log_every", "checkpoint_seconds")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Ema:
+    """EMA of parameters with Adam-style bias correction (REFERENCE A.7, openai EmaModel)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.t = decay, 0
+        self.shadow = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.t += 1
+        for k, v in model.state_dict().items():
+            self.shadow[k].lerp_(v, 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        correction = 1 - self.decay ** max(self.t, 1)
+        return {k: v / correction for k, v in self.shadow.items()}
+
+
+def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Latents | None:
+    """REFERENCE A.5: the top-k_aux pre-activations among dead latents only (alive ones masked to zero)."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return None
+    values, indices = (pre_acts * dead).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    return Latents(torch.relu(values), indices)
+
+
+def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, baseline_mse: float,
+                  dead: torch.Tensor, spec: TrainSpec, autocast: contextlib.AbstractContextManager
+                  ) -> tuple[dict, Latents]:
+    with autocast:
+        pre_acts = sae.pre_acts(x)
+        latents = sae.activation(pre_acts)
+        x_hat = sae.decode(latents)
+        main = normalized_mse(x_hat, x, baseline_mse)
+        aux = torch.zeros((), device=x.device)
+        if spec.auxk_coef > 0:
+            aux_lat = auxk_latents(pre_acts, dead, spec.k_aux)
+            if aux_lat is not None:
+                # the target is the main model's error with its graph cut: only dead latents learn from it
+                aux = auxk_loss(sae.decode_residual(aux_lat), x - x_hat.detach())
+        loss = main + spec.auxk_coef * aux
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.project_decoder_grad_()
+    opt.step()
+    sae.normalize_decoder_()
+    return {"loss": loss.item(), "fvu": main.item(), "auxk_loss": aux.item()}, latents
+
+
+def update_dead(tokens_since_fired: torch.Tensor, latents: Latents) -> None:
+    fired = torch.zeros_like(tokens_since_fired, dtype=torch.bool)
+    fired[latents.indices[latents.values > FIRING_THRESHOLD]] = True
+    tokens_since_fired += latents.values.shape[0]
+    tokens_since_fired[fired] = 0
+
+
+def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
+              spec: TrainSpec, checkpoint_path: str | Path, selection_rows: np.ndarray) -> tuple[SparseAutoencoder, list[dict], dict]:
+    """Train one SAE; resumes from `checkpoint_path` when it holds a run of the same spec.
+
+    `batch_source.batches(start_step)` yields raw float32 activations [batch, d], normalized here on the
+    fly (REFERENCE A.2); `selection_rows` are normalized training rows. Returns the SAE with the
+    weights chosen for evaluation, the log rows, and a summary for cfg.json.
+    """
+    device = torch.device(spec.device)
+    torch.manual_seed(spec.seed)
+    gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+    sae = SparseAutoencoder(spec.d_model, spec.n, spec.arch, spec.k)
+    sae.init_from_data_(torch.as_tensor(b_pre, dtype=torch.float32), generator=gen)
+    sae.to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=spec.lr, betas=tuple(spec.adam_betas), eps=spec.adam_eps)
+    ema = Ema(sae, spec.ema_decay) if spec.ema_decay > 0 else None
+    tokens_since_fired = torch.zeros(spec.n, dtype=torch.long, device=device)
+    rows: list[dict] = []
+    step, elapsed_before = 0, 0.0
+    steps = max(1, spec.tokens // spec.batch_size)
+
+    checkpoint_path = Path(checkpoint_path)
+    if checkpoint_path.exists():
+        ck = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if ck.get("fingerprint") == spec.fingerprint():
+            sae.load_state_dict(ck["sae"])
+            opt.load_state_dict(ck["opt"])
+            if ema is not None:
+                ema.shadow, ema.t = ck["ema_shadow"], ck["ema_t"]
+            tokens_since_fired = ck["tokens_since_fired"]
+            rows, step, elapsed_before = ck["rows"], ck["step"], ck["elapsed_s"]
+            log.info("resumed from %s at step %d/%d", checkpoint_path, step, steps)
+        else:
+            log.info("ignoring checkpoint of a different configuration: %s", checkpoint_path)
+
+    use_bf16 = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    dtype = "bf16-autocast" if use_bf16 else "float32"
+    t_start = time.time()
+    last_ck = time.time()
+    flops_per_token = 6 * spec.n * spec.d_model  # REFERENCE D.1: compute ~ 6 * tokens * n * d
+    it = batch_source.batches(step)
+    while step < steps:
+        x = normalize(torch.from_numpy(next(it)).to(device, non_blocking=True))[0]
+        dead = tokens_since_fired >= spec.dead_tokens
+        metrics, latents = training_step(sae, opt, x, baseline_mse, dead, spec, autocast)
+        if ema is not None:
+            ema.update(sae)
+        update_dead(tokens_since_fired, latents)
+        step += 1
+        if step % spec.log_every == 0 or step == steps:
+            tokens = step * spec.batch_size
+            row = {"step": step, "tokens": tokens, **metrics,
+                   "l0": float((latents.values > 0).sum(dim=-1).float().mean()),
+                   "dead_fraction": float((tokens_since_fired >= spec.dead_tokens).float().mean()),
+                   "lr": spec.lr, "elapsed_s": elapsed_before + time.time() - t_start,
+                   "flops": float(flops_per_token) * tokens}
+            if not np.isfinite(row["loss"]):
+                raise FloatingPointError(f"training diverged at step {step} (loss {row['loss']}); lower train.lr")
+            rows.append(row)
+            log.info("step %d/%d  fvu %.4f  auxk %.3f  l0 %.1f  dead %.3f  %.0f tok/s", step, steps, row["fvu"],
+                     row["auxk_loss"], row["l0"], row["dead_fraction"], tokens / max(row["elapsed_s"], 1e-9))
+        if spec.checkpoint_seconds and time.time() - last_ck >= spec.checkpoint_seconds and step < steps:
+            _save_checkpoint(checkpoint_path, sae, opt, ema, tokens_since_fired, rows, step,
+                             elapsed_before + time.time() - t_start, spec)
+            last_ck = time.time()
+
+    elapsed = elapsed_before + time.time() - t_start
+    sae_eval, chosen, sel = choose_weights(sae, ema, selection_rows, baseline_mse, device)
+    summary = {"steps": steps, "tokens": steps * spec.batch_size, "train_seconds": elapsed,
+               "tokens_per_s": steps * spec.batch_size / max(elapsed, 1e-9), "device": str(device), "dtype": dtype,
+               "weights": chosen, "selection_fvu": sel, "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None}
+    return sae_eval, rows, summary
+
+
+@torch.no_grad()
+def choose_weights(sae: SparseAutoencoder, ema: Ema | None, rows: np.ndarray, baseline_mse: float,
+                   device: torch.device) -> tuple[SparseAutoencoder, str, dict]:
+    """Evaluate with EMA weights unless the raw weights reconstruct better (early EMA lags; REFERENCE A.7).
+    Decided on training rows, never on the eval split."""
+    x = torch.from_numpy(rows).to(device)
+    raw_fvu = float(normalized_mse(sae(x)[0], x, baseline_mse))
+    if ema is None:
+        return sae, "raw", {"raw": raw_fvu}
+    ema_sae = SparseAutoencoder(sae.d_model, sae.n_latents, sae.arch, sae.k).to(device)
+    ema_sae.load_state_dict(ema.state_dict())
+    ema_fvu = float(normalized_mse(ema_sae(x)[0], x, baseline_mse))
+    sel = {"raw": raw_fvu, "ema": ema_fvu}
+    return (ema_sae, "ema", sel) if ema_fvu <= raw_fvu else (sae, "raw", sel)
+
+
+def _save_checkpoint(path: Path, sae, opt, ema, tokens_since_fired, rows, step, elapsed, spec) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"fingerprint": spec.fingerprint(), "sae": sae.state_dict(), "opt": opt.state_dict(),
+                "ema_shadow": ema.shadow if ema else None, "ema_t": ema.t if ema else 0,
+                "tokens_since_fired": tokens_since_fired, "rows": rows, "step": step, "elapsed_s": elapsed}, tmp)
+    os.replace(tmp, path)
+    log.info("checkpoint at step %d -> %s", step, path)

@@ -1,0 +1,229 @@
+"""The Zarr activation store: a resumable, chunk-aligned writer and fast readers for training.
+
+Layout of data/activations/{subject}.zarr (one group per subject, rows aligned across layers):
+    token [N] int32, window [N] int32, position [N] int16      which token each row is
+    L{layer}/x [N, d] float16|float32                          resid_post of block `layer`
+    attrs: model, layers, site, dtype, ctx_len, n_train, n_eval (train rows first), complete, ...
+
+Rows are written a whole chunk at a time (concurrent or partial chunk writes lose data in zarr 3), to
+`<store>.partial`; `chunks_done` records progress so a killed job resumes, and only a finished store is
+renamed into place with complete=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import zarr
+
+from saescale.corpus import open_token_store
+
+log = logging.getLogger("saescale.store")
+
+SITE = "resid_post"
+
+
+def _fingerprint(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_windows(tokens: zarr.Group, train_tokens: int) -> tuple[np.ndarray, int, int]:
+    """Window ids to extract (train first, then eval) and the row counts of both splits."""
+    ctx = tokens.attrs["ctx_len"]
+    n_train_windows = -(-train_tokens // ctx)
+    train_ids = tokens["train_ids"][:]
+    if n_train_windows > len(train_ids):
+        raise ValueError(
+            f"train_tokens: {train_tokens} requested but the token store has only {len(train_ids) * ctx} train "
+            "tokens; lower train_tokens or raise dataset.max_tokens / use a larger dataset"
+        )
+    eval_ids = tokens["eval_ids"][:]
+    ids = np.concatenate([train_ids[:n_train_windows], eval_ids])
+    return ids, n_train_windows * ctx, len(eval_ids) * ctx
+
+
+def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype: str, batch_windows: int,
+            chunk_windows: int, out: str, model_name: str, device: torch.device) -> dict:
+    """Record resid_post of every configured layer for the planned windows: one forward pass per batch."""
+    from saescale.subject import record_resid, run_until_recorded
+
+    tokens = open_token_store(tokens_path)
+    ctx = tokens.attrs["ctx_len"]
+    window_ids, n_train, n_eval = plan_windows(tokens, train_tokens)
+    n_rows = n_train + n_eval
+    d = model.config.hidden_size
+    chunk_rows = chunk_windows * ctx
+    params = {"model": model_name, "tokens": dict(tokens.attrs), "layers": layers, "dtype": dtype,
+              "n_train": n_train, "n_eval": n_eval, "chunk_rows": chunk_rows, "d": d}
+    fp = _fingerprint(params)
+
+    partial = Path(out + ".partial")
+    root = _open_partial(partial, fp)
+    if root is None:
+        root = _create_store(partial, params, fp, layers, n_rows, d, chunk_rows, dtype)
+    start_chunk = root.attrs["chunks_done"]
+    if start_chunk:
+        log.info("resuming extraction at chunk %d", start_chunk)
+    all_windows = tokens["windows"]
+    n_chunks = -(-len(window_ids) // chunk_windows)
+    np_dtype = np.dtype(dtype)
+    t0 = time.time()
+    for c in range(start_chunk, n_chunks):
+        ids = window_ids[c * chunk_windows:(c + 1) * chunk_windows]
+        order = np.argsort(ids)  # zarr reads sorted indices fastest; restore the planned order after
+        toks = np.empty((len(ids), ctx), dtype=np.int32)
+        toks[order] = all_windows.oindex[ids[order], :]
+        per_layer = {layer: [] for layer in layers}
+        with torch.no_grad(), record_resid(model, layers, stop=True) as captured:
+            for b in range(0, len(ids), batch_windows):
+                run_until_recorded(model, torch.from_numpy(toks[b:b + batch_windows]).long().to(device))
+                for layer in layers:
+                    per_layer[layer].append(captured[layer].float().reshape(-1, d).cpu().numpy())
+        rows = slice(c * chunk_rows, c * chunk_rows + len(ids) * ctx)
+        for layer in layers:
+            x = np.concatenate(per_layer[layer]).astype(np_dtype)
+            if not np.isfinite(x).all():
+                raise ValueError(
+                    f"layer {layer}: activations overflow {dtype} (max |x| = "
+                    f"{np.abs(np.concatenate(per_layer[layer])).max():.3g}); set the subject's dtype: float32"
+                )
+            root[f"L{layer}/x"][rows] = x
+        root["token"][rows] = toks.reshape(-1)
+        root["window"][rows] = np.repeat(ids, ctx).astype(np.int32)
+        root["position"][rows] = np.tile(np.arange(ctx, dtype=np.int16), len(ids))
+        root.attrs["chunks_done"] = c + 1
+        done = (c + 1 - start_chunk) * chunk_rows
+        log.info("extracted chunk %d/%d (%.0f tokens/s)", c + 1, n_chunks, done / max(time.time() - t0, 1e-9))
+    elapsed = time.time() - t0
+    root.attrs.update({"complete": True, "extract_seconds": elapsed})
+    final = Path(out)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return dict(root.attrs)
+
+
+def _open_partial(partial: Path, fp: str) -> zarr.Group | None:
+    """A partial store from a killed run with the same inputs is resumed; anything else is discarded."""
+    if not partial.exists():
+        return None
+    try:
+        root = zarr.open_group(str(partial), mode="r+")
+        if root.attrs.get("fingerprint") == fp:
+            return root
+    except Exception:  # an unreadable leftover is just discarded
+        pass
+    log.info("discarding a partial store from a different configuration: %s", partial)
+    shutil.rmtree(partial)
+    return None
+
+
+def _create_store(partial: Path, params: dict, fp: str, layers: list[int], n_rows: int, d: int,
+                  chunk_rows: int, dtype: str) -> zarr.Group:
+    root = zarr.open_group(str(partial), mode="w")
+    for name, dt in (("token", "int32"), ("window", "int32"), ("position", "int16")):
+        root.create_array(name, shape=(n_rows,), chunks=(chunk_rows,), dtype=dt)
+    for layer in layers:
+        # activations barely compress (notes/snakemake.md section 8): store raw for fast reads
+        g = root.create_group(f"L{layer}")
+        g.create_array("x", shape=(n_rows, d), chunks=(chunk_rows, d), dtype=dtype, compressors=None,
+                       dimension_names=("token", "d_model"))
+        g.attrs.update({"layer": layer, "site": SITE})
+    root.attrs.update({"model": params["model"], "layers": layers, "site": SITE, "dtype": dtype,
+                       "ctx_len": params["tokens"]["ctx_len"], "d_model": d, "n_train": params["n_train"],
+                       "n_eval": params["n_eval"], "n_rows": n_rows, "chunk_rows": chunk_rows,
+                       "dataset": params["tokens"].get("dataset"), "tokenizer": params["tokens"].get("tokenizer"),
+                       "fingerprint": fp, "chunks_done": 0, "complete": False})
+    return root
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    root = zarr.open_group(str(path), mode="r")
+    if not root.attrs.get("complete"):
+        raise RuntimeError(f"{path} is not a complete activation store; rerun the extract rule")
+    return root
+
+
+def split_rows(root: zarr.Group, split: str) -> slice:
+    n_train, n_eval = root.attrs["n_train"], root.attrs["n_eval"]
+    return slice(0, n_train) if split == "train" else slice(n_train, n_train + n_eval)
+
+
+def read_rows(root: zarr.Group, layer: int, split: str, limit: int | None = None) -> np.ndarray:
+    """All rows of one split for one layer, read chunk by chunk (fast sequential reads)."""
+    rows = split_rows(root, split)
+    stop = rows.stop if limit is None else min(rows.stop, rows.start + limit)
+    x = root[f"L{layer}/x"]
+    step = x.chunks[0]
+    return np.concatenate([x[i:min(i + step, stop)] for i in range(rows.start, stop, step)])
+
+
+class BatchStream:
+    """Shuffled training batches over one split of one layer, resumable at any step.
+
+    In memory when the rows fit (random permutation per epoch), else streamed: random order of chunks,
+    `shuffle_chunks` chunks mixed in a buffer. Epoch e uses rng(seed, e), so step s is reproducible.
+    """
+
+    def __init__(self, root: zarr.Group, layer: int, batch_size: int, seed: int, in_memory_max_gb: float,
+                 shuffle_chunks: int):
+        self.array = root[f"L{layer}/x"]
+        self.rows = split_rows(root, "train")
+        self.n = self.rows.stop - self.rows.start
+        if batch_size > self.n:
+            raise ValueError(f"train.batch_size {batch_size} exceeds the {self.n} stored training rows")
+        self.batch_size, self.seed, self.shuffle_chunks = batch_size, seed, shuffle_chunks
+        self.steps_per_epoch = self.n // batch_size
+        nbytes = self.n * self.array.shape[1] * 4
+        self.data = read_rows(root, layer, "train").astype(np.float32) if nbytes <= in_memory_max_gb * 2**30 else None
+
+    @property
+    def in_memory(self) -> bool:
+        return self.data is not None
+
+    def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        while True:
+            it = self._epoch(epoch)
+            for i, batch in enumerate(it):
+                if i >= skip:
+                    yield batch
+            epoch, skip = epoch + 1, 0
+
+    def _epoch(self, epoch: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        bs = self.batch_size
+        if self.data is not None:
+            perm = rng.permutation(self.n)
+            for i in range(self.steps_per_epoch):
+                yield self.data[np.sort(perm[i * bs:(i + 1) * bs])]
+            return
+        step = self.array.chunks[0]
+        starts = np.arange(self.rows.start, self.rows.stop, step)
+        rng.shuffle(starts)
+        carry = np.zeros((0, self.array.shape[1]), dtype=np.float32)
+        emitted = 0
+        for g in range(0, len(starts), self.shuffle_chunks):
+            parts = [carry] + [self.array[s:min(s + step, self.rows.stop)].astype(np.float32)
+                               for s in starts[g:g + self.shuffle_chunks]]
+            buf = np.concatenate(parts)
+            buf = buf[rng.permutation(len(buf))]
+            n_full = len(buf) // bs
+            for i in range(n_full):
+                if emitted == self.steps_per_epoch:
+                    return
+                emitted += 1
+                yield buf[i * bs:(i + 1) * bs]
+            carry = buf[n_full * bs:]

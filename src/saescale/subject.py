@@ -1,0 +1,221 @@
+"""The subject language model: load it (transformers), record and replace a block's residual output,
+and train the builtin tiny GPT-2 that makes the default pipeline run offline.
+
+Layer L means the output of transformer block L (0-indexed), i.e. TransformerLens
+`blocks.L.hook_resid_post` (REFERENCE A.1). We hook the block module instead of using
+`output_hidden_states`, because HF GPT-2 applies the final LayerNorm to the last hidden state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from saescale.corpus import EOS_TOKEN
+from saescale.files import write_json_atomic
+
+log = logging.getLogger("saescale.subject")
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but CUDA is not available on this machine")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def load_model(path: str, revision: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """AutoModelForCausalLM.from_pretrained, in eval mode: the same call for 'gpt2' and the builtin model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, revision=revision)
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of residual blocks for the common HF causal-LM families."""
+    for attr in ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"):
+        obj = model
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}; "
+                     "supported: GPT-2, Llama/Gemma/Mistral/Qwen, GPT-NeoX/Pythia, OPT")
+
+
+def run_until_recorded(model: nn.Module, input_ids: torch.Tensor) -> None:
+    try:
+        model(input_ids=input_ids)
+    except StopForward:
+        pass
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_block_output(out, new: torch.Tensor):
+    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+
+class StopForward(Exception):
+    """Raised by a hook once the deepest recorded layer has run: later blocks and the LM head are skipped."""
+
+
+@contextlib.contextmanager
+def record_resid(model: nn.Module, layers: list[int], stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture resid_post of each layer on every forward pass into the yielded dict.
+
+    With stop=True the forward pass ends with StopForward after the deepest layer (catch it with
+    `run_until_recorded`); for GPT-2 small at layer 8 that skips a quarter of the blocks and the 50k-way head.
+    """
+    blocks = transformer_blocks(model)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    last = max(layers)
+    for layer in layers:
+        if layer >= len(blocks):
+            raise ValueError(f"layer {layer} does not exist: the model has {len(blocks)} blocks (0-indexed)")
+
+        def hook(_m, _inp, out, layer=layer):
+            captured[layer] = _block_output(out).detach()
+            if stop and layer == last:
+                raise StopForward
+
+        handles.append(blocks[layer].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def splice_resid(model: nn.Module, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace resid_post of `layer` at all positions by replace(resid) during forward passes (REFERENCE C.3)."""
+    block = transformer_blocks(model)[layer]
+
+    def hook(_m, _inp, out):
+        resid = _block_output(out)
+        return _replace_block_output(out, replace(resid).to(resid.dtype))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy of predicting tokens[:, t+1] from logits[:, t]; [batch, ctx-1]."""
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -lp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
+
+
+# ---- the builtin tiny GPT-2 ----------------------------------------------------------------------
+
+
+def train_tokenizer(corpus_jsonl: str, vocab_size: int, out_dir: str) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the builtin corpus, saved in HF format."""
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    def texts():
+        with open(corpus_jsonl) as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts(), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                  unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    tok.save_pretrained(out_dir)
+    log.info("trained byte-level BPE tokenizer, vocab %d -> %s", len(tok), out_dir)
+
+
+def train_builtin_lm(tokens_store: str, tokenizer_dir: str, spec: dict, out_dir: str) -> dict:
+    """Train a small GPT2LMHeadModel on the train windows; report validation loss on the eval windows."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from saescale.corpus import open_token_store
+    from saescale.files import atomic_dir
+
+    torch.manual_seed(spec["seed"])
+    store = open_token_store(tokens_store)
+    windows = store["windows"][:]
+    train = torch.from_numpy(windows[store["train_ids"][:]]).long()
+    val = torch.from_numpy(windows[store["eval_ids"][:]][:256]).long()
+    tok = load_tokenizer(tokenizer_dir)
+    ctx = windows.shape[1]
+    config = GPT2Config(vocab_size=len(tok), n_positions=ctx, n_embd=spec["n_embd"], n_layer=spec["n_layer"],
+                        n_head=spec["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    device = pick_device("auto")
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    bs = spec["batch_size"]
+    steps = max(1, math.ceil(spec["train_tokens"] / (bs * ctx)))
+    warmup = max(1, steps // 20)
+    rng = np.random.default_rng(spec["seed"])
+    history = []
+    t0 = time.time()
+    for step in range(steps):
+        # warmup then cosine decay to 10%: standard for small LMs, keeps a few-minute run stable
+        frac = step / steps
+        lr = spec["lr"] * (min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = rng.integers(0, len(train), size=bs)
+        batch = train[idx].to(device)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % max(1, steps // 20) == 0 or step == steps - 1:
+            val_loss = _eval_loss(model, val.to(device))
+            elapsed = time.time() - t0
+            history.append({"step": step, "tokens": (step + 1) * bs * ctx, "train_loss": loss.item(),
+                            "val_loss": val_loss, "lr": lr, "elapsed_s": elapsed})
+            log.info("LM step %d/%d  loss %.3f  val %.3f  %.0f tok/s", step, steps, loss.item(), val_loss,
+                     (step + 1) * bs * ctx / max(elapsed, 1e-9))
+    elapsed = time.time() - t0
+    info = {"n_params": sum(p.numel() for p in model.parameters()), "config": config.to_dict(),
+            "train_tokens": steps * bs * ctx, "train_seconds": elapsed,
+            "tokens_per_s": steps * bs * ctx / elapsed, "final_val_loss": history[-1]["val_loss"],
+            "history": history, "device": str(device)}
+    with atomic_dir(out_dir) as tmp:
+        model.eval().to("cpu").save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json_atomic(Path(tmp) / "training.json", info)
+    return info
+
+
+@torch.no_grad()
+def _eval_loss(model: nn.Module, val: torch.Tensor) -> float:
+    model.eval()
+    losses = [float(model(input_ids=val[i:i + 64], labels=val[i:i + 64]).loss) for i in range(0, len(val), 64)]
+    model.train()
+    return float(np.mean(losses))

@@ -1,0 +1,73 @@
+# Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
+import hashlib
+from pathlib import Path
+
+import saescale
+import torch
+
+PKG = Path(saescale.__file__).parent
+HAS_CUDA = torch.cuda.is_available()
+
+
+wildcard_constraints:
+    subject=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    layer=r"\d+",
+    arch=r"[a-z0-9_]+",
+    n=r"\d+",
+    k=r"\d+",
+
+
+def code_version(*modules):
+    """Hash of the package sources a rule runs: Snakemake does not track imported code (notes/snakemake.md
+    section 0.7), so this param makes a code change rerun its stage and what depends on it."""
+    h = hashlib.sha256()
+    for mod in modules:
+        p = PKG / mod
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def spec(obj):
+    """A stage's settings as one canonical JSON string: a Snakemake param, so changes rerun only its jobs."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def subject(wc):
+    return CFG["subjects"][wc.subject]
+
+
+def is_builtin(wc):
+    return subject(wc)["model"] == "builtin"
+
+
+def model_path(wc):
+    """Where from_pretrained loads the subject: the pipeline's own model directory, or a hub id / path."""
+    return paths.fmt(paths.MODEL, subject=wc.subject) if is_builtin(wc) else subject(wc)["model"]
+
+
+def model_input(wc):
+    return [paths.fmt(paths.MODEL, subject=wc.subject)] if is_builtin(wc) else []
+
+
+def sae_grid():
+    """Every (subject, layer, arch, n, k) the sweep trains."""
+    sw = CFG["sweep"]
+    for name, subj in CFG["subjects"].items():
+        for layer in subj["layers"]:
+            for arch in sw["archs"]:
+                for n in sw["n"]:
+                    for k in sw["k"]:
+                        yield dict(subject=name, layer=layer, arch=arch, n=n, k=k)
+
+
+def log_path(rule, name):
+    return paths.fmt(paths.LOGS, rule=rule, name=name)
+
+
+def bench_path(rule, name):
+    return paths.fmt(paths.BENCH, rule=rule, name=name)
+
+
+def envs():
+    return "../../envs/saescale.yaml"

@@ -1,0 +1,34 @@
+# Evaluate one SAE on the held-out windows: FVU, L0, dead fraction, and delta CE / KL by splicing (REFERENCE C).
+
+
+rule evaluate:
+    input:
+        unpack(
+            lambda wc: {
+                "weights": paths.fmt(paths.SAE_WEIGHTS, **wc),
+                "cfg": paths.fmt(paths.SAE_CFG, **wc),
+                "activations": paths.fmt(paths.ACTIVATIONS, subject=wc.subject),
+                "norm": paths.fmt(paths.NORM, subject=wc.subject),
+                "model": model_input(wc),
+            }
+        ),
+    output:
+        paths.EVAL,
+    log:
+        log_path("evaluate", "{subject}_L{layer}_{arch}_n{n}_k{k}"),
+    benchmark:
+        bench_path("evaluate", "{subject}_L{layer}_{arch}_n{n}_k{k}")
+    conda:
+        envs()
+    resources:
+        gpu=1 if HAS_CUDA else 0,
+    params:
+        model=model_path,
+        revision=lambda wc: f"--revision {subject(wc)['revision']}" if subject(wc)["revision"] else "",
+        sae_dir=lambda wc, input: str(Path(input.cfg).parent),
+        spec=spec(CFG["evaluate"]),
+        code=code_version("evaluate", "sae", "normalize.py", "subject.py"),
+    shell:
+        "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations} --norm {input.norm}"
+        " --model {params.model} {params.revision} --layer {wildcards.layer} --spec {params.spec:q}"
+        " --out {output} --log {log}"

@@ -1,0 +1,29 @@
+# Extract: one forward pass per batch of windows records resid_post of every configured layer (Zarr v3).
+
+
+rule extract:
+    input:
+        unpack(lambda wc: {"tokens": paths.fmt(paths.TOKENS, subject=wc.subject), "model": model_input(wc)}),
+    output:
+        directory(paths.ACTIVATIONS),
+    log:
+        log_path("extract", "{subject}"),
+    benchmark:
+        bench_path("extract", "{subject}")
+    conda:
+        envs()
+    threads: 2
+    resources:
+        gpu=1 if HAS_CUDA else 0,
+    params:
+        model=model_path,
+        spec=lambda wc: spec(
+            {
+                key: subject(wc)[key]
+                for key in ("model", "revision", "layers", "train_tokens", "dtype", "batch_windows", "chunk_windows")
+            }
+        ),
+        code=code_version("store.py", "subject.py"),
+    shell:
+        "saescale extract --model {params.model} --tokens {input.tokens} --threads {threads}"
+        " --spec {params.spec:q} --out {output} --log {log}"

@@ -1,0 +1,16 @@
+# Normalize: per-layer statistics written once (dataset mean for the FVU baseline, geometric median for b_pre).
+
+
+rule normalize:
+    input:
+        paths.ACTIVATIONS,
+    output:
+        paths.NORM,
+    log:
+        log_path("normalize", "{subject}"),
+    conda:
+        envs()
+    params:
+        code=code_version("normalize.py", "store.py"),
+    shell:
+        "saescale normalize --activations {input} --out {output} --log {log}"

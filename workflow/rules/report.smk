@@ -1,0 +1,32 @@
+# Report: one self-contained HTML file (figures inline), also embedded by `snakemake --report`.
+
+
+def report_inputs(wildcards):
+    files = []
+    for name, subj in CFG["subjects"].items():
+        files.append(paths.fmt(paths.NORM, subject=name))
+        if subj["model"] == "builtin":
+            files.append(paths.fmt(paths.MODEL, subject=name))
+        if subj["dataset"]["path"] == "builtin":
+            files.append(paths.CORPUS_INFO)
+        for layer in subj["layers"]:
+            files += [paths.fmt(paths.METRICS, subject=name, layer=layer), paths.fmt(paths.FITS, subject=name, layer=layer)]
+    for job in sae_grid():
+        files += [paths.fmt(paths.SAE_LOG, **job), paths.fmt(paths.SAE_CFG, **job)]
+    return sorted(set(files))
+
+
+rule report:
+    input:
+        report_inputs,
+    output:
+        report(paths.REPORT, caption="../report/report.rst", category="Report"),
+    log:
+        log_path("report", "report"),
+    conda:
+        envs()
+    params:
+        spec=spec(CFG),
+        code=code_version("report", "scaling"),
+    shell:
+        "saescale report --spec {params.spec:q} --out {output} --log {log}"

@@ -1,0 +1,36 @@
+# Tokenize: datasets.load_dataset(...) -> fixed windows of ctx_len tokens, split train/eval by window.
+
+
+def tokenize_inputs(wc):
+    subj = subject(wc)
+    out = {}
+    if subj["model"] == "builtin":
+        out["tokenizer"] = paths.fmt(paths.TOKENIZER, subject=wc.subject)
+    if subj["dataset"]["path"] == "builtin":
+        out["corpus"] = paths.CORPUS
+    return out
+
+
+def tokenizer_path(wc):
+    return paths.fmt(paths.TOKENIZER, subject=wc.subject) if is_builtin(wc) else subject(wc)["model"]
+
+
+rule tokenize:
+    input:
+        unpack(tokenize_inputs),
+    output:
+        directory(paths.TOKENS),
+    log:
+        log_path("tokenize", "{subject}"),
+    benchmark:
+        bench_path("tokenize", "{subject}")
+    conda:
+        envs()
+    params:
+        tokenizer=tokenizer_path,
+        corpus=lambda wc: f"--corpus {paths.CORPUS}" if subject(wc)["dataset"]["path"] == "builtin" else "",
+        spec=lambda wc: spec({key: subject(wc)[key] for key in ("dataset", "ctx_len", "eval_tokens")}),
+        code=code_version("corpus.py"),
+    shell:
+        "saescale tokenize --tokenizer {params.tokenizer} {params.corpus} --spec {params.spec:q}"
+        " --out {output} --log {log}"
