@@ -85,7 +85,7 @@ def cmd_train(a) -> None:
     from saescale.config import k_aux_for, lr_for
     from saescale.normalize import normalize
     from saescale.sae.train import LOG_COLUMNS, SELECTION_ROWS, TrainSpec, train_sae
-    from saescale.store import BatchStream, open_store, read_rows
+    from saescale.store import batch_stream, open_store, read_rows
     from saescale.subject import pick_device
 
     t = a.spec
@@ -101,7 +101,7 @@ def cmd_train(a) -> None:
                      seed=t["seed"], device=str(device))
     if a.k > a.n:
         raise SystemExit(f"k={a.k} is larger than n={a.n}")
-    stream = BatchStream(root, a.layer, spec.batch_size, spec.seed, t["in_memory_max_gb"], t["shuffle_chunks"])
+    stream = batch_stream(root, a.layer, spec.batch_size, spec.seed, t["in_memory_max_gb"], t["shuffle_chunks"])
     selection = normalize(torch.from_numpy(read_rows(root, a.layer, "train", SELECTION_ROWS).astype(np.float32)))[0]
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,8 @@ def lr_for(train: dict, n: int) -> float:
 
 
 def k_aux_for(train: dict, d_model: int) -> int:
-    """REFERENCE A.5 (App. B.1): a power of two close to d_model / 2."""
+    """REFERENCE A.5 (App. B.1): a power of two close to d_model / 2; rounded down, which gives the 256
+    that openai/sparse_autoencoder uses for GPT-2's d_model = 768."""
     if train["k_aux"] is not None:
         return int(train["k_aux"])
-    return int(2 ** round(math.log2(max(d_model / 2, 1))))
+    return int(2 ** math.floor(math.log2(max(d_model / 2, 1))))

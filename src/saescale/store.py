@@ -170,47 +170,50 @@ def read_rows(root: zarr.Group, layer: int, split: str, limit: int | None = None
     return np.concatenate([x[i:min(i + step, stop)] for i in range(rows.start, stop, step)])
 
 
-class BatchStream:
-    """Shuffled training batches over one split of one layer, resumable at any step.
+class InMemoryBatches:
+    """Shuffled batches from rows held in RAM: a fresh permutation per epoch, epoch e from rng(seed, e),
+    so step s is reproducible and a resumed run sees the same batches as an uninterrupted one."""
 
-    In memory when the rows fit (random permutation per epoch), else streamed: random order of chunks,
-    `shuffle_chunks` chunks mixed in a buffer. Epoch e uses rng(seed, e), so step s is reproducible.
-    """
+    in_memory = True
 
-    def __init__(self, root: zarr.Group, layer: int, batch_size: int, seed: int, in_memory_max_gb: float,
-                 shuffle_chunks: int):
-        self.array = root[f"L{layer}/x"]
-        self.rows = split_rows(root, "train")
-        self.n = self.rows.stop - self.rows.start
-        if batch_size > self.n:
-            raise ValueError(f"train.batch_size {batch_size} exceeds the {self.n} stored training rows")
-        self.batch_size, self.seed, self.shuffle_chunks = batch_size, seed, shuffle_chunks
-        self.steps_per_epoch = self.n // batch_size
-        nbytes = self.n * self.array.shape[1] * 4
-        self.data = read_rows(root, layer, "train").astype(np.float32) if nbytes <= in_memory_max_gb * 2**30 else None
-
-    @property
-    def in_memory(self) -> bool:
-        return self.data is not None
+    def __init__(self, data: np.ndarray, batch_size: int, seed: int):
+        if batch_size > len(data):
+            raise ValueError(f"train.batch_size {batch_size} exceeds the {len(data)} stored training rows")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.steps_per_epoch = len(data) // batch_size
 
     def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
         epoch, skip = divmod(start_step, self.steps_per_epoch)
         while True:
-            it = self._epoch(epoch)
-            for i, batch in enumerate(it):
+            for i, batch in enumerate(self._epoch(epoch)):
                 if i >= skip:
                     yield batch
             epoch, skip = epoch + 1, 0
 
     def _epoch(self, epoch: int) -> Iterator[np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
         bs = self.batch_size
-        if self.data is not None:
-            perm = rng.permutation(self.n)
-            for i in range(self.steps_per_epoch):
-                yield self.data[np.sort(perm[i * bs:(i + 1) * bs])]
-            return
-        step = self.array.chunks[0]
+        for i in range(self.steps_per_epoch):
+            yield self.data[np.sort(perm[i * bs:(i + 1) * bs])]
+
+
+class ChunkShuffledBatches(InMemoryBatches):
+    """Batches streamed from Zarr when the rows do not fit in RAM: chunks in random order, `shuffle_chunks`
+    of them mixed in a buffer. Never random row reads (0.25-1.5 s per batch; notes/snakemake.md section 8)."""
+
+    in_memory = False
+
+    def __init__(self, array: zarr.Array, rows: slice, batch_size: int, seed: int, shuffle_chunks: int):
+        n = rows.stop - rows.start
+        if batch_size > n:
+            raise ValueError(f"train.batch_size {batch_size} exceeds the {n} stored training rows")
+        self.array, self.rows, self.batch_size, self.seed = array, rows, batch_size, seed
+        self.shuffle_chunks = shuffle_chunks
+        self.steps_per_epoch = n // batch_size
+
+    def _epoch(self, epoch: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        bs, step = self.batch_size, self.array.chunks[0]
         starts = np.arange(self.rows.start, self.rows.stop, step)
         rng.shuffle(starts)
         carry = np.zeros((0, self.array.shape[1]), dtype=np.float32)
@@ -227,3 +230,13 @@ class BatchStream:
                 emitted += 1
                 yield buf[i * bs:(i + 1) * bs]
             carry = buf[n_full * bs:]
+
+
+def batch_stream(root: zarr.Group, layer: int, batch_size: int, seed: int, in_memory_max_gb: float,
+                 shuffle_chunks: int) -> InMemoryBatches:
+    """Training batches of one layer's train split: in RAM when they fit under in_memory_max_gb."""
+    array, rows = root[f"L{layer}/x"], split_rows(root, "train")
+    nbytes = (rows.stop - rows.start) * array.shape[1] * 4
+    if nbytes <= in_memory_max_gb * 2**30:
+        return InMemoryBatches(read_rows(root, layer, "train").astype(np.float32), batch_size, seed)
+    return ChunkShuffledBatches(array, rows, batch_size, seed, shuffle_chunks)

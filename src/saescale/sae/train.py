@@ -74,11 +74,13 @@ class Ema:
 
 
 def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Latents | None:
-    """REFERENCE A.5: the top-k_aux pre-activations among dead latents only (alive ones masked to zero)."""
+    """REFERENCE A.5: the top-k_aux pre-activations among dead latents only. Alive latents are masked to
+    -inf (not to 0 as in the reference code) so they can never be selected, even when every dead
+    pre-activation is negative."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return None
-    values, indices = (pre_acts * dead).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    values, indices = pre_acts.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1, sorted=False)
     return Latents(torch.relu(values), indices)
 
 

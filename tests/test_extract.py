@@ -1,0 +1,114 @@
+"""The real loading path: from_pretrained on a saved random GPT-2, local text through datasets, Zarr store."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from saescale.corpus import tokenize
+from saescale.store import extract, open_store, read_rows
+from saescale.subject import load_model, record_resid
+
+from helpers import random_gpt2, write_text_files
+
+DATASET = {"path": "text", "name": None, "split": "train", "text_field": "text", "streaming": False,
+           "max_tokens": None, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    root = tmp_path_factory.mktemp("subject")
+    files = write_text_files(root / "text")
+    model_dir = random_gpt2(root / "model", files)
+    tokens = str(root / "tokens.zarr")
+    tokenize({**DATASET, "data_files": files}, model_dir, 16, 64, tokens)
+    return root, model_dir, tokens
+
+
+def run_extract(model, tokens, out, layers=(0, 1), dtype="float16"):
+    return extract(model, tokens, list(layers), 256, dtype, 4, 4, out, "test", torch.device("cpu"))
+
+
+def test_tokenize_windows_and_split(subject):
+    _, _, tokens = subject
+    t = zarr.open_group(tokens, mode="r")
+    assert t.attrs["complete"] and t.attrs["ctx_len"] == 16
+    assert t["windows"].shape[1] == 16
+    train, ev = set(t["train_ids"][:].tolist()), set(t["eval_ids"][:].tolist())
+    assert not train & ev and len(ev) == 4 and len(train | ev) == t.attrs["n_windows"]
+
+
+def test_extraction_matches_a_direct_forward_pass(subject):
+    root_dir, model_dir, tokens = subject
+    model = load_model(model_dir)
+    out = str(root_dir / "acts.zarr")
+    attrs = run_extract(model, tokens, out, dtype="float32")
+    store = open_store(out)
+    assert attrs["complete"] and attrs["n_train"] == 256 and attrs["n_eval"] == 64
+    assert store["L1/x"].shape == (320, 32) and store["L1/x"].dtype == np.float32
+    # row r is token `position` of window `window`: recompute it directly
+    w, pos = int(store["window"][37]), int(store["position"][37])
+    toks = zarr.open_group(tokens, mode="r")["windows"][w]
+    assert int(store["token"][37]) == toks[pos]
+    with torch.no_grad(), record_resid(model, [1]) as cap:
+        model(input_ids=torch.from_numpy(toks[None]).long())
+    assert np.allclose(store["L1/x"][37], cap[1][0, pos].numpy(), atol=1e-5)
+    assert read_rows(store, 1, "eval").shape == (64, 32)
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAfter(torch.nn.Module):
+    """The model, but the process 'dies' after `calls` forward passes (as a killed job would)."""
+
+    def __init__(self, model, calls):
+        super().__init__()
+        self.model, self.calls, self.config = model, calls, model.config
+        self.transformer = model.transformer
+
+    def forward(self, **kw):
+        self.calls -= 1
+        if self.calls < 0:
+            raise Killed
+        return self.model(**kw)
+
+
+def test_killed_extraction_resumes_and_never_looks_complete(subject, tmp_path):
+    _, model_dir, tokens = subject
+    model = load_model(model_dir)
+    reference = str(tmp_path / "ref.zarr")
+    run_extract(model, tokens, reference)
+    out = str(tmp_path / "acts.zarr")
+    with pytest.raises(Killed):
+        run_extract(DiesAfter(model, 2), tokens, out)
+    assert not (tmp_path / "acts.zarr").exists()
+    partial = zarr.open_group(out + ".partial", mode="r")
+    assert partial.attrs["complete"] is False and partial.attrs["chunks_done"] >= 1
+    with pytest.raises(RuntimeError, match="not a complete"):
+        open_store(out + ".partial")
+    run_extract(model, tokens, out)
+    a, b = open_store(out), open_store(reference)
+    for name in ("L0/x", "L1/x", "token", "window", "position"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+
+
+def test_a_partial_store_of_another_configuration_is_discarded(subject, tmp_path):
+    _, model_dir, tokens = subject
+    model = load_model(model_dir)
+    out = str(tmp_path / "acts.zarr")
+    with pytest.raises(Killed):
+        run_extract(DiesAfter(model, 2), tokens, out, layers=(0,))
+    run_extract(model, tokens, out, layers=(1,))
+    assert open_store(out).attrs["layers"] == [1]
+
+
+def test_overflowing_float16_is_refused_with_advice(subject, tmp_path):
+    _, model_dir, tokens = subject
+    model = load_model(model_dir)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1e6)
+    with pytest.raises(ValueError, match="float32"):
+        run_extract(model, tokens, str(tmp_path / "acts.zarr"))
+    assert not (tmp_path / "acts.zarr").exists()
