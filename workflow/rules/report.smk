@@ -4,7 +4,7 @@
 def report_inputs(wildcards):
     files = []
     for name, subj in CFG["subjects"].items():
-        files.append(paths.fmt(paths.NORM, subject=name))
+        files += [paths.fmt(p, subject=name) for p in (paths.NORM, paths.TOKENS, paths.ACTIVATIONS)]
         if subj["model"] == "builtin":
             files.append(paths.fmt(paths.MODEL, subject=name))
         if subj["dataset"]["path"] == "builtin":
@@ -12,7 +12,7 @@ def report_inputs(wildcards):
         for layer in subj["layers"]:
             files += [paths.fmt(paths.METRICS, subject=name, layer=layer), paths.fmt(paths.FITS, subject=name, layer=layer)]
     for job in sae_grid():
-        files += [paths.fmt(paths.SAE_LOG, **job), paths.fmt(paths.SAE_CFG, **job)]
+        files += [paths.fmt(p, **job) for p in (paths.SAE_LOG, paths.SAE_CFG, paths.EVAL)]
     return sorted(set(files))
 
 

@@ -29,7 +29,7 @@ MAX_COLS = 4
 def to_base64_png(fig: Figure) -> str:
     """Encode a figure for an <img src="data:image/png;base64,..."> so the report needs no side files."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI)  # constrained layout already fits labels and legends
     fig.clear()
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -71,7 +71,7 @@ def _short(v: float, _pos: object = None) -> str:
 
 
 def _log(ax, axis: str = "both") -> None:
-    """Log scale with labels at 1-2-5 steps only; matplotlib's default minor labels collide on short ranges."""
+    """Log scale labelled at 1-2-5 steps; matplotlib's default minor labels collide on short ranges."""
     for name in ("x", "y") if axis == "both" else (axis,):
         getattr(ax, f"set_{name}scale")("log")
         a = getattr(ax, f"{name}axis")
@@ -85,6 +85,11 @@ def _palette(values: Iterable, name: str) -> dict:
     vals = sorted(set(values))
     colours = sns.color_palette(name, max(len(vals), 2))
     return {v: colours[i] for i, v in enumerate(vals)}
+
+
+def _dots(colours: dict, name: str) -> list[Line2D]:
+    """Legend entries for a colour-coded grid axis (k or n)."""
+    return [Line2D([], [], color=c, marker="o", ls="none", label=f"{name} = {v}") for v, c in colours.items()]
 
 
 def _group_title(arch: str, k: int, n_archs: int) -> str:
@@ -157,11 +162,11 @@ def grid_heatmap(metrics: pd.DataFrame, value: str, title: str, fmt: str = "{:.3
         for ax, arch in zip(axes, archs):
             g = df[df["arch"].astype(str) == arch]
             grid = g.pivot_table(index="n", columns="k", values=value, aggfunc="mean").sort_index()
-            text = grid.apply(lambda col: col.map(lambda v: "" if not np.isfinite(v) else fmt.format(v * scale)))
+            text = grid.apply(lambda c: c.map(lambda v: fmt.format(v * scale) if np.isfinite(v) else ""))
             if annot_extra and annot_extra in g.columns:
                 extra = g.pivot_table(index="n", columns="k", values=annot_extra, aggfunc="first")
                 extra = extra.reindex(index=grid.index, columns=grid.columns)
-                text = text + extra.apply(lambda c: c.map(lambda v: "" if not np.isfinite(v) else f"\n({v:.0f})"))
+                text = text + extra.apply(lambda c: c.map(lambda v: f"\n({v:.0f})" if np.isfinite(v) else ""))
             sns.heatmap(grid * scale, annot=text.to_numpy(), fmt="", cmap=cmap, ax=ax, cbar=True,
                         linewidths=0.5, annot_kws={"fontsize": 8})
             ax.set_title(title if len(archs) == 1 else f"{title} ({arch})")
@@ -213,11 +218,12 @@ def scaling_laws(metrics: pd.DataFrame, fits: dict[str, dict | None], labels: di
             ax.set_xlabel("n (latents)")
             ax.set_ylabel(labels.get(metric, metric))
             ax.set_title(f"{labels.get(metric, metric)} vs n")
-        handles = [Line2D([], [], color=c, marker="o", ls="none", label=f"k = {k}") for k, c in colours.items()]
+        handles = _dots(colours, "k")
         handles += [Line2D([], [], color="grey", ls="--", label=r"per-k fit $a\,n^{-b} + e$"),
                     Line2D([], [], color="grey", ls=":", lw=1.5, label="joint law (eq. 3)")]
         if len(markers) > 1:
-            handles += [Line2D([], [], color="grey", marker=m, ls="none", label=a) for a, m in markers.items()]
+            handles += [Line2D([], [], color="grey", marker=m, ls="none", label=a)
+                        for a, m in markers.items()]
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
     return to_base64_png(fig)
 
@@ -241,21 +247,22 @@ def downstream_vs_fvu(metrics: pd.DataFrame, references: dict[str, float | None]
             for (arch, k), g in df.groupby([df["arch"].astype(str), "k"]):
                 g = g.sort_values("n")  # a line per k traces n at fixed L0, as in Fig. 5b
                 ax.plot(g["fvu"], g[col], color=colours[k], lw=0.8, alpha=0.6, zorder=2)
-                ax.scatter(g["fvu"], g[col], color=colours[k], s=[sizes[n] for n in g["n"]], edgecolor="white",
-                           linewidth=0.5, zorder=3)
+                ax.scatter(g["fvu"], g[col], color=colours[k], s=[sizes[n] for n in g["n"]],
+                           edgecolor="white", linewidth=0.5, zorder=3)
             ref = references.get(col)
             if ref is not None and np.isfinite(ref) and ref > 0:
-                # A far-off reference would squash the data into a corner: then state it instead of drawing it.
+                # A far-off reference would squash the data into a corner: then state it, don't draw it.
                 drawn = ref <= 3 * df[col].max()
                 if drawn:
                     ax.axhline(ref, color="black", ls="--", lw=1)
-                ax.text(0.02, 0.97, f"zero ablation: {ref:.3g}" + ("" if drawn else " (off scale)"),
-                        transform=ax.transAxes, va="top", fontsize=8)
+                # Bottom right: ΔCE and KL grow with FVU, so that corner is the one the points leave empty.
+                ax.text(0.98, 0.03, f"zero ablation: {ref:.3g}" + ("" if drawn else " (off scale)"),
+                        transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
             _log(ax)
             ax.set_xlabel("FVU (normalized MSE)")
             ax.set_ylabel(label)
             ax.set_title(f"{label.split(' ')[0]} vs FVU")
-        handles = [Line2D([], [], color=c, marker="o", ls="none", label=f"k = {k}") for k, c in colours.items()]
+        handles = _dots(colours, "k")
         handles += [Line2D([], [], color="grey", marker="o", ls="none", ms=np.sqrt(s) * 0.8, label=f"n = {n}")
                     for n, s in sizes.items()]
         fig.legend(handles=handles, loc="outside right upper", frameon=False)

@@ -22,8 +22,10 @@ from saescale import paths
 from saescale.files import read_json, write_text_atomic
 from saescale.report import figures
 
-# REFERENCE D.1 / E.1: Gao et al. eq. 3 constants, fitted on GPT-4 (not expected to transfer; shown for scale).
-GPT4_JOINT = {"alpha": -0.50, "beta_k": 0.26, "beta_n": -0.017, "gamma": -0.042, "zeta": -1.32, "eta": -0.085}
+# REFERENCE D.1 / E.1: Gao et al. eq. 3 constants fitted on GPT-4; shown for scale, not expected to transfer.
+GPT4_JOINT = {"alpha": -0.50, "beta_k": 0.26, "beta_n": -0.017, "gamma": -0.042, "zeta": -1.32,
+              "eta": -0.085}
+GREEK = {"alpha": "α", "beta_k": "β_k", "beta_n": "β_n", "gamma": "γ", "zeta": "ζ", "eta": "η"}
 LABELS = {"fvu": "FVU", "delta_ce": "ΔCE (nats)"}
 CONVERGED_GAIN = 0.01  # REFERENCE D.1: converged when the loss improves < 1% over the last doubling of tokens
 
@@ -31,7 +33,13 @@ CONVERGED_GAIN = 0.01  # REFERENCE D.1: converged when the loss improves < 1% ov
 # ---- formatting: every cell is a string, so the template never formats or trusts a value -------------
 
 def _isnum(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+    numeric = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    return numeric and math.isfinite(x)
+
+
+def text(x: Any) -> str:
+    """A free-text cell: missing or NaN reads as an em dash, not 'nan'."""
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
 
 
 def num(x: Any, digits: int = 4) -> str:
@@ -83,10 +91,20 @@ class Sources:
         return present
 
     def json(self, path: str, what: str, pattern: str | None = None) -> Any:
-        return read_json(path) if self._see(path, what, pattern, Path(path).is_file()) else None
+        if not self._see(path, what, pattern, Path(path).is_file()):
+            return None
+        try:
+            return read_json(path)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); rerun the rule that writes it") from exc
 
     def csv(self, path: str, what: str, pattern: str | None = None) -> pd.DataFrame | None:
-        return pd.read_csv(path) if self._see(path, what, pattern, Path(path).is_file()) else None
+        if not self._see(path, what, pattern, Path(path).is_file()):
+            return None
+        try:
+            return pd.read_csv(path)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise ValueError(f"{path}: not a readable CSV ({exc}); rerun the rule that writes it") from exc
 
     def store(self, path: str, what: str) -> dict | None:
         """Zarr group attrs plus bytes on disk (both layers and the token/window/position index)."""
@@ -112,10 +130,10 @@ class Sources:
             g["paths"][r["path"]] = r["present"]
         out = []
         for g in groups.values():
-            found = sum(g["paths"].values())
-            out.append({"path": g["path"], "what": g["what"], "ok": found == len(g["paths"]),
-                        "found": "yes" if len(g["paths"]) == 1 and found else f"{found} of {len(g['paths'])}",
-                        "missing": [p for p, ok in g["paths"].items() if not ok] if len(g["paths"]) > 1 else []})
+            total, found = len(g["paths"]), sum(g["paths"].values())
+            missing = [p for p, ok in g["paths"].items() if not ok] if total > 1 else []
+            out.append({"path": g["path"], "what": g["what"], "ok": found == total, "missing": missing,
+                        "found": "yes" if total == 1 and found else f"{found} of {total}"})
         return out
 
 
@@ -138,15 +156,16 @@ def _last_doubling_gain(log: pd.DataFrame) -> float:
 def load_layer(src: Sources, subject: str, layer: int, sweep: dict) -> dict:
     """metrics.csv + fits.json, and per SAE its cfg.json, train_log.csv and (optional) eval JSON."""
     where = dict(subject=subject, layer=layer)
-    metrics = src.csv(paths.fmt(paths.METRICS, **where), f"{subject} L{layer}: the (n, k) grid, one row per SAE")
+    metrics = src.csv(paths.fmt(paths.METRICS, **where), f"{subject} L{layer}: the (n, k) grid")
     fits = src.json(paths.fmt(paths.FITS, **where), f"{subject} L{layer}: fitted scaling laws")
     if metrics is None:
-        metrics = pd.DataFrame(columns=["arch", "n", "k", "fvu"])
+        metrics = pd.DataFrame({"arch": pd.Series(dtype=str), "n": pd.Series(dtype=int),
+                                "k": pd.Series(dtype=int), "fvu": pd.Series(dtype=float)})
     grid = {(a, n, k) for a in sweep["archs"] for n in sweep["n"] for k in sweep["k"]}
     grid |= {(str(r.arch), int(r.n), int(r.k)) for r in metrics.itertuples()}
-    logs, extra = [], []
+    logs, extra, saes = [], [], []
     pattern = dict(where, arch="{arch}", n="{n}", k="{k}")
-    per_sae = [(paths.SAE_LOG, "csv", "SAE training log (step, tokens, loss, FVU, L0, dead fraction, lr, FLOPs)"),
+    per_sae = [(paths.SAE_LOG, "csv", "SAE training log (tokens, FVU, L0, dead fraction, lr, FLOPs)"),
                (paths.SAE_CFG, "json", "SAE config: training spec, throughput, device, software versions"),
                (paths.EVAL, "json", "SAE evaluation: FVU, L0, dead latents, ΔCE/KL incl. zero ablation")]
     for arch, n, k in sorted(grid):
@@ -157,41 +176,44 @@ def load_layer(src: Sources, subject: str, layer: int, sweep: dict) -> dict:
             logs.append(log.assign(arch=arch, n=n, k=k))
         down = (ev or {}).get("downstream") or {}
         train = (cfg or {}).get("train") or {}
-        extra.append({"arch": arch, "n": n, "k": k, "kl_zero_ablation": down.get("kl_zero_ablation", math.nan),
+        extra.append({"arch": arch, "n": n, "k": k,
+                      "kl_zero_ablation": down.get("kl_zero_ablation", math.nan),
                       "dead_latents": (ev or {}).get("dead_latents", math.nan),
-                      "last_doubling_gain": _last_doubling_gain(log) if log is not None else math.nan,
-                      "train_dead_fraction": train.get("final_dead_fraction", math.nan),
-                      "versions": (cfg or {}).get("versions") or {},
-                      "k_aux": ((cfg or {}).get("train_spec") or {}).get("k_aux"),
-                      "device": train.get("device"), "dtype": train.get("dtype")})
-    extra_df = pd.DataFrame(extra)
-    metrics = metrics.assign(arch=metrics["arch"].astype(str)).merge(
-        extra_df.drop(columns=["versions", "device", "dtype", "k_aux"]), on=["arch", "n", "k"], how="left")
+                      "last_doubling_gain": _last_doubling_gain(log) if log is not None else math.nan})
+        spec = (cfg or {}).get("train_spec") or {}
+        saes.append({"versions": (cfg or {}).get("versions") or {}, "device": train.get("device"),
+                     "dtype": train.get("dtype"), "k_aux": spec.get("k_aux")})
+    metrics = metrics.assign(arch=metrics["arch"].astype(str), n=metrics["n"].astype(int),
+                             k=metrics["k"].astype(int))
+    metrics = metrics.merge(pd.DataFrame(extra), on=["arch", "n", "k"], how="left")
     metrics = metrics.sort_values(["arch", "k", "n"]).reset_index(drop=True)
-    logs_df = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=["arch", "n", "k", "tokens"])
-    missing = sorted(grid - {(str(r.arch), int(r.n), int(r.k)) for r in metrics.itertuples()})
-    return {"metrics": metrics, "fits": fits or {}, "logs": logs_df, "saes": extra, "missing": missing}
+    logs_df = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=["arch", "n", "k"])
+    missing = sorted(grid - {(r.arch, r.n, r.k) for r in metrics.itertuples()})
+    return {"metrics": metrics, "fits": fits or {}, "logs": logs_df, "saes": saes, "missing": missing}
 
 
 # ---- per-section context -----------------------------------------------------------------------------
 
 def _col(df: pd.DataFrame, name: str) -> pd.Series:
-    return pd.to_numeric(df[name], errors="coerce") if name in df.columns else pd.Series(np.nan, index=df.index)
+    if name not in df.columns:
+        return pd.Series(np.nan, index=df.index)
+    return pd.to_numeric(df[name], errors="coerce")
 
 
 def grid_table(m: pd.DataFrame) -> dict:
+    """One row per SAE: the eval metrics of REFERENCE C.1-C.3 plus throughput and convergence."""
     multi = m["arch"].nunique() > 1
-    cols = (["arch"] if multi else []) + ["n", "k", "FVU", "L0", "dead %", "dead latents", "ΔCE (nats)", "KL (nats)",
-                                          "loss recovered", "train tokens", "tokens/s", "lr", "weights",
-                                          "FVU gain, last doubling"]
+    cols = ["n", "k", "FVU", "L0", "dead %", "dead latents", "ΔCE (nats)", "KL (nats)", "loss recovered",
+            "train tokens", "tokens/s", "lr", "weights", "FVU gain, last doubling"]
     rows = []
     for _, r in m.iterrows():
         rows.append(([r["arch"]] if multi else []) + [
             num(r["n"]), num(r["k"]), num(r.get("fvu")), num(r.get("l0")), pct(r.get("dead_fraction")),
-            num(r.get("dead_latents")), num(r.get("delta_ce")), num(r.get("kl")), pct(r.get("loss_recovered")),
+            num(r.get("dead_latents")), num(r.get("delta_ce")), num(r.get("kl")),
+            pct(r.get("loss_recovered")),
             num(r.get("train_tokens")), num(r.get("tokens_per_s"), 3), num(r.get("lr"), 3),
-            str(r.get("weights", "—")), pct(r.get("last_doubling_gain"))])
-    return table(cols, rows)
+            text(r.get("weights")), pct(r.get("last_doubling_gain"))])
+    return table((["arch"] if multi else []) + cols, rows)
 
 
 def _fit_status(fit: dict, params: tuple[str, ...]) -> str:
@@ -200,23 +222,26 @@ def _fit_status(fit: dict, params: tuple[str, ...]) -> str:
         return f"not ok: {fit.get('reason', 'no reason given')}"
     if "b" in params and _isnum(fit.get("b")) and fit["b"] < 1e-6:
         return "ok, but b is at its bound 0: no decrease with n resolved"
-    loose = [p for p in params if not _isnum(fit.get(f"{p}_err")) or fit[f"{p}_err"] > abs(fit.get(p, 0))]
-    return f"ok, but poorly constrained ({', '.join(loose)}: σ ≥ |value| or n/a)" if loose else "ok"
+    loose = [p for p in params if not _isnum(fit.get(f"{p}_err")) or fit[f"{p}_err"] >= abs(fit.get(p) or 0)]
+    names = ", ".join(GREEK.get(p, p) for p in loose)
+    return f"ok, but poorly constrained ({names}: σ ≥ |value| or n/a)" if loose else "ok"
 
 
 def fit_tables(fits: dict) -> list[dict]:
     """Per metric: the per-k L(n) table, the joint eq. 3 table (GPT-4 constants beside), and not-ok notes."""
     out = []
     for metric, fm in fits.items():
-        per_k = [[str(f.get("arch")), num(f.get("k")), num(f.get("n_points")),
+        fm = fm or {}
+        per_k = [[text(f.get("arch")), num(f.get("k")), num(f.get("n_points")),
                   *(pm(f.get(p), f.get(f"{p}_err")) if f.get("ok") else "—" for p in ("a", "b", "e")),
                   num(f.get("rmse_log"), 3), _fit_status(f, ("a", "b", "e"))] for f in fm.get("per_k", [])]
         joint = []
         for f in fm.get("joint", []):
             for p in GPT4_JOINT:
-                paper = num(GPT4_JOINT[p]) if metric == "fvu" else "—"
-                joint.append([str(f.get("arch")), p, pm(f.get(p), f.get(f"{p}_err")) if f.get("ok") else "—", paper])
-            joint.append([str(f.get("arch")), "status", _fit_status(f, tuple(GPT4_JOINT)), ""])
+                fitted = pm(f.get(p), f.get(f"{p}_err")) if f.get("ok") else "—"
+                paper = num(GPT4_JOINT[p]) if metric == "fvu" else "—"  # eq. 3 was fitted to MSE only
+                joint.append([text(f.get("arch")), GREEK[p], fitted, paper])
+            joint.append([text(f.get("arch")), "status", _fit_status(f, tuple(GPT4_JOINT)), ""])
         notes = [f"{metric}: {f.get('arch')} k = {f.get('k')} per-k fit not ok ({f.get('reason')})"
                  for f in fm.get("per_k", []) if not f.get("ok")]
         notes += [f"{metric}: {f.get('arch')} joint fit not ok ({f.get('reason')})"
@@ -238,8 +263,8 @@ def exponent_table(fits: dict) -> dict:
         k, j = f.get("k"), joint.get(str(f.get("arch")))
         b_joint = -(j["beta_n"] + j["gamma"] * math.log(k)) if j and _isnum(k) else None
         b_gpt4 = -(GPT4_JOINT["beta_n"] + GPT4_JOINT["gamma"] * math.log(k)) if _isnum(k) else None
-        rows.append([str(f.get("arch")), num(k), pm(f["b"], f.get("b_err")) if f.get("ok") else "not fitted",
-                     num(b_joint, 3), num(b_gpt4, 3)])
+        per_k = pm(f["b"], f.get("b_err")) if f.get("ok") else "not fitted"
+        rows.append([text(f.get("arch")), num(k), per_k, num(b_joint, 3), num(b_gpt4, 3)])
     return table(["arch", "k", "b, per-k fit", "b, joint law", "b, GPT-4 eq. 3"], rows)
 
 
@@ -254,8 +279,8 @@ def _loglog_slope(x: pd.Series, y: pd.Series) -> tuple[float, float, int]:
 
 def findings(m: pd.DataFrame, fits: dict) -> list[str]:
     """Short, data-derived sentences comparing this layer with the paper's claims."""
-    out = []
-    trends = []
+    out, trends = [], []
+    multi = m["arch"].nunique() > 1
     for (arch, k), g in m.groupby(["arch", "k"]):
         g = g[np.isfinite(_col(g, "fvu"))].sort_values("n")
         if g["n"].nunique() >= 2:
@@ -263,7 +288,8 @@ def findings(m: pd.DataFrame, fits: dict) -> list[str]:
             verb = "falls" if hi["fvu"] < lo["fvu"] else "rises"
             steps = np.sign(np.diff(g["fvu"].to_numpy(float)))
             shape = "" if len(set(steps)) <= 1 else ", not monotonically"
-            trends.append((verb, f"k = {k}: {num(lo['fvu'])} → {num(hi['fvu'])} (n = {lo['n']} → {hi['n']}{shape})"))
+            trends.append((verb, f"{arch + ' ' if multi else ''}k = {k}: {num(lo['fvu'])} → {num(hi['fvu'])} "
+                                 f"(n = {lo['n']} → {hi['n']}{shape})"))
     if trends:
         falls = [t for v, t in trends if v == "falls"]
         rises = [t for v, t in trends if v == "rises"]
@@ -271,28 +297,32 @@ def findings(m: pd.DataFrame, fits: dict) -> list[str]:
             out.append("FVU falls with n, as in Gao Fig. 1b, at " + "; ".join(falls) + ".")
         if rises:
             out.append("FVU rises with n at " + "; ".join(rises) + ". The paper's L(N) is measured at "
-                       "convergence; rising FVU usually means the larger SAEs are under-trained for this token "
-                       "budget (see the 'FVU gain, last doubling' column).")
+                       "convergence; rising FVU usually means the larger SAEs are under-trained for this "
+                       "token budget (see the 'FVU gain, last doubling' column).")
     gain = _col(m, "last_doubling_gain")
     if gain.notna().any():
         still = int((gain > CONVERGED_GAIN).sum())
         out.append(f"{still} of {int(gain.notna().sum())} SAEs still improved training FVU by more than "
-                   f"{CONVERGED_GAIN:.0%} over their last doubling of tokens (not converged by REFERENCE D.1's rule).")
+                   f"{CONVERGED_GAIN:.0%} over their last doubling of tokens (not converged by REFERENCE "
+                   "D.1's rule).")
     joint = [f for f in (fits.get("fvu") or {}).get("joint", []) if f.get("ok")]
     for f in joint:
         g, e = f["gamma"], f["eta"]
-        out.append(f"Joint law ({f['arch']}): γ = {num(g, 3)} (paper −0.042: {'same' if g < 0 else 'opposite'} sign, "
-                   f"L(N) {'steeper' if g < 0 else 'shallower'} for larger k); η = {num(e, 3)} (paper −0.085: "
-                   f"irreducible loss {'falls' if e < 0 else 'rises'} with k).")
+        out.append(f"Joint law ({f['arch']}): γ = {num(g, 3)} (paper −0.042; "
+                   f"{'same' if g < 0 else 'opposite'} sign: L(N) {'steeper' if g < 0 else 'shallower'} for "
+                   f"larger k); η = {num(e, 3)} (paper −0.085; here the irreducible loss "
+                   f"{'falls' if e < 0 else 'rises'} with k).")
     slope, r, npts = _loglog_slope(_col(m, "fvu"), _col(m, "delta_ce"))
     if _isnum(slope):
-        out.append(f"ΔCE vs FVU pooled over the grid (all n and k): log-log slope {num(slope, 3)}, Pearson r = "
-                   f"{num(r, 3)} on {npts} SAEs (Gao Fig. 5b finds a clean power law at fixed L0 as n varies).")
+        out.append(f"ΔCE vs FVU pooled over the grid (all n and k): log-log slope {num(slope, 3)}, "
+                   f"Pearson r = {num(r, 3)} on {npts} SAEs (Gao Fig. 5b finds a clean power law at fixed L0 "
+                   "as n varies).")
     dead = _col(m, "dead_fraction")
     if dead.notna().any():
         i = dead.idxmax()
         out.append(f"Dead latents over the eval tokens: at most {pct(dead[i])} (n = {m.loc[i, 'n']}, "
-                   f"k = {m.loc[i, 'k']}); the paper reports few dead latents with TopK + AuxK (7% for GPT-4 16M).")
+                   f"k = {m.loc[i, 'k']}); the paper reports few dead latents with TopK + AuxK "
+                   "(7% for GPT-4 16M).")
     rec = _col(m, "loss_recovered")
     if rec.notna().any():
         out.append(f"Loss recovered: {pct(rec.min())} to {pct(rec.max())} (GPT-4 16M SAE: 98.2%; the paper "
@@ -301,92 +331,106 @@ def findings(m: pd.DataFrame, fits: dict) -> list[str]:
 
 
 def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: dict | None) -> dict:
+    """Sections 2-6 for one (subject, layer): tables, fitted laws, findings and figures."""
     data = load_layer(src, subject, layer, config["sweep"])
     m, logs, fits = data["metrics"], data["logs"], data["fits"]
     ref = {"delta_ce": _col(m, "delta_ce_zero_ablation").median(), "kl": _col(m, "kl_zero_ablation").median()}
     stats = ((norm or {}).get("layers") or {}).get(str(layer))
-    where = dict(subject=subject, layer=layer, arch="{arch}", n="{n}", k="{k}")
+    norm_table = None
+    if stats:
+        cols = ("n_rows", "baseline_mse", "raw_norm_mean", "raw_norm_max")
+        norm_table = table(["rows", "baseline MSE (E‖x − E[x]‖²)", "raw ‖x‖ mean", "raw ‖x‖ max"],
+                           [[stats.get(c) for c in cols]])
+    sae = dict(subject=subject, layer=layer, arch="{arch}", n="{n}", k="{k}")
+    dead_pct = logs.assign(dead_pct=100 * _col(logs, "dead_fraction"))
     return {
         "id": f"{subject}-L{layer}", "subject": subject, "layer": layer, "n_saes": len(m),
-        "missing": [f"{a} n={n} k={k}" for a, n, k in data["missing"]],
-        "norm": table(["rows", "baseline MSE (E‖x−E[x]‖²)", "raw ‖x‖ mean", "raw ‖x‖ max"],
-                      [[stats.get("n_rows"), stats.get("baseline_mse"), stats.get("raw_norm_mean"),
-                        stats.get("raw_norm_max")]]) if stats else None,
-        "grid": grid_table(m), "findings": findings(m, fits),
-        "fits": fit_tables(fits), "exponents": exponent_table(fits),
+        "missing": [f"{a} n={n} k={k}" for a, n, k in data["missing"]], "norm": norm_table,
+        "grid": grid_table(m), "findings": findings(m, fits), "fits": fit_tables(fits),
+        "exponents": exponent_table(fits), "saes": data["saes"],
         "zero_ablation": {"delta_ce": num(ref["delta_ce"]), "kl": num(ref["kl"]),
                           "ce_clean": num(_col(m, "ce_clean").median())},
         "src": {"metrics": paths.fmt(paths.METRICS, subject=subject, layer=layer),
                 "fits": paths.fmt(paths.FITS, subject=subject, layer=layer),
-                "log": paths.fmt(paths.SAE_LOG, **where), "eval": paths.fmt(paths.EVAL, **where)},
+                "log": paths.fmt(paths.SAE_LOG, **sae), "eval": paths.fmt(paths.EVAL, **sae)},
         "fig": {
             "fvu_curves": figures.training_curves(logs, "fvu", "training FVU"),
-            "dead_curves": figures.training_curves(logs.assign(dead_pct=100 * _col(logs, "dead_fraction")),
-                                                   "dead_pct", "dead latents (%)", log_y=False),
-            "compute": figures.training_curves(logs, "fvu", "training FVU", x="flops", xlabel="training FLOPs",
-                                               envelope=True),
+            "dead_curves": figures.training_curves(dead_pct, "dead_pct", "dead latents (%)", log_y=False),
+            "compute": figures.training_curves(logs, "fvu", "training FVU", x="flops",
+                                               xlabel="training FLOPs", envelope=True),
             "fvu_heatmap": figures.grid_heatmap(m, "fvu", "FVU"),
             "scaling": figures.scaling_laws(m, {k: fits.get(k) for k in ("fvu", "delta_ce")}, LABELS),
             "downstream": figures.downstream_vs_fvu(m, ref),
             "dead_heatmap": figures.grid_heatmap(m, "dead_fraction", "dead latents, % (count)", fmt="{:.1f}",
                                                  scale=100, cmap="rocket_r", annot_extra="dead_latents"),
         },
-        "saes": data["saes"],
     }
 
 
-def subject_context(src: Sources, name: str, subj: dict, config: dict) -> dict:
+def lm_context(src: Sources, name: str) -> dict | None:
+    """The builtin subject LM: its size, training budget and final validation loss (training.json)."""
+    info = src.json(paths.fmt(paths.MODEL_TRAINING, subject=name), f"{name}: builtin LM training")
+    if not info:
+        return None
+    c = info.get("config") or {}
+    val = info.get("final_val_loss")
+    rows = [["parameters", num(info.get("n_params"))],
+            ["layers × width × heads", " × ".join(num(c.get(x)) for x in ("n_layer", "n_embd", "n_head"))],
+            ["vocabulary / context", f"{num(c.get('vocab_size'))} / {num(c.get('n_positions'))}"],
+            ["training tokens", num(info.get("train_tokens"))],
+            ["training time", f"{num(info.get('train_seconds'), 3)} s on {text(info.get('device'))}"],
+            ["throughput", f"{num(info.get('tokens_per_s'), 3)} tokens/s"],
+            ["final validation loss", f"{num(val)} nats/token (perplexity "
+                                      f"{num(math.exp(val) if _isnum(val) else None)})"]]
+    return {"table": table(["", ""], rows),
+            "curve": figures.lm_training_curve(pd.DataFrame(info.get("history") or []))}
+
+
+def corpus_table(src: Sources) -> dict | None:
+    """Provenance of the builtin corpus: which Python's standard library, and its hash."""
+    info = src.json(paths.CORPUS_INFO, "builtin corpus provenance")
+    if not info:
+        return None
+    return table(["", ""], [["source", text(info.get("source"))],
+                            ["Python version", text(info.get("python_version"))],
+                            ["files / bytes", f"{num(info.get('n_files'))} / {num(info.get('n_bytes'))}"],
+                            ["sha256", text(info.get("sha256"))]])
+
+
+def subject_context(src: Sources, name: str, subj: dict) -> dict:
     """What the SAEs were trained on: the subject LM, its corpus, the token and activation stores."""
     ds = subj["dataset"]
     setup = [["model", subj["model"] + (f" @ {subj['revision']}" if subj.get("revision") else "")],
              ["layers (resid_post)", ", ".join(str(x) for x in subj["layers"])],
-             ["context length", num(subj["ctx_len"])], ["SAE training rows per layer", num(subj["train_tokens"])],
+             ["context length", num(subj["ctx_len"])],
+             ["SAE training rows per layer", num(subj["train_tokens"])],
              ["eval tokens", num(subj["eval_tokens"])], ["activation dtype", subj["dtype"]],
              ["dataset", ", ".join(f"{k}={v}" for k, v in ds.items() if v is not None)]]
-    lm = None
-    if subj["model"] == "builtin":
-        info = src.json(paths.fmt(paths.MODEL, subject=name) + "/training.json", f"{name}: builtin LM training")
-        if info:
-            c = info.get("config") or {}
-            val = info.get("final_val_loss")
-            lm = {"table": table(["", ""], [
-                ["parameters", num(info.get("n_params"))],
-                ["layers × width × heads", f"{num(c.get('n_layer'))} × {num(c.get('n_embd'))} × {num(c.get('n_head'))}"],
-                ["vocabulary / context", f"{num(c.get('vocab_size'))} / {num(c.get('n_positions'))}"],
-                ["training tokens", num(info.get("train_tokens"))],
-                ["training time", f"{num(info.get('train_seconds'), 3)} s on {info.get('device', '?')}"],
-                ["throughput", f"{num(info.get('tokens_per_s'), 3)} tokens/s"],
-                ["final validation loss", f"{num(val)} nats/token (perplexity {num(math.exp(val) if _isnum(val) else None)})"]]),
-                "curve": figures.lm_training_curve(pd.DataFrame(info.get("history") or []))}
-    corpus = None
-    if ds["path"] == "builtin":
-        info = src.json(paths.CORPUS_INFO, "builtin corpus provenance")
-        if info:
-            corpus = table(["", ""], [["source", str(info.get("source", "—"))],
-                                      ["Python version", str(info.get("python_version", "—"))],
-                                      ["files / bytes", f"{num(info.get('n_files'))} / {num(info.get('n_bytes'))}"],
-                                      ["sha256", str(info.get("sha256", "—"))]])
-    return {"name": name, "setup": table(["", ""], setup), "lm": lm, "corpus": corpus,
-            "stores": store_table(src, name, subj)}
+    return {"name": name, "setup": table(["", ""], setup),
+            "lm": lm_context(src, name) if subj["model"] == "builtin" else None,
+            "corpus": corpus_table(src) if ds["path"] == "builtin" else None,
+            "stores": store_table(src, name)}
 
 
-def store_table(src: Sources, name: str, subj: dict) -> dict | None:
+def store_table(src: Sources, name: str) -> dict | None:
     """Sizes of the token and activation stores; bytes per token show what the cache costs at scale."""
     rows = []
     tok = src.store(paths.fmt(paths.TOKENS, subject=name), f"{name}: token windows (Zarr)")
     if tok:
         a = tok["attrs"]
-        n_tok = a["n_windows"] * a["ctx_len"] if _isnum(a.get("n_windows")) and _isnum(a.get("ctx_len")) else None
-        rows.append(["token store", f"{num(a.get('n_windows'))} windows × {num(a.get('ctx_len'))} = {num(n_tok)} tokens "
-                     f"({num(a.get('n_train'))} train / {num(a.get('n_eval'))} eval windows)", size(tok["bytes"]),
-                     num(tok["bytes"] / n_tok if n_tok else None, 3)])
+        n_win, ctx = a.get("n_windows"), a.get("ctx_len")
+        n_tok = n_win * ctx if _isnum(n_win) and _isnum(ctx) else None
+        rows.append(["token store", f"{num(n_win)} windows × {num(ctx)} = {num(n_tok)} tokens "
+                     f"({num(a.get('n_train'))} train / {num(a.get('n_eval'))} eval windows)",
+                     size(tok["bytes"]), num(tok["bytes"] / n_tok if n_tok else None, 3)])
     act = src.store(paths.fmt(paths.ACTIVATIONS, subject=name), f"{name}: activations (Zarr)")
     if act:
         a = act["attrs"]
         n_rows = a.get("n_rows") if _isnum(a.get("n_rows")) else None
-        rows.append(["activation store", f"{num(n_rows)} rows ({num(a.get('n_train'))} train / {num(a.get('n_eval'))} "
-                     f"eval) × {len(a.get('layers') or [])} layers × d = {num(a.get('d_model'))}, {a.get('dtype', '?')}; "
-                     f"extracted in {num(a.get('extract_seconds'), 3)} s", size(act["bytes"]),
+        rows.append(["activation store", f"{num(n_rows)} rows ({num(a.get('n_train'))} train / "
+                     f"{num(a.get('n_eval'))} eval) × {len(a.get('layers') or [])} layers × "
+                     f"d = {num(a.get('d_model'))}, {text(a.get('dtype'))}; extracted in "
+                     f"{num(a.get('extract_seconds'), 3)} s", size(act["bytes"]),
                      num(act["bytes"] / n_rows if n_rows else None, 3)])
         width = {"float16": 2, "float32": 4}.get(a.get("dtype"))
         for layer, b in sorted(act["layer_bytes"].items()):
@@ -404,18 +448,18 @@ def run_context(config: dict, layers: list[dict]) -> dict:
     for s in saes:
         for pkg, v in s["versions"].items():
             versions.setdefault(pkg, set()).add(str(v))
-    devices = sorted({f"{s['device']} ({s['dtype']})" for s in saes if s["device"]})
-    n_jobs = len(sw["archs"]) * len(sw["n"]) * len(sw["k"]) * sum(len(s["layers"]) for s in config["subjects"].values())
-    return {
-        "sweep": table(["", ""], [["architectures", ", ".join(sw["archs"])],
-                                  ["n (latents)", ", ".join(num(n) for n in sw["n"])],
-                                  ["k (active latents)", ", ".join(num(k) for k in sw["k"])],
-                                  ["SAEs in the sweep", num(n_jobs)]]),
-        "train": table(["parameter", "value"], [[k, _derived(k, v, saes)] for k, v in config["train"].items()]),
-        "evaluate": table(["parameter", "value"], [[k, _plain(v)] for k, v in config["evaluate"].items()]),
-        "versions": table(["package", "version"], [[p, ", ".join(sorted(v))] for p, v in sorted(versions.items())]),
-        "devices": ", ".join(devices) or "not recorded",
-    }
+    devices = sorted({f"{s['device']} ({text(s['dtype'])})" for s in saes if s["device"]})
+    n_layers = sum(len(s["layers"]) for s in config["subjects"].values())
+    sweep = [["architectures", ", ".join(sw["archs"])], ["n (latents)", ", ".join(num(n) for n in sw["n"])],
+             ["k (active latents)", ", ".join(num(k) for k in sw["k"])],
+             ["SAEs in the sweep", num(len(sw["archs"]) * len(sw["n"]) * len(sw["k"]) * n_layers)]]
+    train = [[k, _derived(k, v, saes)] for k, v in config["train"].items()]
+    evaluate = [[k, _plain(v)] for k, v in config["evaluate"].items()]
+    return {"sweep": table(["", ""], sweep), "train": table(["parameter", "value"], train),
+            "evaluate": table(["parameter", "value"], evaluate),
+            "versions": table(["package", "version"], [[p, ", ".join(sorted(versions[p]))]
+                                                        for p in sorted(versions)]),
+            "devices": ", ".join(devices) or "not recorded"}
 
 
 def _derived(key: str, value: Any, saes: list[dict]) -> str:
@@ -425,31 +469,32 @@ def _derived(key: str, value: Any, saes: list[dict]) -> str:
     if key == "lr":
         return "null: lr ∝ 1/√n from lr_ref at lr_ref_n (REFERENCE A.7); per-SAE values in the grid table"
     if key == "k_aux":
-        used = sorted({s["k_aux"] for s in saes if _isnum(s.get("k_aux"))})
-        return f"null: power of two near d_model/2 (REFERENCE A.5); used {', '.join(map(num, used)) or '—'}"
+        used = ", ".join(num(k) for k in sorted({s["k_aux"] for s in saes if _isnum(s.get("k_aux"))}))
+        return f"null: power of two near d_model/2 (REFERENCE A.5); used {used or '—'}"
     return "null"
 
 
 def _plain(v: Any) -> str:
-    if v is None:
-        return "null"
-    return ", ".join(_plain(x) for x in v) if isinstance(v, list) else (num(v) if _isnum(v) else str(v))
+    if isinstance(v, list):
+        return ", ".join(_plain(x) for x in v)
+    return num(v) if _isnum(v) else ("null" if v is None else str(v))
 
 
 def build_context(config: dict) -> dict:
+    """Everything the template shows, as strings and base64 PNGs; reads files under the current directory."""
     src = Sources()
     subjects, layers = [], []
     for name, subj in config["subjects"].items():
-        subjects.append(subject_context(src, name, subj, config))
+        subjects.append(subject_context(src, name, subj))
         norm = src.json(paths.fmt(paths.NORM, subject=name), f"{name}: per-layer normalization statistics")
         layers += [layer_context(src, name, layer, config, norm) for layer in subj["layers"]]
-    files = src.listing()
     return {"title": config["report"]["title"], "subjects": subjects, "layers": layers,
-            "run": run_context(config, layers), "files": files,
+            "run": run_context(config, layers), "files": src.listing(),
             "n_missing_files": sum(not r["present"] for r in src.rows)}
 
 
 def _environment() -> jinja2.Environment:
+    # autoescape=True: titles, dataset names and paths are user/file text and must never become markup.
     return jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                               autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                               lstrip_blocks=True)

@@ -89,7 +89,9 @@ def fit_power_law(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     a = float(np.exp(log_a))
     return {"form": POWER_FORM, "a": a, "b": float(b), "e": float(e),
             "a_err": float(a * errs[0]), "b_err": float(errs[1]), "e_err": float(errs[2]),
-            "n_points": int(x.size), "rmse_log": rmse, "ok": True}
+            "n_points": int(x.size), "rmse_log": rmse, "ok": True,
+            # b pinned at 0 means the data show no decrease with n: a fit, but not a scaling law
+            "at_bound": bool(b <= bounds[0][1] + 1e-9 or b >= bounds[1][1] - 1e-9)}
 
 
 def predict_power_law(fit: dict[str, Any], x) -> np.ndarray:

@@ -1,0 +1,114 @@
+"""End to end: the workflow on the quick preset, its incremental behaviour, and config rejection."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import random_gpt2, write_text_files
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = yaml.safe_load((ROOT / "workflow/configs/quick.yaml").read_text())
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(wdir: Path, *args: str, config: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    if config is not None:
+        (wdir / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(wdir),
+           "--cores", "2", "--workflow-profile", "none", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def planned_jobs(res: subprocess.CompletedProcess) -> dict[str, int]:
+    """The 'Job stats' table of a dry run, as {rule: count}."""
+    text = res.stdout + res.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("Reasons:")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m[1] != "total"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    wdir = tmp_path_factory.mktemp("quick")
+    snakemake(wdir, config=QUICK)
+    return wdir
+
+
+def test_quick_preset_produces_the_report(quick_run):
+    report = (quick_run / "reports/report.html").read_text()
+    assert "<html" in report.lower() and len(report) > 1000
+    metrics = pd.read_csv(quick_run / "data/scaling/tiny/L1/metrics.csv")
+    assert len(metrics) == 4 and set(metrics["n"]) == {64, 128} and set(metrics["k"]) == {4, 8}
+    assert metrics["fvu"].between(0, 1).all() and (metrics["l0"] <= metrics["k"]).all()
+    assert (metrics["delta_ce"] < metrics["delta_ce_zero_ablation"]).all()
+    ev = json.loads((quick_run / "data/eval/tiny/L1/topk/n128_k8.json").read_text())
+    assert ev["downstream"]["kl"] >= 0 and ev["train"]["device"] == "cpu"
+    assert not list(quick_run.glob("data/saes/**/checkpoint.pt"))
+    fits = json.loads((quick_run / "data/scaling/tiny/L1/fits.json").read_text())
+    assert fits["fvu"]["per_k"][0]["ok"] is False  # two n per k cannot carry a 3-parameter fit
+
+
+def test_second_dry_run_has_nothing_to_do(quick_run):
+    assert planned_jobs(snakemake(quick_run, "-n")) == {}
+
+
+def test_one_more_k_plans_only_the_new_sae_jobs(quick_run):
+    cfg = {**QUICK, "sweep": {**QUICK["sweep"], "k": [4, 8, 2]}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"train": 2, "evaluate": 2, "scaling": 1, "report": 1, "all": 1}
+
+
+def test_one_more_n_plans_only_the_new_sae_jobs(quick_run):
+    cfg = {**QUICK, "sweep": {**QUICK["sweep"], "n": [64, 128, 32]}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"train": 2, "evaluate": 2, "scaling": 1, "report": 1, "all": 1}
+
+
+def test_a_training_hyperparameter_reruns_training_and_downstream_only(quick_run):
+    cfg = {**QUICK, "train": {**QUICK["train"], "auxk_coef": 0.05}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"train": 4, "evaluate": 4, "scaling": 1, "report": 1, "all": 1}
+
+
+def test_snakemake_report_bundles_the_html(quick_run):
+    snakemake(quick_run, "--report", str(quick_run / "bundle.html"), config=QUICK)
+    assert "saescale" in (quick_run / "bundle.html").read_text()
+
+
+def test_malformed_config_is_rejected_naming_the_key(tmp_path):
+    bad = {**QUICK, "sweep": {**QUICK["sweep"], "k": [4, "eight"]}}
+    res = snakemake(tmp_path, "-n", config=bad, check=False)
+    assert res.returncode != 0
+    assert "config.sweep.k[1]" in res.stdout + res.stderr
+
+
+def test_a_local_hf_model_and_local_text_files_run_end_to_end(tmp_path):
+    files = write_text_files(tmp_path / "text", copies=200)
+    model = random_gpt2(tmp_path / "model", files)
+    cfg = {
+        "subjects": {"rand": {"model": model, "layers": [0, 1], "ctx_len": 16, "train_tokens": 4096,
+                              "eval_tokens": 512, "chunk_windows": 32,
+                              "dataset": {"path": "text", "data_files": files}}},
+        "sweep": {"n": [32], "k": [4]},
+        "train": {"tokens": 8192, "batch_size": 512, "dead_tokens": 2048},
+        "evaluate": {"downstream_windows": 16},
+    }
+    res = snakemake(tmp_path, config=cfg)
+    assert "rule lm" not in res.stdout + res.stderr  # a given model is loaded, never trained
+    for layer in (0, 1):
+        ev = json.loads((tmp_path / f"data/eval/rand/L{layer}/topk/n32_k4.json").read_text())
+        assert ev["d_model"] == 32 and 0 <= ev["fvu"] < 2
+    assert (tmp_path / "reports/report.html").exists()
