@@ -22,7 +22,7 @@ def synthetic(n_atoms=64, d=32, active=3, rows=65536, seed=0):
 
 
 def train_on(x, n, k, tokens, seed=0, tmp=None):
-    stats = layer_stats(x)
+    stats = layer_stats([x], len(x))
     spec = TrainSpec(arch="topk", n=n, k=k, d_model=x.shape[1], lr=3e-3, batch_size=512, tokens=tokens,
                      adam_eps=6.25e-10, adam_betas=(0.9, 0.999), auxk_coef=1 / 32, k_aux=16, dead_tokens=8192,
                      ema_decay=0.0, log_every=50, checkpoint_seconds=0, seed=seed, device="cpu")

@@ -1,6 +1,7 @@
 """Normalization, the geometric median and FVU against known answers (REFERENCE A.2, A.4, C.1)."""
 
 import numpy as np
+import pytest
 import torch
 
 from saescale.normalize import denormalize, geometric_median, layer_stats, normalize
@@ -41,8 +42,10 @@ def test_fvu_of_the_mean_predictor_is_one():
 
 def test_layer_stats_baseline_matches_fvu_denominator():
     raw = np.random.default_rng(0).normal(size=(2000, 16)).astype(np.float32) * 5 + 2
-    st = layer_stats(raw)
+    st = layer_stats(np.array_split(raw, 7), len(raw))  # streamed in uneven chunks
     xn = normalize(torch.from_numpy(raw))[0]
     mean = torch.tensor(st["mean"])
+    assert torch.allclose(mean, xn.mean(dim=0), atol=1e-6)
     assert abs(st["baseline_mse"] - float(((xn - mean) ** 2).sum(dim=1).mean())) < 1e-5
-    assert len(st["geometric_median"]) == 16
+    assert len(st["geometric_median"]) == 16 and st["geometric_median_samples"] == 2000
+    assert st["raw_norm_max"] == pytest.approx(float(normalize(torch.from_numpy(raw))[2].max()))

@@ -31,7 +31,7 @@ class DiesAt:
 
 def setup(tokens=64 * 256):
     _, x = synthetic(rows=4096)
-    stats = layer_stats(x)
+    stats = layer_stats([x], len(x))
     spec = TrainSpec(arch="topk", n=64, k=3, d_model=32, lr=3e-3, batch_size=256, tokens=tokens, adam_eps=6.25e-10,
                      adam_betas=(0.9, 0.999), auxk_coef=1 / 32, k_aux=16, dead_tokens=1024, ema_decay=0.9,
                      log_every=4, checkpoint_seconds=1e-9, seed=0, device="cpu")

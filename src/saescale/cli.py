@@ -69,12 +69,13 @@ def cmd_extract(a) -> None:
 
 def cmd_normalize(a) -> None:
     from saescale.normalize import layer_stats
-    from saescale.store import open_store, read_rows
+    from saescale.store import iter_chunks, open_store
 
     root = open_store(a.activations)
     stats = {"site": root.attrs["site"], "layers": {}}
     for layer in root.attrs["layers"]:
-        stats["layers"][str(layer)] = layer_stats(read_rows(root, layer, "train"), seed=a.seed)
+        chunks = iter_chunks(root, layer, "train")
+        stats["layers"][str(layer)] = layer_stats(chunks, root.attrs["n_train"], seed=a.seed)
     write_json_atomic(a.out, stats)
 
 
@@ -164,7 +165,7 @@ def cmd_scaling(a) -> None:
 def cmd_report(a) -> None:
     from saescale.report.render import render_report
 
-    render_report(config=a.spec, out=a.out)
+    render_report(config=a.spec, out=a.out, figures_dir=a.figures_dir)
 
 
 def _json_arg(text: str) -> dict:
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("report", cmd_report, "render reports/report.html")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--figures-dir", help="also write every figure as a PNG file here")
     return p
 
 

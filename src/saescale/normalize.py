@@ -8,7 +8,7 @@ residual stream: x_raw = x_norm * scale + mu.
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from typing import Iterable, TypeVar
 
 import numpy as np
 import torch
@@ -49,24 +49,40 @@ def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-
     return median.float()
 
 
-def layer_stats(x_raw: np.ndarray, seed: int = 0) -> dict:
-    """Statistics of one layer's training rows (raw activations), all in normalized space but the norms."""
-    x = torch.from_numpy(np.asarray(x_raw, dtype=np.float32))
-    x_norm, _mu, scale = normalize(x)
-    mean = x_norm.mean(dim=0)
-    # FVU baseline (REFERENCE C.1): error of always predicting the dataset mean, per token
-    baseline_mse = float(((x_norm - mean) ** 2).sum(dim=1).mean())
+def layer_stats(chunks: Iterable[np.ndarray], n_rows: int, seed: int = 0) -> dict:
+    """Statistics of one layer's training rows, streamed chunk by chunk (memory bounded by one chunk).
+
+    All in normalized space but the norms. Because every normalized row has unit norm, the FVU
+    baseline E||x - E[x]||^2 (REFERENCE C.1) is 1 - ||E[x]||^2; it is computed from the sums anyway.
+    """
     rng = np.random.default_rng(seed)
-    m = min(GEOMETRIC_MEDIAN_SAMPLES, len(x_norm))
-    sample = x_norm[torch.from_numpy(np.sort(rng.choice(len(x_norm), size=m, replace=False)))]
-    gm = geometric_median(sample)
+    m = min(GEOMETRIC_MEDIAN_SAMPLES, n_rows)
+    picks = np.sort(rng.choice(n_rows, size=m, replace=False))
+    total = sq_norms = 0.0
+    norm_sum, norm_max, seen = 0.0, 0.0, 0
+    sample = []
+    for chunk in chunks:
+        x_norm, _mu, scale = normalize(torch.from_numpy(np.asarray(chunk, dtype=np.float32)))
+        x64 = x_norm.double()
+        total = total + x64.sum(dim=0)
+        sq_norms += float((x64**2).sum())
+        norm_sum += float(scale.double().sum())
+        norm_max = max(norm_max, float(scale.max()))
+        lo, hi = np.searchsorted(picks, [seen, seen + len(chunk)])
+        sample.append(x_norm[torch.from_numpy(picks[lo:hi] - seen)])
+        seen += len(chunk)
+    if seen != n_rows:
+        raise ValueError(f"expected {n_rows} rows, read {seen}")
+    mean = total / seen
+    baseline_mse = sq_norms / seen - float((mean**2).sum())
+    gm = geometric_median(torch.cat(sample))
     return {
-        "n_rows": int(len(x_norm)),
-        "d_model": int(x_norm.shape[1]),
-        "mean": mean.tolist(),
+        "n_rows": int(seen),
+        "d_model": int(mean.shape[0]),
+        "mean": mean.float().tolist(),
         "geometric_median": gm.tolist(),
         "geometric_median_samples": m,
-        "baseline_mse": baseline_mse,
-        "raw_norm_mean": float(scale.mean()),
-        "raw_norm_max": float(scale.max()),
+        "baseline_mse": float(baseline_mse),
+        "raw_norm_mean": norm_sum / seen,
+        "raw_norm_max": norm_max,
     }

@@ -22,6 +22,7 @@ EVAL = "data/eval/{subject}/L{layer}/{arch}/n{n}_k{k}.json"
 METRICS = "data/scaling/{subject}/L{layer}/metrics.csv"
 FITS = "data/scaling/{subject}/L{layer}/fits.json"
 REPORT = "reports/report.html"
+REPORT_FIGURES = "reports/figures"
 LOGS = "logs/{rule}/{name}.log"
 BENCH = "benchmarks/results/{rule}/{name}.tsv"
 

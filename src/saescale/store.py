@@ -161,13 +161,19 @@ def split_rows(root: zarr.Group, split: str) -> slice:
     return slice(0, n_train) if split == "train" else slice(n_train, n_train + n_eval)
 
 
-def read_rows(root: zarr.Group, layer: int, split: str, limit: int | None = None) -> np.ndarray:
-    """All rows of one split for one layer, read chunk by chunk (fast sequential reads)."""
+def iter_chunks(root: zarr.Group, layer: int, split: str, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Rows of one split for one layer, one stored chunk at a time (fast sequential reads)."""
     rows = split_rows(root, split)
     stop = rows.stop if limit is None else min(rows.stop, rows.start + limit)
     x = root[f"L{layer}/x"]
     step = x.chunks[0]
-    return np.concatenate([x[i:min(i + step, stop)] for i in range(rows.start, stop, step)])
+    for i in range(rows.start, stop, step):
+        yield x[i:min(i + step, stop)]
+
+
+def read_rows(root: zarr.Group, layer: int, split: str, limit: int | None = None) -> np.ndarray:
+    """All rows of one split for one layer, in memory: only for splits known to fit."""
+    return np.concatenate(list(iter_chunks(root, layer, split, limit)))
 
 
 class InMemoryBatches:

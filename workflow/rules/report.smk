@@ -20,7 +20,14 @@ rule report:
     input:
         report_inputs,
     output:
-        report(paths.REPORT, caption="../report/report.rst", category="Report"),
+        html=report(paths.REPORT, caption="../report/report.rst", category="Report"),
+        figures=report(
+            directory(paths.REPORT_FIGURES),
+            patterns=["{name}.png"],
+            caption="../report/figure.rst",
+            category="Figures",
+            labels={"figure": "{name}"},
+        ),
     log:
         log_path("report", "report"),
     conda:
@@ -29,4 +36,4 @@ rule report:
         spec=spec(CFG),
         code=code_version("report", "scaling"),
     shell:
-        "saescale report --spec {params.spec:q} --out {output} --log {log}"
+        "saescale report --spec {params.spec:q} --out {output.html} --figures-dir {output.figures} --log {log}"

@@ -500,7 +500,22 @@ def _environment() -> jinja2.Environment:
                               lstrip_blocks=True)
 
 
-def render_report(config: dict, out: str) -> None:
+def write_figures(layers: list[dict], folder: str | Path) -> None:
+    """Each figure also as a PNG file, so `snakemake --report` can show them one by one."""
+    import base64
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for layer in layers:
+        for name, png in layer["fig"].items():
+            if png:
+                (folder / f"{layer['id']}_{name}.png").write_bytes(base64.b64decode(png))
+
+
+def render_report(config: dict, out: str, figures_dir: str | None = None) -> None:
     """Render the validated `config`'s run (files under the current directory) into one HTML file at `out`."""
-    html = _environment().get_template("report.html").render(**build_context(config))
+    context = build_context(config)
+    if figures_dir:
+        write_figures(context["layers"], figures_dir)
+    html = _environment().get_template("report.html").render(**context)
     write_text_atomic(out, html)
