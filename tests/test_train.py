@@ -85,3 +85,14 @@ def test_k_aux_is_a_power_of_two_near_half_d():
     assert k_aux_for({"k_aux": None}, 768) == 256  # REFERENCE A.5: openai/sparse_autoencoder for GPT-2
     assert k_aux_for({"k_aux": None}, 128) == 64
     assert k_aux_for({"k_aux": 7}, 128) == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_records_bf16_autocast(tmp_path):
+    x, stats, spec, sel = setup()
+    cuda = TrainSpec(**{**spec.__dict__, "device": "cuda"})
+    sae, rows, summary = run(InMemoryBatches(x, 256, 0), stats, cuda, tmp_path / "g.pt", sel)
+    assert summary["device"].startswith("cuda") and summary["dtype"] == "bf16-autocast"
+    assert rows[-1]["fvu"] < rows[0]["fvu"]
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64, device=sae.W_dec.device), atol=1e-2)

@@ -199,7 +199,8 @@ def scaling_laws(metrics: pd.DataFrame, fits: dict[str, dict | None], labels: di
         for ax, metric in zip(axes, panels):
             df = _finite(metrics, ["n", "k", metric], positive=["n", metric])
             per_k, joint = _fits_by_key(fits[metric], "per_k"), _fits_by_key(fits[metric], "joint")
-            n_line = np.geomspace(df["n"].min() / 1.3, df["n"].max() * 1.3, 100)
+            # fitted curves only over the measured n: a law extrapolated past its data can swing wildly
+            n_line = np.geomspace(df["n"].min(), df["n"].max(), 100)
             for (arch, k), g in df.groupby([df["arch"].astype(str), "k"]):
                 g = g.sort_values("n")
                 c = colours[k]
@@ -211,6 +212,8 @@ def scaling_laws(metrics: pd.DataFrame, fits: dict[str, dict | None], labels: di
                 if jfit and jfit.get("ok"):
                     ax.plot(n_line, predict_joint_law(jfit, n_line, k), color=c, ls=":", lw=1.5)
             _log(ax, "y")
+            lo, hi = df[metric].min(), df[metric].max()
+            ax.set_ylim(lo / 1.25, hi * 1.25)  # the data set the scale, not a poorly constrained fit
             ax.set_xscale("log", base=2)
             ns = sorted(df["n"].unique())
             ax.set_xticks(ns, labels=[f"{n:,}" for n in ns], rotation=30 if len(ns) > 5 else 0)

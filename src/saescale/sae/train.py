@@ -74,14 +74,17 @@ class Ema:
 
 
 def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Latents | None:
-    """REFERENCE A.5: the top-k_aux pre-activations among dead latents only. Alive latents are masked to
-    -inf (not to 0 as in the reference code) so they can never be selected, even when every dead
-    pre-activation is negative."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
+    """REFERENCE A.5: the top-k_aux pre-activations among dead latents only, then ReLU.
+
+    Selecting among the dead columns (not masking alive ones to 0 as the reference code does) means an alive
+    latent is never picked, even when every dead pre-activation is negative, and costs O(batch * n_dead)
+    instead of a second top-k over all n latents.
+    """
+    dead_idx = dead.nonzero().squeeze(1)
+    if dead_idx.numel() == 0:
         return None
-    values, indices = pre_acts.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1, sorted=False)
-    return Latents(torch.relu(values), indices)
+    values, pos = pre_acts.index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False)
+    return Latents(torch.relu(values), dead_idx[pos])
 
 
 def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, baseline_mse: float,
