@@ -23,6 +23,14 @@ except ConfigError as exc:
 report: "workflow/report/workflow.rst"
 
 
+wildcard_constraints:
+    subject=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    layer=r"\d+",
+    arch=r"[a-z0-9_]+",
+    n=r"\d+",
+    k=r"\d+",
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/subject.smk"
 include: "workflow/rules/tokenize.smk"

@@ -9,14 +9,6 @@ PKG = Path(saescale.__file__).parent
 HAS_CUDA = torch.cuda.is_available()
 
 
-wildcard_constraints:
-    subject=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
-    layer=r"\d+",
-    arch=r"[a-z0-9_]+",
-    n=r"\d+",
-    k=r"\d+",
-
-
 def code_version(*modules):
     """Hash of the package sources a rule runs: Snakemake does not track imported code (notes/snakemake.md
     section 0.7), so this param makes a code change rerun its stage and what depends on it."""
@@ -71,3 +63,40 @@ def bench_path(rule, name):
 
 def envs():
     return "../../envs/saescale.yaml"
+
+
+def tokenize_inputs(wc):
+    subj = subject(wc)
+    out = {}
+    if subj["model"] == "builtin":
+        out["tokenizer"] = paths.fmt(paths.TOKENIZER, subject=wc.subject)
+    if subj["dataset"]["path"] == "builtin":
+        out["corpus"] = paths.CORPUS
+    return out
+
+
+def tokenizer_path(wc):
+    return paths.fmt(paths.TOKENIZER, subject=wc.subject) if is_builtin(wc) else subject(wc)["model"]
+
+
+def evals_of(wc):
+    return [
+        paths.fmt(paths.EVAL, **job)
+        for job in sae_grid()
+        if job["subject"] == wc.subject and str(job["layer"]) == wc.layer
+    ]
+
+
+def report_inputs(wildcards):
+    files = []
+    for name, subj in CFG["subjects"].items():
+        files += [paths.fmt(p, subject=name) for p in (paths.NORM, paths.TOKENS, paths.ACTIVATIONS)]
+        if subj["model"] == "builtin":
+            files.append(paths.fmt(paths.MODEL, subject=name))
+        if subj["dataset"]["path"] == "builtin":
+            files.append(paths.CORPUS_INFO)
+        for layer in subj["layers"]:
+            files += [paths.fmt(paths.METRICS, subject=name, layer=layer), paths.fmt(paths.FITS, subject=name, layer=layer)]
+    for job in sae_grid():
+        files += [paths.fmt(p, **job) for p in (paths.SAE_LOG, paths.SAE_CFG, paths.EVAL)]
+    return sorted(set(files))

@@ -1,14 +1,6 @@
 # Scaling: collect every eval JSON of a (subject, layer) into one table and fit the laws (REFERENCE D.1).
 
 
-def evals_of(wc):
-    return [
-        paths.fmt(paths.EVAL, **job)
-        for job in sae_grid()
-        if job["subject"] == wc.subject and str(job["layer"]) == wc.layer
-    ]
-
-
 rule scaling:
     input:
         evals_of,

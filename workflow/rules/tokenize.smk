@@ -1,20 +1,6 @@
 # Tokenize: datasets.load_dataset(...) -> fixed windows of ctx_len tokens, split train/eval by window.
 
 
-def tokenize_inputs(wc):
-    subj = subject(wc)
-    out = {}
-    if subj["model"] == "builtin":
-        out["tokenizer"] = paths.fmt(paths.TOKENIZER, subject=wc.subject)
-    if subj["dataset"]["path"] == "builtin":
-        out["corpus"] = paths.CORPUS
-    return out
-
-
-def tokenizer_path(wc):
-    return paths.fmt(paths.TOKENIZER, subject=wc.subject) if is_builtin(wc) else subject(wc)["model"]
-
-
 rule tokenize:
     input:
         unpack(tokenize_inputs),

@@ -5,6 +5,10 @@ computed here from those files with the formula named next to it, so each figure
 Files outside the report rule's inputs (eval JSONs, the Zarr stores) are optional: when absent the report
 says so instead of failing. All text goes through Jinja2 autoescaping: dataset names, model ids and
 paths come from users and files, and are never trusted as HTML.
+
+This module loads files (`Sources`, `load_layer`), assembles the template context (`layer_context`,
+`subject_context`, `run_context`, `build_context`) and renders (`write_figures`, `render_report`); the
+tables, cell formatting and findings live in `saescale.report.tables`.
 """
 
 from __future__ import annotations
@@ -15,64 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import numpy as np
 import pandas as pd
 
 from saescale import paths
 from saescale.files import read_json, write_text_atomic
 from saescale.report import figures
-
-# REFERENCE D.1 / E.1: Gao et al. eq. 3 constants fitted on GPT-4; shown for scale, not expected to transfer.
-GPT4_JOINT = {"alpha": -0.50, "beta_k": 0.26, "beta_n": -0.017, "gamma": -0.042, "zeta": -1.32,
-              "eta": -0.085}
-GREEK = {"alpha": "α", "beta_k": "β_k", "beta_n": "β_n", "gamma": "γ", "zeta": "ζ", "eta": "η"}
-LABELS = {"fvu": "FVU", "delta_ce": "ΔCE (nats)"}
-CONVERGED_GAIN = 0.01  # REFERENCE D.1: converged when the loss improves < 1% over the last doubling of tokens
-
-
-# ---- formatting: every cell is a string, so the template never formats or trusts a value -------------
-
-def _isnum(x: Any) -> bool:
-    numeric = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-    return numeric and math.isfinite(x)
-
-
-def text(x: Any) -> str:
-    """A free-text cell: missing or NaN reads as an em dash, not 'nan'."""
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
-
-
-def num(x: Any, digits: int = 4) -> str:
-    """4 significant digits for floats, thousands separators for integers, an em dash for missing/NaN."""
-    if not _isnum(x):
-        return "—" if x is None or isinstance(x, (float, np.floating)) else str(x)
-    if isinstance(x, (int, np.integer)) or (float(x).is_integer() and abs(x) >= 1000):
-        return f"{int(x):,}"
-    if 1e4 <= abs(x) < 1e15:  # throughputs and token counts read better whole than as 4.758e+05
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
-
-
-def pct(x: Any) -> str:
-    return f"{100 * x:.1f}%" if _isnum(x) else "—"
-
-
-def pm(value: Any, err: Any) -> str:
-    return f"{num(value)} ± {num(err, 2)}" if _isnum(err) else f"{num(value)} ± n/a"
-
-
-def size(n_bytes: Any) -> str:
-    if not _isnum(n_bytes):
-        return "—"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n_bytes < 1024 or unit == "GiB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1024
-    return "—"
-
-
-def table(columns: list[str], rows: list[list[Any]]) -> dict:
-    return {"columns": columns, "rows": [[c if isinstance(c, str) else num(c) for c in r] for r in rows]}
+from saescale.report.tables import (
+    LABELS, _col, _derived, _isnum, _plain, corpus_table, exponent_table, findings, fit_tables, grid_table,
+    num, store_table, table, text,
+)
 
 
 # ---- loading -----------------------------------------------------------------------------------------
@@ -138,6 +93,7 @@ class Sources:
 
 
 def _dir_bytes(path: str | Path) -> int:
+    """Total size of the files under `path`, recursively."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
@@ -193,142 +149,6 @@ def load_layer(src: Sources, subject: str, layer: int, sweep: dict) -> dict:
 
 
 # ---- per-section context -----------------------------------------------------------------------------
-
-def _col(df: pd.DataFrame, name: str) -> pd.Series:
-    if name not in df.columns:
-        return pd.Series(np.nan, index=df.index)
-    return pd.to_numeric(df[name], errors="coerce")
-
-
-def grid_table(m: pd.DataFrame) -> dict:
-    """One row per SAE: the eval metrics of REFERENCE C.1-C.3 plus throughput and convergence."""
-    multi = m["arch"].nunique() > 1
-    cols = ["n", "k", "FVU", "L0", "dead %", "dead latents", "ΔCE (nats)", "KL (nats)", "loss recovered",
-            "train tokens", "tokens/s", "lr", "weights", "FVU gain, last doubling"]
-    rows = []
-    for _, r in m.iterrows():
-        rows.append(([r["arch"]] if multi else []) + [
-            num(r["n"]), num(r["k"]), num(r.get("fvu")), num(r.get("l0")), pct(r.get("dead_fraction")),
-            num(r.get("dead_latents")), num(r.get("delta_ce")), num(r.get("kl")),
-            pct(r.get("loss_recovered")),
-            num(r.get("train_tokens")), num(r.get("tokens_per_s"), 3), num(r.get("lr"), 3),
-            text(r.get("weights")), pct(r.get("last_doubling_gain"))])
-    return table((["arch"] if multi else []) + cols, rows)
-
-
-def _fit_status(fit: dict, params: tuple[str, ...]) -> str:
-    """Say plainly when a fit failed or when 'ok' hides parameters the data cannot pin down."""
-    if not fit.get("ok"):
-        return f"not ok: {fit.get('reason', 'no reason given')}"
-    if "b" in params and _isnum(fit.get("b")) and fit["b"] < 1e-6:
-        return "ok, but b is at its bound 0: no decrease with n resolved"
-    loose = [p for p in params if not _isnum(fit.get(f"{p}_err")) or fit[f"{p}_err"] >= abs(fit.get(p) or 0)]
-    names = ", ".join(GREEK.get(p, p) for p in loose)
-    return f"ok, but poorly constrained ({names}: σ ≥ |value| or n/a)" if loose else "ok"
-
-
-def fit_tables(fits: dict) -> list[dict]:
-    """Per metric: the per-k L(n) table, the joint eq. 3 table (GPT-4 constants beside), and not-ok notes."""
-    out = []
-    for metric, fm in fits.items():
-        fm = fm or {}
-        per_k = [[text(f.get("arch")), num(f.get("k")), num(f.get("n_points")),
-                  *(pm(f.get(p), f.get(f"{p}_err")) if f.get("ok") else "—" for p in ("a", "b", "e")),
-                  num(f.get("rmse_log"), 3), _fit_status(f, ("a", "b", "e"))] for f in fm.get("per_k", [])]
-        joint = []
-        for f in fm.get("joint", []):
-            for p in GPT4_JOINT:
-                fitted = pm(f.get(p), f.get(f"{p}_err")) if f.get("ok") else "—"
-                paper = num(GPT4_JOINT[p]) if metric == "fvu" else "—"  # eq. 3 was fitted to MSE only
-                joint.append([text(f.get("arch")), GREEK[p], fitted, paper])
-            joint.append([text(f.get("arch")), "status", _fit_status(f, tuple(GPT4_JOINT)), ""])
-        notes = [f"{metric}: {f.get('arch')} k = {f.get('k')} per-k fit not ok ({f.get('reason')})"
-                 for f in fm.get("per_k", []) if not f.get("ok")]
-        notes += [f"{metric}: {f.get('arch')} joint fit not ok ({f.get('reason')})"
-                  for f in fm.get("joint", []) if not f.get("ok")]
-        if fm.get("dropped_rows"):
-            notes.append(f"{metric}: {fm['dropped_rows']} rows dropped before fitting (non-finite or ≤ 0)")
-        out.append({"metric": LABELS.get(metric, metric), "notes": notes,
-                    "per_k": table(["arch", "k", "points", "a", "b", "e", "RMSE (log)", "status"], per_k),
-                    "joint": table(["arch", "parameter", "this run", "Gao et al. GPT-4 (eq. 3)"], joint)})
-    return out
-
-
-def exponent_table(fits: dict) -> dict:
-    """The n-exponent b at each k: per-k fit, joint law (−(β_n + γ ln k)), and the GPT-4 eq. 3 value."""
-    fm = fits.get("fvu") or {}
-    joint = {str(f.get("arch")): f for f in fm.get("joint", []) if f.get("ok")}
-    rows = []
-    for f in fm.get("per_k", []):
-        k, j = f.get("k"), joint.get(str(f.get("arch")))
-        b_joint = -(j["beta_n"] + j["gamma"] * math.log(k)) if j and _isnum(k) else None
-        b_gpt4 = -(GPT4_JOINT["beta_n"] + GPT4_JOINT["gamma"] * math.log(k)) if _isnum(k) else None
-        per_k = pm(f["b"], f.get("b_err")) if f.get("ok") else "not fitted"
-        rows.append([text(f.get("arch")), num(k), per_k, num(b_joint, 3), num(b_gpt4, 3)])
-    return table(["arch", "k", "b, per-k fit", "b, joint law", "b, GPT-4 eq. 3"], rows)
-
-
-def _loglog_slope(x: pd.Series, y: pd.Series) -> tuple[float, float, int]:
-    """Least-squares slope and Pearson r of log y on log x (the Fig. 5b power-law relation)."""
-    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    lx, ly = np.log(x[keep].to_numpy(float)), np.log(y[keep].to_numpy(float))
-    if len(lx) < 3 or np.ptp(lx) == 0 or np.ptp(ly) == 0:
-        return math.nan, math.nan, int(len(lx))
-    return float(np.polyfit(lx, ly, 1)[0]), float(np.corrcoef(lx, ly)[0, 1]), int(len(lx))
-
-
-def findings(m: pd.DataFrame, fits: dict) -> list[str]:
-    """Short, data-derived sentences comparing this layer with the paper's claims."""
-    out, trends = [], []
-    multi = m["arch"].nunique() > 1
-    for (arch, k), g in m.groupby(["arch", "k"]):
-        g = g[np.isfinite(_col(g, "fvu"))].sort_values("n")
-        if g["n"].nunique() >= 2:
-            lo, hi = g.iloc[0], g.iloc[-1]
-            verb = "falls" if hi["fvu"] < lo["fvu"] else "rises"
-            steps = np.sign(np.diff(g["fvu"].to_numpy(float)))
-            shape = "" if len(set(steps)) <= 1 else ", not monotonically"
-            trends.append((verb, f"{arch + ' ' if multi else ''}k = {k}: {num(lo['fvu'])} → {num(hi['fvu'])} "
-                                 f"(n = {lo['n']} → {hi['n']}{shape})"))
-    if trends:
-        falls = [t for v, t in trends if v == "falls"]
-        rises = [t for v, t in trends if v == "rises"]
-        if falls:
-            out.append("FVU falls with n, as in Gao Fig. 1b, at " + "; ".join(falls) + ".")
-        if rises:
-            out.append("FVU rises with n at " + "; ".join(rises) + ". The paper's L(N) is measured at "
-                       "convergence; rising FVU usually means the larger SAEs are under-trained for this "
-                       "token budget (see the 'FVU gain, last doubling' column).")
-    gain = _col(m, "last_doubling_gain")
-    if gain.notna().any():
-        still = int((gain > CONVERGED_GAIN).sum())
-        out.append(f"{still} of {int(gain.notna().sum())} SAEs still improved training FVU by more than "
-                   f"{CONVERGED_GAIN:.0%} over their last doubling of tokens (not converged by REFERENCE "
-                   "D.1's rule).")
-    joint = [f for f in (fits.get("fvu") or {}).get("joint", []) if f.get("ok")]
-    for f in joint:
-        g, e = f["gamma"], f["eta"]
-        out.append(f"Joint law ({f['arch']}): γ = {num(g, 3)} (paper −0.042; "
-                   f"{'same' if g < 0 else 'opposite'} sign: L(N) {'steeper' if g < 0 else 'shallower'} for "
-                   f"larger k); η = {num(e, 3)} (paper −0.085; here the irreducible loss "
-                   f"{'falls' if e < 0 else 'rises'} with k).")
-    slope, r, npts = _loglog_slope(_col(m, "fvu"), _col(m, "delta_ce"))
-    if _isnum(slope):
-        out.append(f"ΔCE vs FVU pooled over the grid (all n and k): log-log slope {num(slope, 3)}, "
-                   f"Pearson r = {num(r, 3)} on {npts} SAEs (Gao Fig. 5b finds a clean power law at fixed L0 "
-                   "as n varies).")
-    dead = _col(m, "dead_fraction")
-    if dead.notna().any():
-        i = dead.idxmax()
-        out.append(f"Dead latents over the eval tokens: at most {pct(dead[i])} (n = {m.loc[i, 'n']}, "
-                   f"k = {m.loc[i, 'k']}); the paper reports few dead latents with TopK + AuxK "
-                   "(7% for GPT-4 16M).")
-    rec = _col(m, "loss_recovered")
-    if rec.notna().any():
-        out.append(f"Loss recovered: {pct(rec.min())} to {pct(rec.max())} (GPT-4 16M SAE: 98.2%; the paper "
-                   "prefers ΔCE, since this number looks good even for poor SAEs).")
-    return out
-
 
 def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: dict | None) -> dict:
     """Sections 2-6 for one (subject, layer): tables, fitted laws, findings and figures."""
@@ -386,17 +206,6 @@ def lm_context(src: Sources, name: str) -> dict | None:
             "curve": figures.lm_training_curve(pd.DataFrame(info.get("history") or []))}
 
 
-def corpus_table(src: Sources) -> dict | None:
-    """Provenance of the builtin corpus: which Python's standard library, and its hash."""
-    info = src.json(paths.CORPUS_INFO, "builtin corpus provenance")
-    if not info:
-        return None
-    return table(["", ""], [["source", text(info.get("source"))],
-                            ["Python version", text(info.get("python_version"))],
-                            ["files / bytes", f"{num(info.get('n_files'))} / {num(info.get('n_bytes'))}"],
-                            ["sha256", text(info.get("sha256"))]])
-
-
 def subject_context(src: Sources, name: str, subj: dict) -> dict:
     """What the SAEs were trained on: the subject LM, its corpus, the token and activation stores."""
     ds = subj["dataset"]
@@ -410,34 +219,6 @@ def subject_context(src: Sources, name: str, subj: dict) -> dict:
             "lm": lm_context(src, name) if subj["model"] == "builtin" else None,
             "corpus": corpus_table(src) if ds["path"] == "builtin" else None,
             "stores": store_table(src, name)}
-
-
-def store_table(src: Sources, name: str) -> dict | None:
-    """Sizes of the token and activation stores; bytes per token show what the cache costs at scale."""
-    rows = []
-    tok = src.store(paths.fmt(paths.TOKENS, subject=name), f"{name}: token windows (Zarr)")
-    if tok:
-        a = tok["attrs"]
-        n_win, ctx = a.get("n_windows"), a.get("ctx_len")
-        n_tok = n_win * ctx if _isnum(n_win) and _isnum(ctx) else None
-        rows.append(["token store", f"{num(n_win)} windows × {num(ctx)} = {num(n_tok)} tokens "
-                     f"({num(a.get('n_train'))} train / {num(a.get('n_eval'))} eval windows)",
-                     size(tok["bytes"]), num(tok["bytes"] / n_tok if n_tok else None, 3)])
-    act = src.store(paths.fmt(paths.ACTIVATIONS, subject=name), f"{name}: activations (Zarr)")
-    if act:
-        a = act["attrs"]
-        n_rows = a.get("n_rows") if _isnum(a.get("n_rows")) else None
-        rows.append(["activation store", f"{num(n_rows)} rows ({num(a.get('n_train'))} train / "
-                     f"{num(a.get('n_eval'))} eval) × {len(a.get('layers') or [])} layers × "
-                     f"d = {num(a.get('d_model'))}, {text(a.get('dtype'))}; extracted in "
-                     f"{num(a.get('extract_seconds'), 3)} s", size(act["bytes"]),
-                     num(act["bytes"] / n_rows if n_rows else None, 3)])
-        width = {"float16": 2, "float32": 4}.get(a.get("dtype"))
-        for layer, b in sorted(act["layer_bytes"].items()):
-            raw = a["d_model"] * width if width and _isnum(a.get("d_model")) else None
-            rows.append([f"  {layer}/x", f"uncompressed {num(raw)} B/token", size(b),
-                         num(b / n_rows if n_rows else None, 3)])
-    return table(["store", "contents", "on disk", "bytes/token"], rows) if rows else None
 
 
 def run_context(config: dict, layers: list[dict]) -> dict:
@@ -462,24 +243,6 @@ def run_context(config: dict, layers: list[dict]) -> dict:
             "devices": ", ".join(devices) or "not recorded"}
 
 
-def _derived(key: str, value: Any, saes: list[dict]) -> str:
-    """Config values left null are derived per SAE; say by which rule and what was used."""
-    if value is not None:
-        return _plain(value)
-    if key == "lr":
-        return "null: lr ∝ 1/√n from lr_ref at lr_ref_n (REFERENCE A.7); per-SAE values in the grid table"
-    if key == "k_aux":
-        used = ", ".join(num(k) for k in sorted({s["k_aux"] for s in saes if _isnum(s.get("k_aux"))}))
-        return f"null: power of two near d_model/2 (REFERENCE A.5); used {used or '—'}"
-    return "null"
-
-
-def _plain(v: Any) -> str:
-    if isinstance(v, list):
-        return ", ".join(_plain(x) for x in v)
-    return num(v) if _isnum(v) else ("null" if v is None else str(v))
-
-
 def build_context(config: dict) -> dict:
     """Everything the template shows, as strings and base64 PNGs; reads files under the current directory."""
     src = Sources()
@@ -493,7 +256,10 @@ def build_context(config: dict) -> dict:
             "n_missing_files": sum(not r["present"] for r in src.rows)}
 
 
+# ---- rendering ---------------------------------------------------------------------------------------
+
 def _environment() -> jinja2.Environment:
+    """The Jinja2 environment for templates/: autoescaping, strict undefined, trimmed blocks."""
     # autoescape=True: titles, dataset names and paths are user/file text and must never become markup.
     return jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                               autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
