@@ -11,6 +11,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 from saescale.files import read_json, setup_logging, write_json_atomic
@@ -244,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = setup_logging(args.log)
     log.info("saescale %s %s", args.stage, " ".join(sys.argv[2:])[:500])
+    t0 = time.time()
     args.fn(args)
+    log.info("saescale %s done in %.1f s", args.stage, time.time() - t0)
     return 0
 
 

@@ -8,6 +8,8 @@ rule normalize:
         paths.NORM,
     log:
         log_path("normalize", "{subject}"),
+    benchmark:
+        bench_path("normalize", "{subject}")
     conda:
         envs()
     params:

@@ -15,6 +15,8 @@ rule report:
         ),
     log:
         log_path("report", "report"),
+    benchmark:
+        bench_path("report", "report")
     conda:
         envs()
     params:

@@ -9,6 +9,8 @@ rule scaling:
         fits=paths.FITS,
     log:
         log_path("scaling", "{subject}_L{layer}"),
+    benchmark:
+        bench_path("scaling", "{subject}_L{layer}")
     conda:
         envs()
     params:

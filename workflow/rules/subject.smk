@@ -8,6 +8,8 @@ rule corpus:
         info=paths.CORPUS_INFO,
     log:
         log_path("corpus", "builtin"),
+    benchmark:
+        bench_path("corpus", "builtin")
     conda:
         envs()
     params:
@@ -23,6 +25,8 @@ rule tokenizer:
         directory(paths.TOKENIZER),
     log:
         log_path("tokenizer", "{subject}"),
+    benchmark:
+        bench_path("tokenizer", "{subject}")
     conda:
         envs()
     params:
