@@ -108,7 +108,30 @@ def test_overflowing_float16_is_refused_with_advice(subject, tmp_path):
     _, model_dir, tokens = subject
     model = load_model(model_dir)
     with torch.no_grad():
-        model.transformer.wte.weight.mul_(1e6)
+        model.transformer.wte.weight.mul_(1e8)  # |x| ~ 1e6, far past float16 max 65504
     with pytest.raises(ValueError, match="float32"):
         run_extract(model, tokens, str(tmp_path / "acts.zarr"))
     assert not (tmp_path / "acts.zarr").exists()
+
+
+@pytest.mark.parametrize("in_memory_gb", [8.0, 0.0])  # in RAM, and streamed by chunks
+def test_training_batches_cover_each_row_once_per_epoch_and_resume_exactly(subject, tmp_path, in_memory_gb):
+    from saescale.store import batch_stream
+
+    _, model_dir, tokens = subject
+    out = str(tmp_path / "acts.zarr")
+    run_extract(load_model(model_dir), tokens, out, dtype="float32")
+    store = open_store(out)
+    stream = batch_stream(store, 1, 32, seed=3, in_memory_max_gb=in_memory_gb, shuffle_chunks=2)
+    assert stream.in_memory == (in_memory_gb > 0)
+    it = stream.batches()
+    epoch = np.concatenate([next(it) for _ in range(stream.steps_per_epoch)])
+    rows = read_rows(store, 1, "train")
+    assert epoch.dtype == np.float32 and epoch.shape == rows.shape
+    # a permutation of the stored rows: every row exactly once
+    assert np.array_equal(np.sort(epoch.view(np.uint32), axis=0), np.sort(rows.view(np.uint32), axis=0))
+    assert not np.array_equal(epoch, rows)  # and shuffled
+    later = [next(it) for _ in range(3)]
+    resumed = stream.batches(start_step=stream.steps_per_epoch)
+    for expected in later:
+        assert np.array_equal(next(resumed), expected)

@@ -200,7 +200,7 @@ class InMemoryBatches:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
         bs = self.batch_size
         for i in range(self.steps_per_epoch):
-            yield self.data[np.sort(perm[i * bs:(i + 1) * bs])]
+            yield self.data[np.sort(perm[i * bs:(i + 1) * bs])].astype(np.float32, copy=False)
 
 
 class ChunkShuffledBatches(InMemoryBatches):
@@ -242,7 +242,8 @@ def batch_stream(root: zarr.Group, layer: int, batch_size: int, seed: int, in_me
                  shuffle_chunks: int) -> InMemoryBatches:
     """Training batches of one layer's train split: in RAM when they fit under in_memory_max_gb."""
     array, rows = root[f"L{layer}/x"], split_rows(root, "train")
-    nbytes = (rows.stop - rows.start) * array.shape[1] * 4
+    # held in the store's dtype (float16 halves the RAM); each batch is cast to float32 as it is drawn
+    nbytes = (rows.stop - rows.start) * array.shape[1] * array.dtype.itemsize
     if nbytes <= in_memory_max_gb * 2**30:
-        return InMemoryBatches(read_rows(root, layer, "train").astype(np.float32), batch_size, seed)
+        return InMemoryBatches(read_rows(root, layer, "train"), batch_size, seed)
     return ChunkShuffledBatches(array, rows, batch_size, seed, shuffle_chunks)
