@@ -82,14 +82,18 @@ def cmd_normalize(a) -> None:
 
 def cmd_train(a) -> None:
     import numpy as np
+    import pandas as pd
     import torch
 
     from saescale.config import k_aux_for, lr_for
+    from saescale.files import write_text_atomic
     from saescale.normalize import normalize
     from saescale.sae.train import LOG_COLUMNS, SELECTION_ROWS, TrainSpec, train_sae
     from saescale.store import batch_stream, open_store, read_rows
     from saescale.subject import pick_device
 
+    if a.k > a.n:
+        raise SystemExit(f"k={a.k} is larger than n={a.n}: TopK needs k <= n latents")
     t = a.spec
     torch.set_num_threads(t["threads"])
     root = open_store(a.activations)
@@ -101,8 +105,6 @@ def cmd_train(a) -> None:
                      auxk_coef=t["auxk_coef"], k_aux=min(k_aux_for(t, d), a.n), dead_tokens=t["dead_tokens"],
                      ema_decay=t["ema_decay"], log_every=t["log_every"], checkpoint_seconds=t["checkpoint_seconds"],
                      seed=t["seed"], device=str(device))
-    if a.k > a.n:
-        raise SystemExit(f"k={a.k} is larger than n={a.n}")
     stream = batch_stream(root, a.layer, spec.batch_size, spec.seed, t["in_memory_max_gb"], t["shuffle_chunks"])
     selection = normalize(torch.from_numpy(read_rows(root, a.layer, "train", SELECTION_ROWS).astype(np.float32)))[0]
     out = Path(a.out_dir)
@@ -110,13 +112,8 @@ def cmd_train(a) -> None:
     checkpoint = out / "checkpoint.pt"
     sae, rows, summary = train_sae(stream, np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec,
                                    checkpoint, selection.numpy())
-    import pandas as pd
-
-    sae.save(out / "sae.safetensors.tmp")
-    (out / "sae.safetensors.tmp").replace(out / "sae.safetensors")
-    tmp_log = out / "train_log.csv.tmp"
-    pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(tmp_log, index=False)
-    tmp_log.replace(out / "train_log.csv")
+    sae.save(out / "sae.safetensors")
+    write_text_atomic(out / "train_log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(index=False))
     cfg = {**sae.config(), "subject": a.subject, "layer": a.layer, "site": root.attrs["site"],
            "normalization": "per-token: subtract mean over d, scale to unit L2 norm (REFERENCE A.2)",
            "train_spec": {**spec.__dict__, "data_in_memory": stream.in_memory}, "train": summary,

@@ -83,7 +83,11 @@ class SparseAutoencoder(nn.Module):
         return {"d_model": self.d_model, "n_latents": self.n_latents, "arch": self.arch, "k": self.k}
 
     def save(self, weights_path: str | Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(weights_path))
+        """Write safetensors under a temporary name, then rename: a killed job leaves no half file."""
+        weights_path = Path(weights_path)
+        tmp = weights_path.with_name(weights_path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        tmp.replace(weights_path)
 
     @classmethod
     def load(cls, weights_path: str | Path, cfg_path: str | Path | None = None,
