@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 TEXT = [
     "def add(a, b):\n    return a + b\n",
     "The quick brown fox jumps over the lazy dog. " * 5,
@@ -36,5 +38,6 @@ def random_gpt2(folder: Path, text_files: list[str], n_layer: int = 2, n_embd: i
     tok = load_tokenizer(str(folder))
     cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=2,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     return str(folder)

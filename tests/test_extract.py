@@ -135,3 +135,53 @@ def test_training_batches_cover_each_row_once_per_epoch_and_resume_exactly(subje
     resumed = stream.batches(start_step=stream.steps_per_epoch)
     for expected in later:
         assert np.array_equal(next(resumed), expected)
+
+
+def identity_sae(d):
+    """n = 2d latents [I; -I] with k = d: exactly one of x_i, -x_i is positive, so x_hat = x."""
+    from saescale.sae.model import SparseAutoencoder
+
+    sae = SparseAutoencoder(d, 2 * d, "topk", d)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def store32(subject, tmp_path_factory):
+    _, model_dir, tokens = subject
+    out = str(tmp_path_factory.mktemp("acts") / "acts.zarr")
+    run_extract(load_model(model_dir), tokens, out, dtype="float32")
+    return open_store(out)
+
+
+def test_reconstruction_metrics_of_known_reconstructions(store32):
+    from saescale.evaluate.reconstruction import reconstruction_metrics
+    from saescale.normalize import normalize
+
+    perfect = reconstruction_metrics(identity_sae(32), store32, 1, 50, torch.device("cpu"))
+    assert perfect["fvu"] < 1e-10 and perfect["l0"] == pytest.approx(32, abs=0.01) and perfect["eval_tokens"] == 64
+    # an SAE that always outputs the eval mean (no latent ever active) scores FVU = 1 and is all dead
+    mean_sae = identity_sae(32)
+    x = normalize(torch.from_numpy(read_rows(store32, 1, "eval")))[0]
+    with torch.no_grad():
+        mean_sae.W_dec.zero_()
+        mean_sae.b_enc.fill_(-1e6)
+        mean_sae.b_pre.copy_(x.mean(dim=0))
+    m = reconstruction_metrics(mean_sae, store32, 1, 50, torch.device("cpu"))
+    assert m["fvu"] == pytest.approx(1.0, abs=1e-5) and m["dead_fraction"] == 1.0 and m["l0"] == 0
+
+
+def test_splicing_a_perfect_reconstruction_leaves_the_loss_unchanged(subject, store32):
+    from saescale.evaluate.downstream import downstream_metrics
+
+    _, model_dir, _ = subject
+    rows = slice(store32.attrs["n_train"], store32.attrs["n_train"] + store32.attrs["n_eval"])
+    windows = store32["token"][rows].reshape(-1, 16)
+    m = downstream_metrics(load_model(model_dir), 1, identity_sae(32), windows, 2, torch.device("cpu"))
+    assert abs(m["delta_ce"]) < 1e-4 and m["kl"] < 1e-6
+    # a random model barely depends on its residual stream, but zeroing it must still change the output
+    assert m["delta_ce_zero_ablation"] > 1e-4 and m["kl_zero_ablation"] > 1e-4
+    assert m["tokens"] == 4 * 15 and m["loss_recovered"] == pytest.approx(1.0, abs=1e-3)

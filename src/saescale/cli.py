@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from saescale.files import read_json, setup_logging, write_json_atomic
+from saescale.files import file_digest, read_json, setup_logging, write_json_atomic
 
 
 def versions() -> dict:
@@ -42,8 +42,11 @@ def cmd_tokenizer(a) -> None:
 
 
 def cmd_lm(a) -> None:
+    import torch
+
     from saescale.subject import train_builtin_lm
 
+    torch.set_num_threads(a.threads)
     train_builtin_lm(a.tokens, a.tokenizer, a.spec, a.out)
 
 
@@ -52,6 +55,16 @@ def cmd_tokenize(a) -> None:
 
     s = a.spec
     tokenize(s["dataset"], a.tokenizer, s["ctx_len"], s["eval_tokens"], a.out, a.corpus)
+
+
+def model_digest(path: str, model, revision: str | None) -> str:
+    """Identifies the weights a partial extraction was made with: file contents for a local folder, the hub
+    commit otherwise."""
+    folder = Path(path)
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+        return file_digest(files)
+    return f"{path}@{revision or 'main'}:{getattr(model.config, '_commit_hash', None)}"
 
 
 def cmd_extract(a) -> None:
@@ -65,7 +78,8 @@ def cmd_extract(a) -> None:
     device = pick_device("auto")
     model = load_model(a.model, s.get("revision"), device)
     extract(model, a.tokens, s["layers"], s["train_tokens"], s["dtype"], s["batch_windows"], s["chunk_windows"],
-            a.out, model_name=s["model"], device=device)
+            a.out, model_name=s["model"], device=device, model_digest=model_digest(a.model, model, s.get("revision")),
+            where=f"config.subjects.{a.subject}")
 
 
 def cmd_normalize(a) -> None:
@@ -95,7 +109,7 @@ def cmd_train(a) -> None:
     if a.k > a.n:
         raise SystemExit(f"k={a.k} is larger than n={a.n}: TopK needs k <= n latents")
     t = a.spec
-    torch.set_num_threads(t["threads"])
+    torch.set_num_threads(a.threads)
     root = open_store(a.activations)
     stats = read_json(a.norm)["layers"][str(a.layer)]
     d = stats["d_model"]
@@ -104,7 +118,8 @@ def cmd_train(a) -> None:
                      tokens=t["tokens"], adam_eps=t["adam_eps"], adam_betas=tuple(t["adam_betas"]),
                      auxk_coef=t["auxk_coef"], k_aux=min(k_aux_for(t, d), a.n), dead_tokens=t["dead_tokens"],
                      ema_decay=t["ema_decay"], log_every=t["log_every"], checkpoint_seconds=t["checkpoint_seconds"],
-                     seed=t["seed"], device=str(device))
+                     seed=t["seed"], device=str(device),
+                     data=f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}")
     stream = batch_stream(root, a.layer, spec.batch_size, spec.seed, t["in_memory_max_gb"], t["shuffle_chunks"])
     selection = normalize(torch.from_numpy(read_rows(root, a.layer, "train", SELECTION_ROWS).astype(np.float32)))[0]
     out = Path(a.out_dir)
@@ -138,8 +153,7 @@ def cmd_evaluate(a) -> None:
     cfg = read_json(sae_dir / "cfg.json")
     sae = SparseAutoencoder.load(sae_dir / "sae.safetensors", sae_dir / "cfg.json", device).eval()
     root = open_store(a.activations)
-    stats = read_json(a.norm)["layers"][str(a.layer)]
-    recon = reconstruction_metrics(sae, root, a.layer, torch.tensor(stats["mean"]), s["batch_size"], device)
+    recon = reconstruction_metrics(sae, root, a.layer, s["batch_size"], device)
     recon.pop("latent_firing_counts")
     ctx = root.attrs["ctx_len"]
     rows = split_rows(root, "eval")
@@ -195,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("lm", cmd_lm, "train the builtin tiny GPT-2")
     sp.add_argument("--tokens", required=True)
+    sp.add_argument("--threads", type=int, default=1)
     sp.add_argument("--tokenizer", required=True)
     sp.add_argument("--out", required=True)
 
@@ -204,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
 
     sp = stage("extract", cmd_extract, "record resid_post activations into a Zarr store")
+    sp.add_argument("--subject", default="subject", help="config name, for error messages")
     sp.add_argument("--model", required=True, help="HF id or local path")
     sp.add_argument("--tokens", required=True)
     sp.add_argument("--threads", type=int, default=1)
@@ -215,13 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
 
     sp = stage("train", cmd_train, "train one SAE")
+    sp.add_argument("--threads", type=int, default=1)
     for name in ("activations", "norm", "subject", "arch", "out-dir"):
         sp.add_argument(f"--{name}", required=True)
     for name in ("layer", "n", "k"):
         sp.add_argument(f"--{name}", type=int, required=True)
 
     sp = stage("evaluate", cmd_evaluate, "evaluate one SAE on the held-out split")
-    for name in ("sae-dir", "activations", "norm", "model", "out"):
+    for name in ("sae-dir", "activations", "model", "out"):
         sp.add_argument(f"--{name}", required=True)
     sp.add_argument("--layer", type=int, required=True)
     sp.add_argument("--revision")

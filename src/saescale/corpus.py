@@ -130,7 +130,8 @@ def token_stream_windows(
 def split_windows(n_windows: int, n_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded random split by window: (train window ids, eval window ids), each in random order."""
     if n_eval >= n_windows:
-        raise ValueError(f"eval_tokens asks for {n_eval} windows but the dataset has only {n_windows}")
+        raise ValueError(f"eval_tokens asks for {n_eval} windows but the dataset has only {n_windows}; lower "
+                         "the subject's eval_tokens or raise its dataset.max_tokens")
     perm = np.random.default_rng(seed).permutation(n_windows)
     return perm[n_eval:].astype(np.int64), perm[:n_eval].astype(np.int64)
 
@@ -142,7 +143,8 @@ def write_token_store(out: str | Path, windows: np.ndarray, train_ids: np.ndarra
         root.create_array("windows", data=windows, chunks=(min(len(windows), 4096), windows.shape[1]))
         root.create_array("train_ids", data=train_ids)
         root.create_array("eval_ids", data=eval_ids)
-        root.attrs.update({**attrs, "n_windows": int(len(windows)), "n_train": int(len(train_ids)),
+        root.attrs.update({**attrs, "windows_sha256": hashlib.sha256(windows.tobytes()).hexdigest(),
+                           "n_windows": int(len(windows)), "n_train": int(len(train_ids)),
                            "n_eval": int(len(eval_ids)), "ctx_len": int(windows.shape[1]), "complete": True})
 
 

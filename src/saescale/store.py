@@ -36,15 +36,16 @@ def _fingerprint(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_windows(tokens: zarr.Group, train_tokens: int) -> tuple[np.ndarray, int, int]:
+def plan_windows(tokens: zarr.Group, train_tokens: int, where: str = "config.subjects.<name>"
+                 ) -> tuple[np.ndarray, int, int]:
     """Window ids to extract (train first, then eval) and the row counts of both splits."""
     ctx = tokens.attrs["ctx_len"]
     n_train_windows = -(-train_tokens // ctx)
     train_ids = tokens["train_ids"][:]
     if n_train_windows > len(train_ids):
         raise ValueError(
-            f"train_tokens: {train_tokens} requested but the token store has only {len(train_ids) * ctx} train "
-            "tokens; lower train_tokens or raise dataset.max_tokens / use a larger dataset"
+            f"{where}.train_tokens: {train_tokens} requested but the token store has only "
+            f"{len(train_ids) * ctx} train tokens; lower it, or raise {where}.dataset.max_tokens / use a larger dataset"
         )
     eval_ids = tokens["eval_ids"][:]
     ids = np.concatenate([train_ids[:n_train_windows], eval_ids])
@@ -52,18 +53,22 @@ def plan_windows(tokens: zarr.Group, train_tokens: int) -> tuple[np.ndarray, int
 
 
 def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype: str, batch_windows: int,
-            chunk_windows: int, out: str, model_name: str, device: torch.device) -> dict:
-    """Record resid_post of every configured layer for the planned windows: one forward pass per batch."""
+            chunk_windows: int, out: str, model_name: str, device: torch.device, model_digest: str = "",
+            where: str = "config.subjects.<name>") -> dict:
+    """Record resid_post of every configured layer for the planned windows: one forward pass per batch.
+
+    A `.partial` store is resumed only when model weights (`model_digest`), token windows and settings all
+    match, so a resumed store never mixes chunks of two models or datasets."""
     from saescale.subject import record_resid, run_until_recorded
 
     tokens = open_token_store(tokens_path)
     ctx = tokens.attrs["ctx_len"]
-    window_ids, n_train, n_eval = plan_windows(tokens, train_tokens)
+    window_ids, n_train, n_eval = plan_windows(tokens, train_tokens, where)
     n_rows = n_train + n_eval
     d = model.config.hidden_size
     chunk_rows = chunk_windows * ctx
-    params = {"model": model_name, "tokens": dict(tokens.attrs), "layers": layers, "dtype": dtype,
-              "n_train": n_train, "n_eval": n_eval, "chunk_rows": chunk_rows, "d": d}
+    params = {"model": model_name, "model_digest": model_digest, "tokens": dict(tokens.attrs), "layers": layers,
+              "dtype": dtype, "n_train": n_train, "n_eval": n_eval, "chunk_rows": chunk_rows, "d": d}
     fp = _fingerprint(params)
 
     partial = Path(out + ".partial")
@@ -94,7 +99,7 @@ def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype
             if not np.isfinite(x).all():
                 raise ValueError(
                     f"layer {layer}: activations overflow {dtype} (max |x| = "
-                    f"{np.abs(np.concatenate(per_layer[layer])).max():.3g}); set the subject's dtype: float32"
+                    f"{np.abs(np.concatenate(per_layer[layer])).max():.3g}); set {where}.dtype: float32"
                 )
             root[f"L{layer}/x"][rows] = x
         root["token"][rows] = toks.reshape(-1)
@@ -191,15 +196,14 @@ class InMemoryBatches:
     def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
         epoch, skip = divmod(start_step, self.steps_per_epoch)
         while True:
-            for i, batch in enumerate(self._epoch(epoch)):
-                if i >= skip:
-                    yield batch
+            yield from self._epoch(epoch, skip)
             epoch, skip = epoch + 1, 0
 
-    def _epoch(self, epoch: int) -> Iterator[np.ndarray]:
+    def _epoch(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
+        """The batches of one epoch from batch `skip` on (skipped ones are never built)."""
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
         bs = self.batch_size
-        for i in range(self.steps_per_epoch):
+        for i in range(skip, self.steps_per_epoch):
             yield self.data[np.sort(perm[i * bs:(i + 1) * bs])].astype(np.float32, copy=False)
 
 
@@ -217,7 +221,7 @@ class ChunkShuffledBatches(InMemoryBatches):
         self.shuffle_chunks = shuffle_chunks
         self.steps_per_epoch = n // batch_size
 
-    def _epoch(self, epoch: int) -> Iterator[np.ndarray]:
+    def _epoch(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         bs, step = self.batch_size, self.array.chunks[0]
         starts = np.arange(self.rows.start, self.rows.stop, step)
@@ -234,7 +238,8 @@ class ChunkShuffledBatches(InMemoryBatches):
                 if emitted == self.steps_per_epoch:
                     return
                 emitted += 1
-                yield buf[i * bs:(i + 1) * bs]
+                if emitted > skip:  # a streamed epoch must be read in order to reach batch `skip`
+                    yield buf[i * bs:(i + 1) * bs]
             carry = buf[n_full * bs:]
 
 

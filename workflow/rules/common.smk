@@ -9,11 +9,14 @@ PKG = Path(saescale.__file__).parent
 HAS_CUDA = torch.cuda.is_available()
 
 
+SHARED_MODULES = ("cli.py", "config.py", "files.py", "paths.py")  # every stage runs through these
+
+
 def code_version(*modules):
     """Hash of the package sources a rule runs: Snakemake does not track imported code (notes/snakemake.md
     section 0.7), so this param makes a code change rerun its stage and what depends on it."""
     h = hashlib.sha256()
-    for mod in modules:
+    for mod in SHARED_MODULES + modules:
         p = PKG / mod
         for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
             h.update(f.read_bytes())

@@ -8,7 +8,6 @@ rule evaluate:
                 "weights": paths.fmt(paths.SAE_WEIGHTS, **wc),
                 "cfg": paths.fmt(paths.SAE_CFG, **wc),
                 "activations": paths.fmt(paths.ACTIVATIONS, subject=wc.subject),
-                "norm": paths.fmt(paths.NORM, subject=wc.subject),
                 "model": model_input(wc),
             }
         ),
@@ -27,8 +26,8 @@ rule evaluate:
         revision=lambda wc: f"--revision {subject(wc)['revision']}" if subject(wc)["revision"] else "",
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
         spec=spec(CFG["evaluate"]),
-        code=code_version("evaluate", "sae", "normalize.py", "subject.py"),
+        code=code_version("evaluate", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
-        "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations} --norm {input.norm}"
+        "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations}"
         " --model {params.model} {params.revision} --layer {wildcards.layer} --spec {params.spec:q}"
         " --out {output} --log {log}"

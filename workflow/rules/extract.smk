@@ -25,5 +25,5 @@ rule extract:
         ),
         code=code_version("store.py", "subject.py"),
     shell:
-        "saescale extract --model {params.model} --tokens {input.tokens} --threads {threads}"
+        "saescale extract --model {params.model} --tokens {input.tokens} --subject {wildcards.subject} --threads {threads}"
         " --spec {params.spec:q} --out {output} --log {log}"

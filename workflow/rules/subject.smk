@@ -55,5 +55,5 @@ rule lm:
         spec=lambda wc: spec(subject(wc)["builtin"]),
         code=code_version("subject.py"),
     shell:
-        "saescale lm --tokens {input.tokens} --tokenizer {input.tokenizer} --spec {params.spec:q}"
+        "saescale lm --tokens {input.tokens} --tokenizer {input.tokenizer} --threads {threads} --spec {params.spec:q}"
         " --out {output} --log {log}"

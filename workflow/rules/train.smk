@@ -19,10 +19,10 @@ rule train:
     resources:
         gpu=1 if HAS_CUDA or CFG["train"]["device"] == "cuda" else 0,
     params:
-        spec=spec(CFG["train"]),
+        spec=spec({key: v for key, v in CFG["train"].items() if key != "threads"}),
         out_dir=lambda wc, output: str(Path(output.cfg).parent),
         code=code_version("sae", "store.py", "normalize.py"),
     shell:
         "saescale train --activations {input.activations} --norm {input.norm} --subject {wildcards.subject}"
         " --layer {wildcards.layer} --arch {wildcards.arch} --n {wildcards.n} --k {wildcards.k}"
-        " --spec {params.spec:q} --out-dir {params.out_dir} --log {log}"
+        " --threads {threads} --spec {params.spec:q} --out-dir {params.out_dir} --log {log}"

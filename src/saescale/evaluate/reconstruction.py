@@ -7,31 +7,32 @@ import torch
 import zarr
 
 from saescale.normalize import normalize
-from saescale.sae.losses import fvu_terms
 from saescale.sae.model import SparseAutoencoder
 from saescale.store import split_rows
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int, mean: torch.Tensor,
-                           batch_size: int, device: torch.device) -> dict:
-    """FVU as a ratio of sums over the whole eval set (not a mean of per-batch ratios), L0, and the
-    fraction of latents that never fire on any eval token."""
+def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int, batch_size: int,
+                           device: torch.device) -> dict:
+    """FVU as a ratio of sums over the whole eval set against the eval set's own mean (REFERENCE C.1; not a
+    mean of per-batch ratios), L0, and the fraction of latents that never fire on any eval token."""
     x_store = root[f"L{layer}/x"]
     rows = split_rows(root, "eval")
-    err = base = l0_sum = 0.0
+    err = sq_norms = l0_sum = 0.0
+    sum_x = torch.zeros(sae.d_model, dtype=torch.float64, device=device)
     fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
-    mean = mean.to(device)
     for start in range(rows.start, rows.stop, batch_size):
         raw = torch.from_numpy(x_store[start:min(start + batch_size, rows.stop)].astype(np.float32)).to(device)
         x = normalize(raw)[0]
         x_hat, latents = sae(x)
-        e, b = fvu_terms(x, x_hat, mean)
-        err, base = err + e, base + b
+        err += float(((x - x_hat) ** 2).sum())
+        sum_x += x.double().sum(dim=0)
+        sq_norms += float((x.double() ** 2).sum())
         active = latents.values > 0
         l0_sum += float(active.sum())
         fired.index_add_(0, latents.indices[active], torch.ones_like(latents.indices[active]))
     n_tokens = rows.stop - rows.start
+    base = sq_norms - float((sum_x**2).sum()) / n_tokens  # sum ||x - mean||^2 = sum ||x||^2 - N ||mean||^2
     return {
         "eval_tokens": n_tokens,
         "fvu": err / base,

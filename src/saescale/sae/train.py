@@ -49,6 +49,7 @@ class TrainSpec:
     checkpoint_seconds: float
     seed: int
     device: str
+    data: str = ""  # digest of the activations and statistics trained on: a checkpoint never crosses datasets
 
     def fingerprint(self) -> str:
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("log_every", "checkpoint_seconds")}
@@ -107,7 +108,8 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
     sae.project_decoder_grad_()
     opt.step()
     sae.normalize_decoder_()
-    return {"loss": loss.item(), "fvu": main.item(), "auxk_loss": aux.item()}, latents
+    # tensors, not floats: reading a value forces a GPU sync, so the loop does it only when it logs
+    return {"loss": loss.detach(), "fvu": main.detach(), "auxk_loss": aux.detach()}, latents
 
 
 def update_dead(tokens_since_fired: torch.Tensor, latents: Latents) -> None:
@@ -169,7 +171,7 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
         step += 1
         if step % spec.log_every == 0 or step == steps:
             tokens = step * spec.batch_size
-            row = {"step": step, "tokens": tokens, **metrics,
+            row = {"step": step, "tokens": tokens, **{key: float(v) for key, v in metrics.items()},
                    "l0": float((latents.values > 0).sum(dim=-1).float().mean()),
                    "dead_fraction": float((tokens_since_fired >= spec.dead_tokens).float().mean()),
                    "lr": spec.lr, "elapsed_s": elapsed_before + time.time() - t_start,
@@ -198,14 +200,21 @@ def choose_weights(sae: SparseAutoencoder, ema: Ema | None, rows: np.ndarray, ba
     """Evaluate with EMA weights unless the raw weights reconstruct better (early EMA lags; REFERENCE A.7).
     Decided on training rows, never on the eval split."""
     x = torch.from_numpy(rows).to(device)
-    raw_fvu = float(normalized_mse(sae(x)[0], x, baseline_mse))
+    raw_fvu = _fvu_in_batches(sae, x, baseline_mse)
     if ema is None:
         return sae, "raw", {"raw": raw_fvu}
     ema_sae = SparseAutoencoder(sae.d_model, sae.n_latents, sae.arch, sae.k).to(device)
     ema_sae.load_state_dict(ema.state_dict())
-    ema_fvu = float(normalized_mse(ema_sae(x)[0], x, baseline_mse))
+    ema_fvu = _fvu_in_batches(ema_sae, x, baseline_mse)
     sel = {"raw": raw_fvu, "ema": ema_fvu}
     return (ema_sae, "ema", sel) if ema_fvu <= raw_fvu else (sae, "raw", sel)
+
+
+def _fvu_in_batches(sae: SparseAutoencoder, x: torch.Tensor, baseline_mse: float, batch: int = 4096) -> float:
+    """Mean normalized MSE over x, a batch at a time: pre-activations of 32k rows x 131k latents would
+    not fit in GPU memory at once."""
+    total = sum(float(normalized_mse(sae(xb)[0], xb, baseline_mse)) * len(xb) for xb in x.split(batch))
+    return total / len(x)
 
 
 def _save_checkpoint(path: Path, sae, opt, ema, tokens_since_fired, rows, step, elapsed, spec) -> None:

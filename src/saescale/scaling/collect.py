@@ -40,6 +40,6 @@ def write_scaling(table: pd.DataFrame, metrics_path: str | Path, fits_path: str 
     write_text_atomic(metrics_path, table.to_csv(index=False))
     fits = {"fvu": fit_all(table, "fvu"), "delta_ce": fit_all(table, "delta_ce")}
     fits = to_jsonable(fits)
+    json.dumps(fits, allow_nan=False)  # checked before writing: the file must stay strict JSON for other tools
     write_json_atomic(fits_path, fits)
-    json.dumps(fits, allow_nan=False)  # the file must stay strict JSON for other tools
     return fits
