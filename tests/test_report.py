@@ -90,6 +90,7 @@ def _metrics_row(job: dict, nan_downstream: bool, weights: str) -> dict:
     dce, kl = (math.nan, math.nan) if nan_downstream else (0.2 * fvu, 0.05 * fvu)
     return {**job, "d_model": 16, "fvu": fvu, "l0": job["k"], "dead_fraction": 1 / job["n"], "delta_ce": dce,
             "kl": kl, "ce_clean": 5.0, "ce_spliced": 5.0 + dce, "delta_ce_zero_ablation": 1.0,
+            "kl_zero_ablation": 0.75, "dead_latents": 1,
             "loss_recovered": 1 - dce, "eval_tokens": 512, "downstream_tokens": 480, "lr": 1e-3,
             "train_tokens": 4096, "train_seconds": 0.5, "tokens_per_s": 8192.0, "weights": weights,
             "device": "cpu"}

@@ -125,12 +125,6 @@ def splice_resid(model: nn.Module, layer: int, replace: Callable[[torch.Tensor],
         handle.remove()
 
 
-def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy of predicting tokens[:, t+1] from logits[:, t]; [batch, ctx-1]."""
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -lp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
-
-
 # ---- the builtin tiny GPT-2 ----------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from saescale.normalize import denormalize, normalize
 from saescale.sae.model import SparseAutoencoder
-from saescale.subject import next_token_ce, splice_resid
+from saescale.subject import splice_resid
 
 
 def sae_replacement(sae: SparseAutoencoder):
@@ -26,11 +26,14 @@ def zero_ablation(resid: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(resid)
 
 
-def kl_per_position(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_clean || p_patched) per position, [batch, ctx]."""
-    lp = torch.log_softmax(clean_logits.float(), dim=-1)
-    lq = torch.log_softmax(patched_logits.float(), dim=-1)
-    return (lp.exp() * (lp - lq)).sum(dim=-1)
+def _ce(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over positions 0..ctx-2 (targets inside the window)."""
+    return -logprobs[:, :-1].gather(-1, tokens[:, 1:, None]).sum()
+
+
+def _kl(lp_clean: torch.Tensor, lp_patched: torch.Tensor) -> torch.Tensor:
+    """Sum over positions 0..ctx-2 of KL(p_clean || p_patched)."""
+    return (lp_clean.exp() * (lp_clean - lp_patched))[:, :-1].sum()
 
 
 @torch.no_grad()
@@ -38,23 +41,28 @@ def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, win
                        batch_size: int, device: torch.device) -> dict:
     """Delta CE and KL of the spliced model against the clean one, with the zero-ablation baseline.
 
-    Positions t = 0..ctx-2 (those with a next-token target inside the window) all count.
+    Positions t = 0..ctx-2 (those with a next-token target inside the window) all count. Each run's
+    log-softmax over the vocabulary is computed once and shared by its CE and KL.
     """
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
     count = 0
     replace = sae_replacement(sae)
+
+    def logprobs(toks: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(model(input_ids=toks).logits.float(), dim=-1)
+
     for i in range(0, len(windows), batch_size):
         toks = torch.from_numpy(windows[i:i + batch_size]).long().to(device)
-        clean = model(input_ids=toks).logits
+        clean = logprobs(toks)
         with splice_resid(model, layer, replace):
-            spliced = model(input_ids=toks).logits
+            spliced = logprobs(toks)
         with splice_resid(model, layer, zero_ablation):
-            zeroed = model(input_ids=toks).logits
-        sums["ce_clean"] += float(next_token_ce(clean, toks).sum())
-        sums["ce_spliced"] += float(next_token_ce(spliced, toks).sum())
-        sums["ce_zero"] += float(next_token_ce(zeroed, toks).sum())
-        sums["kl"] += float(kl_per_position(clean, spliced)[:, :-1].sum())
-        sums["kl_zero"] += float(kl_per_position(clean, zeroed)[:, :-1].sum())
+            zeroed = logprobs(toks)
+        sums["ce_clean"] += float(_ce(clean, toks))
+        sums["ce_spliced"] += float(_ce(spliced, toks))
+        sums["ce_zero"] += float(_ce(zeroed, toks))
+        sums["kl"] += float(_kl(clean, spliced))
+        sums["kl_zero"] += float(_kl(clean, zeroed))
         count += toks.shape[0] * (toks.shape[1] - 1)
     m = {key: value / count for key, value in sums.items()}
     delta, delta_zero = m["ce_spliced"] - m["ce_clean"], m["ce_zero"] - m["ce_clean"]

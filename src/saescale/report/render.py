@@ -126,15 +126,13 @@ def load_layer(src: Sources, subject: str, layer: int, sweep: dict) -> dict:
                (paths.EVAL, "json", "SAE evaluation: FVU, L0, dead latents, ΔCE/KL incl. zero ablation")]
     for arch, n, k in sorted(grid):
         job = dict(where, arch=arch, n=n, k=k)
-        log, cfg, ev = (getattr(src, kind)(paths.fmt(pat, **job), f"{subject} L{layer}: {what}",
-                                           paths.fmt(pat, **pattern)) for pat, kind, what in per_sae)
+        log, cfg, _eval = (getattr(src, kind)(paths.fmt(pat, **job), f"{subject} L{layer}: {what}",
+                                              paths.fmt(pat, **pattern)) for pat, kind, what in per_sae)
         if log is not None:
             logs.append(log.assign(arch=arch, n=n, k=k))
-        down = (ev or {}).get("downstream") or {}
         train = (cfg or {}).get("train") or {}
+        # everything per SAE is in metrics.csv but the convergence of its training curve
         extra.append({"arch": arch, "n": n, "k": k,
-                      "kl_zero_ablation": down.get("kl_zero_ablation", math.nan),
-                      "dead_latents": (ev or {}).get("dead_latents", math.nan),
                       "last_doubling_gain": _last_doubling_gain(log) if log is not None else math.nan})
         spec = (cfg or {}).get("train_spec") or {}
         saes.append({"versions": (cfg or {}).get("versions") or {}, "device": train.get("device"),

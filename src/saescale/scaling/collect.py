@@ -9,8 +9,9 @@ import pandas as pd
 
 from saescale.files import read_json, write_json_atomic, write_text_atomic
 
-COLUMNS = ["subject", "layer", "arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction", "delta_ce", "kl",
-           "ce_clean", "ce_spliced", "delta_ce_zero_ablation", "loss_recovered", "eval_tokens", "downstream_tokens",
+COLUMNS = ["subject", "layer", "arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction", "dead_latents", "delta_ce",
+           "kl", "ce_clean", "ce_spliced", "delta_ce_zero_ablation", "kl_zero_ablation", "loss_recovered",
+           "eval_tokens", "downstream_tokens",
            "lr", "train_tokens", "train_seconds", "tokens_per_s", "weights", "device"]
 
 
@@ -18,9 +19,9 @@ def flatten(ev: dict) -> dict:
     down, train = ev["downstream"], ev["train"]
     return {
         **{key: ev[key] for key in ("subject", "layer", "arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction",
-                                    "eval_tokens", "lr", "device")},
+                                    "dead_latents", "eval_tokens", "lr", "device")},
         **{key: down[key] for key in ("delta_ce", "kl", "ce_clean", "ce_spliced", "delta_ce_zero_ablation",
-                                      "loss_recovered")},
+                                      "kl_zero_ablation", "loss_recovered")},
         "downstream_tokens": down["tokens"],
         "train_tokens": train["tokens"],
         "train_seconds": train["train_seconds"],
