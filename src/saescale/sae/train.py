@@ -113,10 +113,11 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
 
 
 def update_dead(tokens_since_fired: torch.Tensor, latents: Latents) -> None:
-    fired = torch.zeros_like(tokens_since_fired, dtype=torch.bool)
-    fired[latents.indices[latents.values > FIRING_THRESHOLD]] = True
-    tokens_since_fired += latents.values.shape[0]
-    tokens_since_fired[fired] = 0
+    """Count tokens since each latent last fired. Fixed-shape ops only: no boolean-mask indexing, which
+    would force a GPU-to-host sync every step."""
+    firings = torch.zeros(tokens_since_fired.shape, dtype=torch.float32, device=tokens_since_fired.device)
+    firings.index_add_(0, latents.indices.flatten(), (latents.values > FIRING_THRESHOLD).flatten().float())
+    tokens_since_fired.add_(latents.values.shape[0]).masked_fill_(firings > 0, 0)
 
 
 def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
