@@ -151,7 +151,7 @@ def cmd_evaluate(a) -> None:
     device = pick_device("auto")
     sae_dir = Path(a.sae_dir)
     cfg = read_json(sae_dir / "cfg.json")
-    sae = SparseAutoencoder.load(sae_dir / "sae.safetensors", sae_dir / "cfg.json", device).eval()
+    sae = SparseAutoencoder.from_config(cfg, sae_dir / "sae.safetensors", device).eval()
     root = open_store(a.activations)
     recon = reconstruction_metrics(sae, root, a.layer, s["batch_size"], device)
     recon.pop("latent_firing_counts")

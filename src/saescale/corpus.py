@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import zarr
 
-from saescale.files import atomic_dir, write_json_atomic
+from saescale.files import atomic_dir, replace_when_done, write_json_atomic
 
 log = logging.getLogger("saescale.corpus")
 
@@ -47,17 +47,13 @@ def build_builtin_corpus(out_jsonl: str | Path, out_info: str | Path) -> dict:
     files = stdlib_files(root)
     digest = hashlib.sha256()
     n_bytes = 0
-    out_jsonl = Path(out_jsonl)
-    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_jsonl.with_name(out_jsonl.name + ".tmp")
-    with tmp.open("w") as f:
+    with replace_when_done(out_jsonl) as tmp, tmp.open("w") as f:
         for p in files:
             text = p.read_text(encoding="utf-8", errors="replace")
             rel = p.relative_to(root).as_posix()
             digest.update(rel.encode() + b"\0" + text.encode())
             n_bytes += len(text.encode())
             f.write(json.dumps({"text": text, "path": rel}) + "\n")
-    tmp.replace(out_jsonl)
     info = {
         "source": "CPython standard library (no tests, no site-packages)",
         "python_version": platform.python_version(),

@@ -13,12 +13,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def replace_when_done(path: str | Path) -> Iterator[Path]:
+    """Yield `<path>.tmp` to write to; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    yield tmp
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with replace_when_done(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

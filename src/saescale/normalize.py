@@ -8,7 +8,7 @@ residual stream: x_raw = x_norm * scale + mu.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, TypeVar
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -18,7 +18,6 @@ log = logging.getLogger("saescale.normalize")
 GEOMETRIC_MEDIAN_SAMPLES = 32768  # REFERENCE A.4: b_pre from the geometric median of 32,768 activations
 EPS = 1e-8
 
-Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 
 def normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,6 +48,28 @@ def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-
     return median.float()
 
 
+class MeanAndBaseline:
+    """Streaming sums for the mean of normalized rows and the FVU baseline sum ||x - mean||^2 (REFERENCE C.1)
+    in one pass, using sum ||x - mean||^2 = sum ||x||^2 - N ||mean||^2 (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.sum_x: torch.Tensor | float = 0.0
+        self.sum_sq, self.n = 0.0, 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x64 = x.double()
+        self.sum_x = self.sum_x + x64.sum(dim=0)
+        self.sum_sq += float((x64**2).sum())
+        self.n += len(x)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum_x / self.n
+
+    def baseline_sum(self) -> float:
+        return self.sum_sq - float((self.sum_x**2).sum()) / self.n
+
+
 def layer_stats(chunks: Iterable[np.ndarray], n_rows: int, seed: int = 0) -> dict:
     """Statistics of one layer's training rows, streamed chunk by chunk (memory bounded by one chunk).
 
@@ -58,14 +79,12 @@ def layer_stats(chunks: Iterable[np.ndarray], n_rows: int, seed: int = 0) -> dic
     rng = np.random.default_rng(seed)
     m = min(GEOMETRIC_MEDIAN_SAMPLES, n_rows)
     picks = np.sort(rng.choice(n_rows, size=m, replace=False))
-    total = sq_norms = 0.0
+    acc = MeanAndBaseline()
     norm_sum, norm_max, seen = 0.0, 0.0, 0
     sample = []
     for chunk in chunks:
         x_norm, _mu, scale = normalize(torch.from_numpy(np.asarray(chunk, dtype=np.float32)))
-        x64 = x_norm.double()
-        total = total + x64.sum(dim=0)
-        sq_norms += float((x64**2).sum())
+        acc.add(x_norm)
         norm_sum += float(scale.double().sum())
         norm_max = max(norm_max, float(scale.max()))
         lo, hi = np.searchsorted(picks, [seen, seen + len(chunk)])
@@ -73,8 +92,8 @@ def layer_stats(chunks: Iterable[np.ndarray], n_rows: int, seed: int = 0) -> dic
         seen += len(chunk)
     if seen != n_rows:
         raise ValueError(f"expected {n_rows} rows, read {seen}")
-    mean = total / seen
-    baseline_mse = sq_norms / seen - float((mean**2).sum())
+    mean = acc.mean
+    baseline_mse = acc.baseline_sum() / seen
     gm = geometric_median(torch.cat(sample))
     return {
         "n_rows": int(seen),

@@ -17,7 +17,6 @@ SAE_DIR = "data/saes/{subject}/L{layer}/{arch}/n{n}_k{k}"
 SAE_WEIGHTS = SAE_DIR + "/sae.safetensors"
 SAE_CFG = SAE_DIR + "/cfg.json"
 SAE_LOG = SAE_DIR + "/train_log.csv"
-SAE_CHECKPOINT = SAE_DIR + "/checkpoint.pt"
 EVAL = "data/eval/{subject}/L{layer}/{arch}/n{n}_k{k}.json"
 METRICS = "data/scaling/{subject}/L{layer}/metrics.csv"
 FITS = "data/scaling/{subject}/L{layer}/fits.json"
@@ -30,7 +29,3 @@ BENCH = "benchmarks/results/{rule}/{name}.tsv"
 def fmt(pattern: str, **wildcards: object) -> str:
     return pattern.format(**wildcards)
 
-
-def staging(path: str) -> str:
-    """The temporary name a store is written under; renamed to `path` only when complete."""
-    return path.rstrip("/") + ".partial"

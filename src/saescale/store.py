@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import zarr
 
 from saescale.corpus import open_token_store
+from saescale.files import atomic_dir
 
 log = logging.getLogger("saescale.store")
 
@@ -71,50 +71,47 @@ def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype
               "dtype": dtype, "n_train": n_train, "n_eval": n_eval, "chunk_rows": chunk_rows, "d": d}
     fp = _fingerprint(params)
 
-    partial = Path(out + ".partial")
-    root = _open_partial(partial, fp)
-    if root is None:
-        root = _create_store(partial, params, fp, layers, n_rows, d, chunk_rows, dtype)
-    start_chunk = root.attrs["chunks_done"]
-    if start_chunk:
-        log.info("resuming extraction at chunk %d", start_chunk)
-    all_windows = tokens["windows"]
-    n_chunks = -(-len(window_ids) // chunk_windows)
-    np_dtype = np.dtype(dtype)
-    t0 = time.time()
-    for c in range(start_chunk, n_chunks):
-        ids = window_ids[c * chunk_windows:(c + 1) * chunk_windows]
-        order = np.argsort(ids)  # zarr reads sorted indices fastest; restore the planned order after
-        toks = np.empty((len(ids), ctx), dtype=np.int32)
-        toks[order] = all_windows.oindex[ids[order], :]
-        per_layer = {layer: [] for layer in layers}
-        with torch.no_grad(), record_resid(model, layers, stop=True) as captured:
-            for b in range(0, len(ids), batch_windows):
-                run_until_recorded(model, torch.from_numpy(toks[b:b + batch_windows]).long().to(device))
-                for layer in layers:
-                    per_layer[layer].append(captured[layer].float().reshape(-1, d).cpu().numpy())
-        rows = slice(c * chunk_rows, c * chunk_rows + len(ids) * ctx)
-        for layer in layers:
-            x = np.concatenate(per_layer[layer]).astype(np_dtype)
-            if not np.isfinite(x).all():
-                raise ValueError(
-                    f"layer {layer}: activations overflow {dtype} (max |x| = "
-                    f"{np.abs(np.concatenate(per_layer[layer])).max():.3g}); set {where}.dtype: float32"
-                )
-            root[f"L{layer}/x"][rows] = x
-        root["token"][rows] = toks.reshape(-1)
-        root["window"][rows] = np.repeat(ids, ctx).astype(np.int32)
-        root["position"][rows] = np.tile(np.arange(ctx, dtype=np.int16), len(ids))
-        root.attrs["chunks_done"] = c + 1
-        done = (c + 1 - start_chunk) * chunk_rows
-        log.info("extracted chunk %d/%d (%.0f tokens/s)", c + 1, n_chunks, done / max(time.time() - t0, 1e-9))
-    elapsed = time.time() - t0
-    root.attrs.update({"complete": True, "extract_seconds": elapsed})
-    final = Path(out)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    return dict(root.attrs)
+    with atomic_dir(out, keep_partial=True) as partial:  # renamed into place only when complete
+        root = _open_partial(partial, fp)
+        if root is None:
+            root = _create_store(partial, params, fp, layers, n_rows, d, chunk_rows, dtype)
+        start_chunk = root.attrs["chunks_done"]
+        if start_chunk:
+            log.info("resuming extraction at chunk %d", start_chunk)
+        all_windows = tokens["windows"]
+        n_chunks = -(-len(window_ids) // chunk_windows)
+        np_dtype = np.dtype(dtype)
+        t0 = time.time()
+        for c in range(start_chunk, n_chunks):
+            ids = window_ids[c * chunk_windows:(c + 1) * chunk_windows]
+            order = np.argsort(ids)  # zarr reads sorted indices fastest; restore the planned order after
+            toks = np.empty((len(ids), ctx), dtype=np.int32)
+            toks[order] = all_windows.oindex[ids[order], :]
+            per_layer = {layer: [] for layer in layers}
+            with torch.no_grad(), record_resid(model, layers, stop=True) as captured:
+                for b in range(0, len(ids), batch_windows):
+                    run_until_recorded(model, torch.from_numpy(toks[b:b + batch_windows]).long().to(device))
+                    for layer in layers:
+                        per_layer[layer].append(captured[layer].float().reshape(-1, d).cpu().numpy())
+            rows = slice(c * chunk_rows, c * chunk_rows + len(ids) * ctx)
+            for layer in layers:
+                x = np.concatenate(per_layer[layer]).astype(np_dtype)
+                if not np.isfinite(x).all():
+                    raise ValueError(
+                        f"layer {layer}: activations overflow {dtype} (max |x| = "
+                        f"{np.abs(np.concatenate(per_layer[layer])).max():.3g}); set {where}.dtype: float32"
+                    )
+                root[f"L{layer}/x"][rows] = x
+            root["token"][rows] = toks.reshape(-1)
+            root["window"][rows] = np.repeat(ids, ctx).astype(np.int32)
+            root["position"][rows] = np.tile(np.arange(ctx, dtype=np.int16), len(ids))
+            root.attrs["chunks_done"] = c + 1
+            done = (c + 1 - start_chunk) * chunk_rows
+            log.info("extracted chunk %d/%d (%.0f tokens/s)", c + 1, n_chunks, done / max(time.time() - t0, 1e-9))
+        elapsed = time.time() - t0
+        root.attrs.update({"complete": True, "extract_seconds": elapsed})
+        attrs = dict(root.attrs)
+    return attrs
 
 
 def _open_partial(partial: Path, fp: str) -> zarr.Group | None:
@@ -181,6 +178,12 @@ def read_rows(root: zarr.Group, layer: int, split: str, limit: int | None = None
     return np.concatenate(list(iter_chunks(root, layer, split, limit)))
 
 
+def _steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    if batch_size > n_rows:
+        raise ValueError(f"train.batch_size {batch_size} exceeds the {n_rows} stored training rows")
+    return n_rows // batch_size
+
+
 class InMemoryBatches:
     """Shuffled batches from rows held in RAM: a fresh permutation per epoch, epoch e from rng(seed, e),
     so step s is reproducible and a resumed run sees the same batches as an uninterrupted one."""
@@ -188,10 +191,8 @@ class InMemoryBatches:
     in_memory = True
 
     def __init__(self, data: np.ndarray, batch_size: int, seed: int):
-        if batch_size > len(data):
-            raise ValueError(f"train.batch_size {batch_size} exceeds the {len(data)} stored training rows")
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.steps_per_epoch = len(data) // batch_size
+        self.steps_per_epoch = _steps_per_epoch(len(data), batch_size)
 
     def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
         epoch, skip = divmod(start_step, self.steps_per_epoch)
@@ -214,12 +215,9 @@ class ChunkShuffledBatches(InMemoryBatches):
     in_memory = False
 
     def __init__(self, array: zarr.Array, rows: slice, batch_size: int, seed: int, shuffle_chunks: int):
-        n = rows.stop - rows.start
-        if batch_size > n:
-            raise ValueError(f"train.batch_size {batch_size} exceeds the {n} stored training rows")
         self.array, self.rows, self.batch_size, self.seed = array, rows, batch_size, seed
         self.shuffle_chunks = shuffle_chunks
-        self.steps_per_epoch = n // batch_size
+        self.steps_per_epoch = _steps_per_epoch(rows.stop - rows.start, batch_size)
 
     def _epoch(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import zarr
 
-from saescale.normalize import normalize
+from saescale.normalize import MeanAndBaseline, normalize
 from saescale.sae.model import SparseAutoencoder
 from saescale.store import split_rows
 
@@ -18,21 +18,20 @@ def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int,
     mean of per-batch ratios), L0, and the fraction of latents that never fire on any eval token."""
     x_store = root[f"L{layer}/x"]
     rows = split_rows(root, "eval")
-    err = sq_norms = l0_sum = 0.0
-    sum_x = torch.zeros(sae.d_model, dtype=torch.float64, device=device)
+    err = l0_sum = 0.0
+    baseline = MeanAndBaseline()
     fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
     for start in range(rows.start, rows.stop, batch_size):
         raw = torch.from_numpy(x_store[start:min(start + batch_size, rows.stop)].astype(np.float32)).to(device)
         x = normalize(raw)[0]
         x_hat, latents = sae(x)
         err += float(((x - x_hat) ** 2).sum())
-        sum_x += x.double().sum(dim=0)
-        sq_norms += float((x.double() ** 2).sum())
+        baseline.add(x)
         active = latents.values > 0
         l0_sum += float(active.sum())
         fired.index_add_(0, latents.indices[active], torch.ones_like(latents.indices[active]))
     n_tokens = rows.stop - rows.start
-    base = sq_norms - float((sum_x**2).sum()) / n_tokens  # sum ||x - mean||^2 = sum ||x||^2 - N ||mean||^2
+    base = baseline.baseline_sum()
     return {
         "eval_tokens": n_tokens,
         "fvu": err / base,

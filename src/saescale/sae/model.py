@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from saescale.files import replace_when_done
 from saescale.sae.activations import ACTIVATIONS, Latents
 
 ENCODER_RESCALE_SAMPLES = 256  # REFERENCE A.4: openai init_from_data_ uses 256 random unit inputs
@@ -84,16 +85,20 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, weights_path: str | Path) -> None:
         """Write safetensors under a temporary name, then rename: a killed job leaves no half file."""
-        weights_path = Path(weights_path)
-        tmp = weights_path.with_name(weights_path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(weights_path)
+        with replace_when_done(weights_path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
 
     @classmethod
     def load(cls, weights_path: str | Path, cfg_path: str | Path | None = None,
              device: str | torch.device = "cpu") -> "SparseAutoencoder":
         weights_path = Path(weights_path)
         cfg = json.loads(Path(cfg_path or weights_path.with_name("cfg.json")).read_text())
+        return cls.from_config(cfg, weights_path, device)
+
+    @classmethod
+    def from_config(cls, cfg: dict, weights_path: str | Path,
+                    device: str | torch.device = "cpu") -> "SparseAutoencoder":
+        """The SAE a cfg.json describes, with weights from `weights_path`."""
         sae = cls(cfg["d_model"], cfg["n_latents"], cfg["arch"], cfg["k"])
         sae.load_state_dict(load_file(str(weights_path)))
         return sae.to(device)

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saescale.files import replace_when_done
 from saescale.normalize import normalize
 from saescale.sae.activations import Latents
 from saescale.sae.losses import auxk_loss, normalized_mse
@@ -219,9 +219,9 @@ def _fvu_in_batches(sae: SparseAutoencoder, x: torch.Tensor, baseline_mse: float
 
 
 def _save_checkpoint(path: Path, sae, opt, ema, tokens_since_fired, rows, step, elapsed, spec) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"fingerprint": spec.fingerprint(), "sae": sae.state_dict(), "opt": opt.state_dict(),
-                "ema_shadow": ema.shadow if ema else None, "ema_t": ema.t if ema else 0,
-                "tokens_since_fired": tokens_since_fired, "rows": rows, "step": step, "elapsed_s": elapsed}, tmp)
-    os.replace(tmp, path)
+    with replace_when_done(path) as tmp:
+        torch.save({"fingerprint": spec.fingerprint(), "sae": sae.state_dict(), "opt": opt.state_dict(),
+                    "ema_shadow": ema.shadow if ema else None, "ema_t": ema.t if ema else 0,
+                    "tokens_since_fired": tokens_since_fired, "rows": rows, "step": step, "elapsed_s": elapsed},
+                   tmp)
     log.info("checkpoint at step %d -> %s", step, path)
