@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from saescale import paths
-from saescale.config import ConfigError, validate
+from saescale.config import ConfigError, analysed, recipe, sae_jobs, validate
 
 min_version("9.0")
 
@@ -29,6 +29,7 @@ wildcard_constraints:
     arch=r"[a-z0-9_]+",
     n=r"\d+",
     k=r"\d+",
+    experiment=r"progressive|refinement",
 
 
 include: "workflow/rules/common.smk"
@@ -38,6 +39,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/normalize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/analyze.smk"
 include: "workflow/rules/scaling.smk"
 include: "workflow/rules/report.smk"
 

@@ -44,3 +44,37 @@ def test_missing_or_broken_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("subjects: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "sweep, key",
+    [
+        ({"archs": ["topk", "relux"]}, "config.sweep.archs[1]: 'relux' is neither an arch"),
+        ({"extra": [{"archs": ["relu"], "n": [16], "k": [32]}]}, "config.sweep.extra[0].k[0]"),
+        ({"variants": {"relu": {"arch": "topk"}}}, "config.sweep.variants.relu: the name of a builtin arch"),
+        ({"variants": {"abl": {"arch": "topk", "train": {"auxk": "no"}}}}, "config.sweep.variants.abl.train.auxk"),
+        ({"variants": {"abl": {"arch": "topk", "train": {"arch_params": {"relu": {"bad": 1}}}}}},
+         "config.sweep.variants.abl.train.arch_params.relu"),
+        ({"variants": {"abl": {"arch": "topkk"}}}, "config.sweep.variants.abl.arch"),
+    ],
+)
+def test_malformed_grid_names_the_key(sweep, key):
+    with pytest.raises(ConfigError) as err:
+        validate({**MINIMAL, "sweep": sweep})
+    assert key in str(err.value)
+
+
+def test_grid_is_the_union_of_grids_and_variants_merge_their_train_overrides():
+    from saescale.config import analysed, recipe, sae_jobs
+
+    cfg = validate({**MINIMAL, "sweep": {
+        "archs": ["topk"], "n": [64, 128], "k": [4],
+        "extra": [{"archs": ["relu", "topk", "noaux"], "n": [128], "k": [4, 8]}],
+        "variants": {"noaux": {"arch": "topk", "train": {"auxk": False, "calibration": {"fraction": 0.5}}}}}})
+    jobs = [(j["arch"], j["n"], j["k"]) for j in sae_jobs(cfg)]
+    assert jobs == [("topk", 64, 4), ("topk", 128, 4), ("relu", 128, 4), ("relu", 128, 8), ("topk", 128, 8),
+                    ("noaux", 128, 4), ("noaux", 128, 8)]  # (topk, 128, 4) once
+    arch, train = recipe(cfg, "noaux")
+    assert arch == "topk" and train["auxk"] is False and train["calibration"] == {"fraction": 0.5, "rate": None}
+    assert recipe(cfg, "relu") == ("relu", cfg["train"])
+    assert analysed(cfg, "progressive", {"arch": "relu", "n": 128}) and not analysed(cfg, "refinement", {"arch": "gated", "n": 128})

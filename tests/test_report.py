@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from saescale import paths
-from saescale.config import validate
+from saescale.config import analysed, recipe, sae_jobs, validate
+from saescale.report import comparison as cmp
 from saescale.report import figures
 from saescale.report.render import num, render_report
 
@@ -239,3 +240,228 @@ def test_figures_return_none_when_nothing_is_finite():
     assert figures.downstream_vs_fvu(empty, {}) is None
     assert figures.scaling_laws(empty, {"fvu": None}, {}) is None
     assert figures.training_curves(pd.DataFrame(), "fvu", "FVU") is None
+
+
+# ---- architecture comparison: known answers for the pure functions ------------------------------------
+
+
+def test_loglog_interpolation_is_linear_in_log_l0_and_log_fvu():
+    assert cmp.loglog_interp([4, 16], [0.2, 0.05], 8) == pytest.approx(0.1)  # sqrt(0.2 * 0.05)
+    assert cmp.loglog_interp([16, 4], [0.05, 0.2], 16) == pytest.approx(0.05)  # an end point, any order
+    assert math.isnan(cmp.loglog_interp([4, 16], [0.2, 0.05], 32))  # never extrapolated
+    assert math.isnan(cmp.loglog_interp([4, 16], [0.2, 0.05], 2))
+
+
+def test_matched_value_falls_back_to_the_nearest_sae_only_within_15_percent():
+    assert cmp.matched_value([4, 16], [0.2, 0.05], 8) == (pytest.approx(0.1), "interpolated")
+    assert cmp.matched_value([7.6], [0.21], 8) == (0.21, "nearest")  # 5% below the target
+    value, how = cmp.matched_value([6.25], [0.1], 8)  # 22% below: no match
+    assert math.isnan(value) and how is None
+
+
+def test_compare_n_is_configured_or_the_n_with_most_archs():
+    m = pd.DataFrame({"arch": ["topk", "topk", "relu", "gated", "topk_untied", "topk_noauxk"],
+                      "base_arch": ["topk", "topk", "relu", "gated", "topk", "topk"],
+                      "n": [64, 128, 64, 64, 128, 128], "k": 8})
+    assert cmp.pick_compare_n(m) == 64  # variants do not count as archs
+    assert cmp.pick_compare_n(m, 128) == 128
+    tie = pd.DataFrame({"arch": ["topk", "relu", "topk", "relu"], "n": [64, 64, 128, 128], "k": 8})
+    assert cmp.pick_compare_n(tie) == 128
+    assert cmp.scaling_archs(m) == ["topk"]
+    assert cmp.scaling_archs(m[m["n"] == 64]) == ["gated", "relu", "topk"]  # nobody spans n: show all
+
+
+def test_ordering_verdict_follows_topk_gated_prolu_relu():
+    good = cmp.ordering_verdict({"topk": 0.10, "gated": 0.105, "prolu": 0.14, "relu": 0.16}, 8)
+    assert good.agrees is True and good.label == "agrees" and "relu 0.16" in good.text
+    bad = cmp.ordering_verdict({"topk": 0.10, "gated": 0.13, "prolu": 0.2, "relu": 0.16}, 8)
+    assert bad.agrees is False and bad.label == "does not agree"
+    assert any("Gated +30%" in f for f in bad.failed)
+    assert any("prolu" in f and "relu" in f for f in bad.failed)
+    assert cmp.ordering_verdict({"topk": 0.1, "jumprelu": 0.09}, 8).agrees is None
+
+
+def test_lowest_delta_ce_verdict():
+    assert cmp.lowest_verdict({"topk": 0.01, "relu": 0.05, "gated": 0.012}, 8).agrees is True
+    assert cmp.lowest_verdict({"topk": 0.02, "relu": 0.05, "gated": 0.012}, 8).agrees is False
+    assert cmp.lowest_verdict({"topk": 0.02}, 8).agrees is None
+
+
+def test_topk_relu_slopes_and_steeper_verdict():
+    ns = [256, 512, 1024]
+    rows = [{"arch": "topk", "n": n, "k": 8, "fvu": n ** -0.3} for n in ns]
+    rows += [{"arch": "relu", "n": n, "k": 8, "fvu": 2 * n ** -0.1} for n in ns]
+    rows += [{"arch": "relu", "n": 256, "k": 16, "fvu": 0.1}]  # one n only at k = 16: no pair there
+    slopes = cmp.n_slopes(pd.DataFrame(rows))
+    assert [s["k"] for s in slopes] == [8]
+    assert slopes[0]["topk"] == pytest.approx(-0.3) and slopes[0]["relu"] == pytest.approx(-0.1)
+    assert cmp.steeper_verdict(slopes).agrees is True
+    assert cmp.steeper_verdict([{"k": 8, "topk": -0.1, "relu": -0.3}]).agrees is False
+    assert cmp.steeper_verdict([]).agrees is None
+
+
+def _ablation(dead_noauxk: float, dead_untied: float) -> pd.DataFrame:
+    return pd.DataFrame({"arch": ["topk", "topk_noauxk", "topk_untied", "topk"],
+                         "base_arch": ["topk", "topk", "topk", "topk"], "n": [128, 128, 128, 64], "k": 8,
+                         "auxk": [True, False, True, True], "tied_init": [True, True, False, True],
+                         "dead_fraction": [0.01, dead_noauxk, dead_untied, 0.0]})
+
+
+def test_ablation_rows_keep_the_cells_with_variants_baseline_first():
+    rows = cmp.ablation_rows(_ablation(0.2, 0.3))
+    assert list(rows["arch"]) == ["topk", "topk_noauxk", "topk_untied"]
+    assert cmp.ablation_rows(_ablation(0.2, 0.3).iloc[[0, 3]]).empty
+
+
+def test_ablation_verdict_needs_both_ingredients_to_matter():
+    assert cmp.ablation_verdict(cmp.ablation_rows(_ablation(0.2, 0.3))).agrees is True
+    v = cmp.ablation_verdict(cmp.ablation_rows(_ablation(0.01, 0.3)))
+    assert v.agrees is False and "without AuxK" in v.failed[0] and "without tied init" in v.held[0]
+    assert cmp.ablation_verdict(cmp.ablation_rows(_ablation(0.2, 0.3)).iloc[0:0]).agrees is None
+
+
+def _progressive(fvus: list[float], jump: list[float], k: int = 8) -> dict:
+    ks = [k // 4, k // 2, k, 2 * k, 4 * k, 8 * k][:len(fvus)]
+    topk = [{"k": kp, "fvu": f, "l0": kp} for kp, f in zip(ks, fvus)]
+    jumprelu = [{"threshold": 1 / (i + 1), "fvu": f, "l0": i + 1} for i, f in enumerate(jump)]
+    return {"trained": {"fvu": fvus[2], "l0": k}, "curves": {"topk": topk, "jumprelu": jumprelu}}
+
+
+def test_progressive_summary_finds_where_the_topk_sweep_stops_improving():
+    s = cmp.progressive_summary(_progressive([0.5, 0.3, 0.1, 0.12, 0.2, 0.3], [0.4, 0.2, 0.3]), 8)
+    assert s["best_k"] == 8 and s["fvu_at_k"] == 0.1 and s["last_k"] == 64
+    assert s["gain_beyond_k"] == pytest.approx(1 - 0.3 / 0.1)
+    assert s["keeps_falling"] is False and s["jump_keeps_falling"] is False
+
+
+def _summ(arch: str, fvus: list[float], jump: list[float]) -> dict:
+    return {"arch": arch, "base_arch": arch, **cmp.progressive_summary(_progressive(fvus, jump), 8)}
+
+
+def test_progressive_verdict_topk_only_to_k_multitopk_and_relu_all_the_way():
+    rise, fall = [0.5, 0.3, 0.1, 0.12, 0.2, 0.3], [0.5, 0.3, 0.1, 0.08, 0.07, 0.069]
+    good = [_summ("topk", rise, rise), _summ("multitopk", fall, fall), _summ("relu", rise, fall)]
+    assert cmp.progressive_verdict(good).agrees is True
+    bad = [_summ("topk", fall, fall), _summ("multitopk", rise, rise), _summ("relu", fall, rise)]
+    v = cmp.progressive_verdict(bad)
+    assert v.agrees is False and len(v.failed) == 3
+    assert cmp.progressive_verdict([]).agrees is None
+
+
+def _refined(arch: str, rel: float, frac: float, before: float, after: float) -> dict:
+    return {"arch": arch, "base_arch": arch, "n": 128, "k": 8, "mean_relative_change": rel,
+            "fraction_increased": frac, "fvu_before": before, "fvu_after": after}
+
+
+def test_refinement_verdict_shrinkage_for_relu_only_and_a_partly_closed_gap():
+    good = [_refined("topk", 0.01, 0.5, 0.10, 0.09), _refined("relu", 0.4, 0.8, 0.30, 0.20)]
+    v = cmp.refinement_verdict(good)
+    assert v.agrees is True and any("closes 50%" in h for h in v.held)  # (0.3 - 0.2) / (0.3 - 0.1)
+    bad = [_refined("topk", 0.3, 0.9, 0.10, 0.09), _refined("relu", -0.1, 0.3, 0.30, 0.05)]
+    v = cmp.refinement_verdict(bad)
+    assert v.agrees is False and len(v.failed) == 3  # TopK shrinks, ReLU does not, the gap is overclosed
+    assert cmp.refinement_verdict([]).agrees is None
+
+
+# ---- architecture comparison: the rendered sections -----------------------------------------------------
+
+ARCH_FACTOR = {"topk": 1.0, "multitopk": 0.95, "gated": 1.05, "prolu": 1.3, "relu": 1.5, "topk_noauxk": 1.01,
+               "topk_untied": 1.1}
+PENALTY = {"gated", "prolu", "relu"}
+
+
+def _arch_config() -> dict:
+    return validate({
+        "subjects": {"tiny": {"model": "gpt2", "layers": [0], "ctx_len": 16, "train_tokens": 2048,
+                              "eval_tokens": 512, "dataset": {"path": "text"}}},
+        "sweep": {"archs": ["topk"], "n": [32, 64], "k": [4, 8],
+                  "extra": [{"archs": ["multitopk", "gated", "prolu", "relu", "topk_noauxk", "topk_untied"],
+                             "n": [64], "k": [8]},
+                            {"archs": ["relu"], "n": [32, 64], "k": [4, 8]}],
+                  "variants": {"topk_noauxk": {"arch": "topk", "train": {"auxk": False}},
+                               "topk_untied": {"arch": "topk", "train": {"tied_init": False}}}},
+        "train": {"tokens": 4096, "batch_size": 1024},
+        "analysis": {"progressive": {"archs": ["topk", "multitopk", "relu"], "n": [64]},
+                     "refinement": {"archs": ["topk", "relu"], "n": [64]}}})
+
+
+def write_arch_run(cfg: dict) -> None:
+    """A run with every arch of `_arch_config`: penalty archs reach 95% of their target L0."""
+    rows = []
+    for job in sae_jobs(cfg):
+        base, train = recipe(cfg, job["arch"])
+        _write_sae(job, evals=True)
+        cfg_json = json.loads(Path(paths.fmt(paths.SAE_CFG, **job)).read_text())
+        dead = 0.3 if not train["tied_init"] else 0.2 if not train["auxk"] else 0.0
+        cfg_json["train_spec"].update(auxk=train["auxk"], tied_init=train["tied_init"])
+        cfg_json["train"].update(final_dead_fraction=dead, penalty=0.5 if base in PENALTY else None)
+        _write(paths.fmt(paths.SAE_CFG, **job), cfg_json)
+        row = _metrics_row(job, nan_downstream=False, weights="raw")
+        shallower = (job["n"] / 32) ** 0.15 if base == "relu" else 1  # ReLU gains less from n (Fig. 2b)
+        fvu = row["fvu"] * ARCH_FACTOR[job["arch"]] * shallower
+        rows.append({**row, "base_arch": base, "fvu": fvu, "delta_ce": 0.2 * fvu, "dead_fraction": dead,
+                     "l0": 0.95 * job["k"] if base in PENALTY else job["k"],
+                     "penalty": 0.5 if base in PENALTY else math.nan})
+        for experiment in ("progressive", "refinement"):
+            if not analysed(cfg, experiment, job):
+                continue
+            if experiment == "progressive":  # TopK: worse past k; the others: still improving
+                later = [2 * fvu, 3 * fvu] if base == "topk" else [0.9 * fvu, 0.8 * fvu]
+                data = _progressive([0.5, 0.3, fvu, *later], [0.5, 0.3, fvu, *later], job["k"])
+            else:  # ReLU: activations grow (shrinkage), and refinement closes part of the gap
+                rel, frac = (0.4, 0.8) if base == "relu" else (0.0, 0.5)
+                data = {**_refined(job["arch"], rel, frac, fvu, fvu * (0.8 if base == "relu" else 0.98)),
+                        "delta_ce_before": 0.2 * fvu, "delta_ce_after": 0.18 * fvu, "mean_change": 0.01,
+                        "relative_change_hist": {"edges": [-1, 0, 1, 10], "counts": [5, 50, 10]}}
+            _write(paths.fmt(paths.ANALYSIS, **job, experiment=experiment),
+                   {**data, **job, "base_arch": base, "tokens": 512})
+    _write(paths.fmt(paths.METRICS, subject="tiny", layer=0), pd.DataFrame(rows))
+    _write(paths.fmt(paths.FITS, subject="tiny", layer=0), {})
+
+
+def test_architecture_sections_render_with_verdicts_and_sources(tmp_path, monkeypatch):
+    cfg = _arch_config()
+    monkeypatch.chdir(tmp_path)
+    write_arch_run(cfg)
+    render_report(cfg, "reports/report.html", figures_dir="reports/figures")
+    html = Path("reports/report.html").read_text()
+    for section in ("archs", "topk-relu", "dead", "progressive", "refinement"):
+        assert f'id="{section}-tiny-L0"' in html and f'href="#{section}"' in html
+    assert "Not run in this configuration" not in html
+    # FVU order, ΔCE, TopK vs ReLU slopes, the ablation, progressive recovery, refinement
+    assert html.count('class="verdict agrees"') == 6
+    assert "Architectures at n = 64, L0 = 8" in html  # the summary line
+    assert "≈" in html and "7.6 / 8 (-5%)" in html  # penalty archs: nearest SAE, achieved vs target L0
+    assert paths.fmt(paths.ANALYSIS, subject="tiny", layer=0, arch="{arch}", n="{n}", k="{k}",
+                     experiment="progressive") in html
+    assert "5 of 5" in html and "4 of 4" in html  # progressive.json (+ multitopk), refinement.json at n = 64
+    for name in ("arch_matched", "arch_fvu_vs_n", "arch_dead_curves", "arch_progressive", "arch_refinement"):
+        assert (tmp_path / "reports" / "figures" / f"tiny-L0_{name}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_architecture_verdicts_can_disagree_in_the_report(tmp_path, monkeypatch):
+    _skip_png_encoding(monkeypatch)
+    cfg = _arch_config()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(ARCH_FACTOR, "prolu", 2.0)  # ProLU worse than ReLU: the Fig. 2a order fails
+    write_arch_run(cfg)
+    render_report(cfg, "reports/report.html")
+    html = Path("reports/report.html").read_text()
+    assert html.count('class="verdict disagrees"') == 1
+    assert "(Fig. 2a): does not agree (fails: prolu" in html  # and the summary says so
+
+
+def test_a_topk_only_run_says_which_sections_were_not_run(tmp_path, monkeypatch):
+    _skip_png_encoding(monkeypatch)
+    html = render(tmp_path, monkeypatch, _config())
+    # matched L0, TopK vs ReLU, progressive recovery, refinement
+    assert html.count("Not run in this configuration") == 4
+    assert "ablation was not run in this configuration" in html
+    assert "sections 6–10" not in html  # nothing outside the main grid
+
+
+def test_scaling_figure_handles_any_number_of_archs():
+    archs = [f"arch{i}" for i in range(15)]
+    m = pd.DataFrame([{"arch": a, "n": n, "k": 8, "fvu": 0.1 * (i + 1) / n} for i, a in enumerate(archs)
+                      for n in (32, 64)])
+    assert figures.scaling_laws(m, {"fvu": None}, {}).startswith("iVBOR")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from saescale.sae.activations import TopK
+from saescale.sae.activations import topk
 from saescale.sae.model import SparseAutoencoder
 from saescale.sae.train import TrainSpec, auxk_latents, training_step, update_dead
 from saescale.sae.losses import auxk_loss, normalized_mse
@@ -27,7 +27,7 @@ def spec(**kw):
 
 def test_topk_keeps_exactly_k_latents():
     pre = torch.randn(50, 200) + 5.0  # all positive: ReLU after TopK removes nothing
-    lat = TopK(7)(pre)
+    lat = topk(pre, 7)
     dense = lat.dense(200)
     assert ((dense != 0).sum(dim=1) == 7).all()
     # the kept ones are the 7 largest of each row
@@ -36,7 +36,7 @@ def test_topk_keeps_exactly_k_latents():
 
 def test_topk_relu_drops_negative_selections():
     pre = torch.tensor([[3.0, -1.0, -2.0, -4.0]])
-    lat = TopK(2)(pre)
+    lat = topk(pre, 2)
     assert (lat.dense(4) > 0).sum() == 1  # L0 <= k: the second selected value is negative
 
 
@@ -91,7 +91,7 @@ def test_auxk_only_trains_dead_latents():
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:10] = True
     pre = sae.pre_acts(x)
-    x_hat = sae.decode(sae.activation(pre))
+    x_hat = sae.decode(topk(pre, sae.k))
     aux = auxk_loss(sae.decode_residual(auxk_latents(pre, dead, 8)), x - x_hat.detach())
     aux.backward()
     assert sae.W_dec.grad[:10].abs().sum() > 0 and sae.W_enc.grad[:10].abs().sum() > 0
@@ -101,7 +101,7 @@ def test_auxk_only_trains_dead_latents():
 
 def test_dead_counter_resets_on_firing():
     counter = torch.zeros(6, dtype=torch.long)
-    lat = TopK(2)(torch.tensor([[5.0, 4.0, 0.0, 0.0, 0.0, 0.0]] * 3))
+    lat = topk(torch.tensor([[5.0, 4.0, 0.0, 0.0, 0.0, 0.0]] * 3), 2)
     update_dead(counter, lat)
     assert counter.tolist() == [0, 0, 3, 3, 3, 3]
 

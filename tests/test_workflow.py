@@ -47,16 +47,35 @@ def quick_run(tmp_path_factory) -> Path:
     return wdir
 
 
+PENALTY_ARCHS = {"relu", "relu_dn", "prolu", "gated", "jumprelu", "jumprelu_tanh"}
+
+
 def test_quick_preset_produces_the_report(quick_run):
     report = (quick_run / "reports/report.html").read_text()
     assert "<html" in report.lower() and len(report) > 1000
     metrics = pd.read_csv(quick_run / "data/scaling/tiny/L1/metrics.csv")
-    assert len(metrics) == 4 and set(metrics["n"]) == {64, 128} and set(metrics["k"]) == {4, 8}
-    assert metrics["fvu"].between(0, 1).all() and (metrics["l0"] <= metrics["k"]).all()
+    topk = metrics[metrics["arch"] == "topk"]
+    assert len(topk) == 4 and set(topk["n"]) == {64, 128} and set(topk["k"]) == {4, 8}
+    assert len(metrics) == 14 and set(metrics["base_arch"]) == {"topk", "multitopk", "batchtopk"} | PENALTY_ARCHS
+    assert metrics["fvu"].between(0, 1).all() and (topk["l0"] <= topk["k"]).all()
     assert (metrics["delta_ce"] < metrics["delta_ce_zero_ablation"]).all()
     ev = json.loads((quick_run / "data/eval/tiny/L1/topk/n128_k8.json").read_text())
     assert ev["downstream"]["kl"] >= 0 and ev["train"]["device"] == "cpu"
     assert not list(quick_run.glob("data/saes/**/checkpoint.pt"))
+    for exp, archs in (("progressive", ["topk", "multitopk", "relu"]), ("refinement", ["topk", "relu"])):
+        for arch in archs:
+            assert (quick_run / f"data/analysis/tiny/L1/{arch}/n128_k8/{exp}.json").is_file()
+
+
+def test_quick_preset_calibrates_every_penalty_arch_to_its_target_l0(quick_run):
+    metrics = pd.read_csv(quick_run / "data/scaling/tiny/L1/metrics.csv")
+    penalized = metrics[metrics["base_arch"].isin(PENALTY_ARCHS)]
+    assert set(penalized["arch"]) == PENALTY_ARCHS
+    off = penalized[(penalized["l0"] / penalized["k"] - 1).abs() > 0.15]
+    assert off.empty, f"eval L0 off target by more than 15%:\n{off[['arch', 'k', 'l0', 'penalty']]}"
+    assert (penalized["penalty"] > 0).all()
+
+
     fits = json.loads((quick_run / "data/scaling/tiny/L1/fits.json").read_text())
     assert fits["fvu"]["per_k"][0]["ok"] is False  # two n per k cannot carry a 3-parameter fit
 
@@ -68,7 +87,8 @@ def test_second_dry_run_has_nothing_to_do(quick_run):
 def test_one_more_k_plans_only_the_new_sae_jobs(quick_run):
     cfg = {**QUICK, "sweep": {**QUICK["sweep"], "k": [4, 8, 2]}}
     jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
-    assert jobs == {"train": 2, "evaluate": 2, "scaling": 1, "report": 1, "all": 1}
+    # topk at n=128 is analysed (analysis.*.n = [128]): its new SAE gets both analyses
+    assert jobs == {"train": 2, "evaluate": 2, "analyze": 2, "scaling": 1, "report": 1, "all": 1}
 
 
 def test_one_more_n_plans_only_the_new_sae_jobs(quick_run):
@@ -80,7 +100,21 @@ def test_one_more_n_plans_only_the_new_sae_jobs(quick_run):
 def test_a_training_hyperparameter_reruns_training_and_downstream_only(quick_run):
     cfg = {**QUICK, "train": {**QUICK["train"], "auxk_coef": 0.05}}
     jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
-    assert jobs == {"train": 4, "evaluate": 4, "scaling": 1, "report": 1, "all": 1}
+    assert jobs == {"train": 14, "evaluate": 14, "analyze": 7, "scaling": 1, "report": 1, "all": 1}
+
+
+def test_a_variant_override_reruns_only_that_variant(quick_run):
+    variants = {**QUICK["sweep"]["variants"], "topk_untied": {"arch": "topk", "train": {"tied_init": False, "seed": 1}}}
+    cfg = {**QUICK, "sweep": {**QUICK["sweep"], "variants": variants}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"train": 1, "evaluate": 1, "scaling": 1, "report": 1, "all": 1}
+
+
+def test_analysing_one_more_arch_adds_only_its_analysis(quick_run):
+    progressive = {**QUICK["analysis"]["progressive"], "archs": ["topk", "multitopk", "relu", "gated"]}
+    cfg = {**QUICK, "analysis": {**QUICK["analysis"], "progressive": progressive}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"analyze": 1, "report": 1, "all": 1}
 
 
 def test_snakemake_report_bundles_the_html(quick_run):

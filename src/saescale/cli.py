@@ -107,7 +107,7 @@ def cmd_train(a) -> None:
     from saescale.subject import pick_device
 
     if a.k > a.n:
-        raise SystemExit(f"k={a.k} is larger than n={a.n}: TopK needs k <= n latents")
+        raise SystemExit(f"k={a.k} is larger than n={a.n}: an SAE needs k <= n latents")
     t = a.spec
     torch.set_num_threads(a.threads)
     root = open_store(a.activations)
@@ -119,7 +119,9 @@ def cmd_train(a) -> None:
                      auxk_coef=t["auxk_coef"], k_aux=min(k_aux_for(t, d), a.n), dead_tokens=t["dead_tokens"],
                      ema_decay=t["ema_decay"], log_every=t["log_every"], checkpoint_seconds=t["checkpoint_seconds"],
                      seed=t["seed"], device=str(device),
-                     data=f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}")
+                     data=f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}",
+                     auxk=t["auxk"], tied_init=t["tied_init"], arch_params=t["arch_params"].get(a.arch, {}),
+                     calibrate_fraction=t["calibration"]["fraction"], calibrate_rate=t["calibration"]["rate"])
     stream = batch_stream(root, a.layer, spec.batch_size, spec.seed, t["in_memory_max_gb"], t["shuffle_chunks"])
     selection = normalize(torch.from_numpy(read_rows(root, a.layer, "train", SELECTION_ROWS).astype(np.float32)))[0]
     out = Path(a.out_dir)
@@ -129,7 +131,8 @@ def cmd_train(a) -> None:
                                    checkpoint, selection.numpy())
     sae.save(out / "sae.safetensors")
     write_text_atomic(out / "train_log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(index=False))
-    cfg = {**sae.config(), "subject": a.subject, "layer": a.layer, "site": root.attrs["site"],
+    cfg = {**sae.config(), "name": a.name or a.arch, "subject": a.subject, "layer": a.layer,
+           "site": root.attrs["site"],
            "normalization": "per-token: subtract mean over d, scale to unit L2 norm (REFERENCE A.2)",
            "train_spec": {**spec.__dict__, "data_in_memory": stream.in_memory}, "train": summary,
            "versions": versions()}
@@ -155,16 +158,57 @@ def cmd_evaluate(a) -> None:
     root = open_store(a.activations)
     recon = reconstruction_metrics(sae, root, a.layer, s["batch_size"], device)
     recon.pop("latent_firing_counts")
+    model = load_model(a.model, a.revision, device)
+    down = downstream_metrics(model, a.layer, sae, eval_windows(root, s["downstream_windows"]),
+                              s["downstream_batch"], device)
+    result = {**_sae_identity(cfg, a.layer), "d_model": cfg["d_model"], **recon, "downstream": down,
+              "train": cfg["train"], "lr": cfg["train_spec"]["lr"], "device": str(device), "versions": versions()}
+    write_json_atomic(a.out, result)
+
+
+def _sae_identity(cfg: dict, layer: int) -> dict:
+    """The keys that name an SAE in every result file; `arch` is the wildcard (maybe a variant's name)."""
+    return {"subject": cfg["subject"], "layer": layer, "arch": cfg.get("name", cfg["arch"]),
+            "base_arch": cfg["arch"], "n": cfg["n_latents"], "k": cfg["k"]}
+
+
+def eval_windows(root, count: int) -> np.ndarray:
+    """The first `count` whole token windows of the eval split (fewer if the split is smaller)."""
+    from saescale.store import split_rows
+
     ctx = root.attrs["ctx_len"]
     rows = split_rows(root, "eval")
-    n_win = min(s["downstream_windows"], (rows.stop - rows.start) // ctx)
-    windows = root["token"][rows.start:rows.start + n_win * ctx].reshape(n_win, ctx)
-    model = load_model(a.model, a.revision, device)
-    down = downstream_metrics(model, a.layer, sae, windows, s["downstream_batch"], device)
-    result = {"subject": cfg["subject"], "layer": a.layer, "arch": cfg["arch"], "n": cfg["n_latents"],
-              "k": cfg["k"], "d_model": cfg["d_model"], **recon, "downstream": down, "train": cfg["train"],
-              "lr": cfg["train_spec"]["lr"], "device": str(device), "versions": versions()}
-    write_json_atomic(a.out, result)
+    n_win = min(count, (rows.stop - rows.start) // ctx)
+    return root["token"][rows.start:rows.start + n_win * ctx].reshape(n_win, ctx)
+
+
+def cmd_analyze(a) -> None:
+    import numpy as np
+    import torch
+
+    from saescale.evaluate.analyses import progressive, refinement
+    from saescale.normalize import normalize
+    from saescale.sae.model import SparseAutoencoder
+    from saescale.store import open_store, read_rows
+    from saescale.subject import load_model, pick_device
+
+    s = a.spec
+    torch.set_num_threads(a.threads)
+    device = pick_device("auto")
+    sae_dir = Path(a.sae_dir)
+    cfg = read_json(sae_dir / "cfg.json")
+    sae = SparseAutoencoder.from_config(cfg, sae_dir / "sae.safetensors", device).eval()
+    root = open_store(a.activations)
+    x = normalize(torch.from_numpy(read_rows(root, a.layer, "eval", s["tokens"]).astype(np.float32)))[0][:s["tokens"]]
+    x = x.to(device)
+    if a.experiment == "progressive":
+        result = progressive(sae, x, s)
+    else:
+        model = load_model(a.model, a.revision, device)
+        result = refinement(sae, x, s, model, a.layer, eval_windows(root, s["downstream_windows"]),
+                            s["downstream_batch"], device)
+    write_json_atomic(a.out, {**_sae_identity(cfg, a.layer), "experiment": a.experiment, **result,
+                              "device": str(device), "versions": versions()})
 
 
 def cmd_scaling(a) -> None:
@@ -234,12 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=1)
     for name in ("activations", "norm", "subject", "arch", "out-dir"):
         sp.add_argument(f"--{name}", required=True)
+    sp.add_argument("--name", help="the arch wildcard when it names a variant of --arch (sweep.variants)")
     for name in ("layer", "n", "k"):
         sp.add_argument(f"--{name}", type=int, required=True)
 
     sp = stage("evaluate", cmd_evaluate, "evaluate one SAE on the held-out split")
     for name in ("sae-dir", "activations", "model", "out"):
         sp.add_argument(f"--{name}", required=True)
+    sp.add_argument("--layer", type=int, required=True)
+    sp.add_argument("--revision")
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = stage("analyze", cmd_analyze, "progressive recovery or refinement of one SAE (REFERENCE C.8, C.9)")
+    sp.add_argument("--experiment", choices=["progressive", "refinement"], required=True)
+    for name in ("sae-dir", "activations", "out"):
+        sp.add_argument(f"--{name}", required=True)
+    sp.add_argument("--model", help="HF id or local path (refinement's delta CE)")
     sp.add_argument("--layer", type=int, required=True)
     sp.add_argument("--revision")
     sp.add_argument("--threads", type=int, default=1)
@@ -260,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging(args.log)
     log.info("saescale %s %s", args.stage, " ".join(sys.argv[2:])[:500])
     t0 = time.time()
-    args.fn(args)
+    try:
+        args.fn(args)
+    except Exception:
+        log.exception("saescale %s failed", args.stage)  # into the rule's log file, not only stderr
+        raise
     log.info("saescale %s done in %.1f s", args.stage, time.time() - t0)
     return 0
 

@@ -71,12 +71,21 @@ def validate(cfg: dict) -> dict:
 
 def _check_semantics(cfg: dict) -> None:
     sweep = cfg["sweep"]
-    for i, k in enumerate(sweep["k"]):
-        if k > min(sweep["n"]):
-            raise ConfigError(
-                f"config.sweep.k[{i}]: {k} is larger than the smallest n ({min(sweep['n'])}); "
-                "TopK needs k <= n latents"
-            )
+    arch_enum = schema()["properties"]["sweep"]["properties"]["variants"]["additionalProperties"]["properties"]["arch"]
+    archs = set(arch_enum["enum"])
+    for name, variant in sweep["variants"].items():
+        if name in archs:
+            raise ConfigError(f"config.sweep.variants.{name}: the name of a builtin arch; choose another name")
+        _validate_train(deep_merge(cfg["train"], variant["train"]), f"config.sweep.variants.{name}.train")
+    for where, grid in [("config.sweep", sweep)] + [(f"config.sweep.extra[{i}]", g) for i, g in enumerate(sweep["extra"])]:
+        for i, name in enumerate(grid["archs"]):
+            if name not in archs and name not in sweep["variants"]:
+                raise ConfigError(f"{where}.archs[{i}]: '{name}' is neither an arch ({', '.join(sorted(archs))}) "
+                                  "nor a name under config.sweep.variants")
+        for i, k in enumerate(grid["k"]):
+            if k > min(grid["n"]):
+                raise ConfigError(f"{where}.k[{i}]: {k} is larger than the smallest n ({min(grid['n'])}); "
+                                  "an SAE needs k <= n latents")
     for name, subj in cfg["subjects"].items():
         where = f"config.subjects.{name}"
         if subj["model"] == "builtin":
@@ -96,6 +105,22 @@ def _check_semantics(cfg: dict) -> None:
         raise ConfigError(
             f"config.train.batch_size: {cfg['train']['batch_size']} exceeds the token budget train.tokens"
         )
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _validate_train(train: dict, where: str) -> None:
+    sub = schema()["properties"]["train"]
+    errors = list(jsonschema.Draft202012Validator(sub).iter_errors(train))
+    if errors:
+        err = errors[0]
+        path = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        raise ConfigError(f"{path}: {err.message}")
 
 
 def load_config(path: str | Path) -> dict:
@@ -127,3 +152,37 @@ def k_aux_for(train: dict, d_model: int) -> int:
     if train["k_aux"] is not None:
         return int(train["k_aux"])
     return int(2 ** math.floor(math.log2(max(d_model / 2, 1))))
+
+
+# ---- the grid --------------------------------------------------------------------------------------
+
+
+def recipe(cfg: dict, name: str) -> tuple[str, dict]:
+    """(arch, train settings) of a value of the arch wildcard: an arch with the shared `train`, or a
+    variant's base arch with its overrides merged in."""
+    variant = cfg["sweep"]["variants"].get(name)
+    if variant is None:
+        return name, cfg["train"]
+    return variant["arch"], deep_merge(cfg["train"], variant["train"])
+
+
+def sae_jobs(cfg: dict) -> list[dict]:
+    """Every (subject, layer, arch, n, k) the sweep trains, main grid first, without duplicates."""
+    sweep = cfg["sweep"]
+    grids = [sweep] + sweep["extra"]
+    jobs: dict[tuple, dict] = {}
+    for name, subj in cfg["subjects"].items():
+        for layer in subj["layers"]:
+            for grid in grids:
+                for arch in grid["archs"]:
+                    for n in grid["n"]:
+                        for k in grid["k"]:
+                            job = dict(subject=name, layer=layer, arch=arch, n=n, k=k)
+                            jobs.setdefault(tuple(job.values()), job)
+    return list(jobs.values())
+
+
+def analysed(cfg: dict, experiment: str, job: dict) -> bool:
+    """Whether the analysis `experiment` (progressive, refinement) runs on this SAE."""
+    a = cfg["analysis"][experiment]
+    return job["arch"] in a["archs"] and (a["n"] is None or job["n"] in a["n"])

@@ -46,14 +46,30 @@ def model_input(wc):
 
 
 def sae_grid():
-    """Every (subject, layer, arch, n, k) the sweep trains."""
-    sw = CFG["sweep"]
-    for name, subj in CFG["subjects"].items():
-        for layer in subj["layers"]:
-            for arch in sw["archs"]:
-                for n in sw["n"]:
-                    for k in sw["k"]:
-                        yield dict(subject=name, layer=layer, arch=arch, n=n, k=k)
+    """Every (subject, layer, arch, n, k) the sweep trains (saescale.config.sae_jobs)."""
+    return sae_jobs(CFG)
+
+
+def train_recipe(wc):
+    """(arch, train settings) of the arch wildcard, which may name a variant (sweep.variants)."""
+    return recipe(CFG, wc.arch)
+
+
+def analysis_spec(experiment):
+    """The settings an analysis job runs with; which SAEs are analysed (archs, n) is not one of them, so
+    widening that selection adds jobs without rerunning the others."""
+    settings = {key: v for key, v in CFG["analysis"][experiment].items() if key not in ("archs", "n")}
+    return {**settings, "downstream_batch": CFG["evaluate"]["downstream_batch"]}
+
+
+def analyses():
+    """Every (experiment, SAE) the analyze rule runs (config.analysis)."""
+    return [
+        dict(job, experiment=experiment)
+        for job in sae_grid()
+        for experiment in ("progressive", "refinement")
+        if analysed(CFG, experiment, job)
+    ]
 
 
 def log_path(rule, name):
@@ -102,4 +118,5 @@ def report_inputs(wildcards):
             files += [paths.fmt(paths.METRICS, subject=name, layer=layer), paths.fmt(paths.FITS, subject=name, layer=layer)]
     for job in sae_grid():
         files += [paths.fmt(p, **job) for p in (paths.SAE_LOG, paths.SAE_CFG, paths.EVAL)]
+    files += [paths.fmt(paths.ANALYSIS, **job) for job in analyses()]
     return sorted(set(files))

@@ -26,7 +26,7 @@ rule evaluate:
         revision=lambda wc: f"--revision {subject(wc)['revision']}" if subject(wc)["revision"] else "",
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
         spec=spec(CFG["evaluate"]),
-        code=code_version("evaluate", "sae", "normalize.py", "subject.py", "store.py"),
+        code=code_version("evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
         "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations}"
         " --model {params.model} {params.revision} --layer {wildcards.layer} --spec {params.spec:q}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -11,13 +13,14 @@ from saescale.sae.model import SparseAutoencoder
 from saescale.subject import splice_resid
 
 
-def sae_replacement(sae: SparseAutoencoder):
-    """resid -> SAE reconstruction mapped back to raw space with each token's own (mu, scale) (REFERENCE A.2)."""
+def sae_replacement(reconstruct: Callable[[torch.Tensor], torch.Tensor]):
+    """resid -> reconstruction of the normalized resid, mapped back to raw space with each token's own
+    (mu, scale) (REFERENCE A.2)."""
 
     def replace(resid: torch.Tensor) -> torch.Tensor:
         shape = resid.shape
         x_norm, mu, scale = normalize(resid.reshape(-1, shape[-1]))
-        return denormalize(sae(x_norm)[0], mu, scale).reshape(shape)
+        return denormalize(reconstruct(x_norm), mu, scale).reshape(shape)
 
     return replace
 
@@ -38,7 +41,8 @@ def _kl(lp_clean: torch.Tensor, lp_patched: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, windows: np.ndarray,
-                       batch_size: int, device: torch.device) -> dict:
+                       batch_size: int, device: torch.device,
+                       reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Delta CE and KL of the spliced model against the clean one, with the zero-ablation baseline.
 
     Positions t = 0..ctx-2 (those with a next-token target inside the window) all count. Each run's
@@ -46,7 +50,7 @@ def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, win
     """
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
     count = 0
-    replace = sae_replacement(sae)
+    replace = sae_replacement(reconstruct or (lambda x_norm: sae(x_norm)[0]))
 
     def logprobs(toks: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=toks).logits.float(), dim=-1)

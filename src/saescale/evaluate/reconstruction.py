@@ -20,16 +20,15 @@ def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int,
     rows = split_rows(root, "eval")
     err = l0_sum = 0.0
     baseline = MeanAndBaseline()
-    fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
+    fired = torch.zeros(sae.n_latents, dtype=torch.float64, device=device)
     for start in range(rows.start, rows.stop, batch_size):
         raw = torch.from_numpy(x_store[start:min(start + batch_size, rows.stop)].astype(np.float32)).to(device)
         x = normalize(raw)[0]
         x_hat, latents = sae(x)
         err += float(((x - x_hat) ** 2).sum())
         baseline.add(x)
-        active = latents.values > 0
-        l0_sum += float(active.sum())
-        fired.index_add_(0, latents.indices[active], torch.ones_like(latents.indices[active]))
+        l0_sum += float(latents.l0().sum())
+        fired += latents.firing_counts(sae.n_latents).double()
     n_tokens = rows.stop - rows.start
     base = baseline.baseline_sum()
     return {
@@ -40,5 +39,5 @@ def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int,
         "l0": l0_sum / n_tokens,
         "dead_fraction": float((fired == 0).float().mean()),
         "dead_latents": int((fired == 0).sum()),
-        "latent_firing_counts": fired.cpu().numpy(),
+        "latent_firing_counts": fired.cpu().numpy().astype(np.int64),
     }

@@ -24,6 +24,7 @@ from saescale.scaling.fits import predict_joint_law, predict_power_law
 DPI = 110
 PANEL = (3.7, 2.9)  # inches per panel
 MAX_COLS = 4
+MARKERS = "osD^vP*Xph<>"  # one per arch, cycled when there are more archs than markers
 
 
 def to_base64_png(fig: Figure) -> str:
@@ -193,7 +194,8 @@ def scaling_laws(metrics: pd.DataFrame, fits: dict[str, dict | None], labels: di
     if not panels:
         return None
     colours = _palette(metrics["k"].dropna(), "flare")
-    markers = dict(zip(sorted(metrics["arch"].astype(str).unique()), "osD^v"))
+    archs = sorted(metrics["arch"].astype(str).unique())
+    markers = {a: MARKERS[i % len(MARKERS)] for i, a in enumerate(archs)}
     with _style():
         fig, axes = _panels(len(panels), sharey=False)
         for ax, metric in zip(axes, panels):

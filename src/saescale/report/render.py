@@ -6,9 +6,10 @@ Files outside the report rule's inputs (eval JSONs, the Zarr stores) are optiona
 says so instead of failing. All text goes through Jinja2 autoescaping: dataset names, model ids and
 paths come from users and files, and are never trusted as HTML.
 
-This module loads files (`Sources`, `load_layer`), assembles the template context (`layer_context`,
-`subject_context`, `run_context`, `build_context`) and renders (`write_figures`, `render_report`); the
-tables, cell formatting and findings live in `saescale.report.tables`.
+This module loads files (`Sources`, `load_layer`, `load_analyses`), assembles the template context
+(`layer_context`, `subject_context`, `run_context`, `build_context`) and renders (`write_figures`,
+`render_report`); the tables, cell formatting and findings live in `saescale.report.tables`, the
+architecture comparison in `comparison` (numbers, verdicts), `arch_sections` and `arch_figures`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import jinja2
 import pandas as pd
 
 from saescale import paths
+from saescale.config import analysed, recipe, sae_jobs
 from saescale.files import read_json, write_text_atomic
 from saescale.report import figures
+from saescale.report.arch_sections import arch_context
+from saescale.report.comparison import scaling_archs
 from saescale.report.tables import (
     LABELS, _col, _derived, _isnum, _plain, corpus_table, exponent_table, findings, fit_tables, grid_table,
     num, store_table, table, text,
@@ -109,20 +113,22 @@ def _last_doubling_gain(log: pd.DataFrame) -> float:
     return float(1 - end["fvu"] / half["fvu"].iloc[-1])
 
 
-def load_layer(src: Sources, subject: str, layer: int, sweep: dict) -> dict:
-    """metrics.csv + fits.json, and per SAE its cfg.json, train_log.csv and (optional) eval JSON."""
+def load_layer(src: Sources, subject: str, layer: int, config: dict) -> dict:
+    """metrics.csv + fits.json; per SAE its cfg.json, train_log.csv and (optional) eval JSON; and the
+    analysis JSONs (progressive, refinement) of the SAEs config.analysis selects."""
     where = dict(subject=subject, layer=layer)
     metrics = src.csv(paths.fmt(paths.METRICS, **where), f"{subject} L{layer}: the (n, k) grid")
     fits = src.json(paths.fmt(paths.FITS, **where), f"{subject} L{layer}: fitted scaling laws")
     if metrics is None:
         metrics = pd.DataFrame({"arch": pd.Series(dtype=str), "n": pd.Series(dtype=int),
                                 "k": pd.Series(dtype=int), "fvu": pd.Series(dtype=float)})
-    grid = {(a, n, k) for a in sweep["archs"] for n in sweep["n"] for k in sweep["k"]}
+    jobs = [j for j in sae_jobs(config) if j["subject"] == subject and j["layer"] == layer]
+    grid = {(j["arch"], j["n"], j["k"]) for j in jobs}
     grid |= {(str(r.arch), int(r.n), int(r.k)) for r in metrics.itertuples()}
     logs, extra, saes = [], [], []
     pattern = dict(where, arch="{arch}", n="{n}", k="{k}")
     per_sae = [(paths.SAE_LOG, "csv", "SAE training log (tokens, FVU, L0, dead fraction, lr, FLOPs)"),
-               (paths.SAE_CFG, "json", "SAE config: training spec, throughput, device, software versions"),
+               (paths.SAE_CFG, "json", "SAE config: training spec (AuxK, tied init), throughput, versions"),
                (paths.EVAL, "json", "SAE evaluation: FVU, L0, dead latents, ΔCE/KL incl. zero ablation")]
     for arch, n, k in sorted(grid):
         job = dict(where, arch=arch, n=n, k=k)
@@ -131,27 +137,81 @@ def load_layer(src: Sources, subject: str, layer: int, sweep: dict) -> dict:
         if log is not None:
             logs.append(log.assign(arch=arch, n=n, k=k))
         train = (cfg or {}).get("train") or {}
-        # everything per SAE is in metrics.csv but the convergence of its training curve
-        extra.append({"arch": arch, "n": n, "k": k,
-                      "last_doubling_gain": _last_doubling_gain(log) if log is not None else math.nan})
         spec = (cfg or {}).get("train_spec") or {}
+        # everything per SAE is in metrics.csv but the convergence of its training curve and the A.8
+        # ablation settings (AuxK, tied init) with the dead fraction at the end of training
+        extra.append({"arch": arch, "n": n, "k": k,
+                      "last_doubling_gain": _last_doubling_gain(log) if log is not None else math.nan,
+                      "auxk": spec.get("auxk"), "tied_init": spec.get("tied_init"),
+                      "train_dead_fraction": _final_dead(train, log)})
         saes.append({"versions": (cfg or {}).get("versions") or {}, "device": train.get("device"),
                      "dtype": train.get("dtype"), "k_aux": spec.get("k_aux")})
     metrics = metrics.assign(arch=metrics["arch"].astype(str), n=metrics["n"].astype(int),
                              k=metrics["k"].astype(int))
-    metrics = metrics.merge(pd.DataFrame(extra), on=["arch", "n", "k"], how="left")
+    if "base_arch" not in metrics.columns:  # metrics.csv from before variants: the config knows
+        metrics["base_arch"] = [recipe(config, a)[0] if a in config["sweep"]["variants"] else a
+                                for a in metrics["arch"]]
+    extra_df = pd.DataFrame(extra, columns=["arch", "n", "k", "last_doubling_gain", "auxk", "tied_init",
+                                            "train_dead_fraction"])
+    metrics = metrics.merge(extra_df, on=["arch", "n", "k"], how="left")
     metrics = metrics.sort_values(["arch", "k", "n"]).reset_index(drop=True)
     logs_df = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=["arch", "n", "k"])
     missing = sorted(grid - {(r.arch, r.n, r.k) for r in metrics.itertuples()})
-    return {"metrics": metrics, "fits": fits or {}, "logs": logs_df, "saes": saes, "missing": missing}
+    return {"metrics": metrics, "fits": fits or {}, "logs": logs_df, "saes": saes, "missing": missing,
+            "analyses": load_analyses(src, jobs, config)}
+
+
+def _final_dead(train: dict, log: pd.DataFrame | None) -> float:
+    """Dead fraction at the end of training: cfg.json's summary, else the log's last row."""
+    value = train.get("final_dead_fraction")
+    if _isnum(value):
+        return float(value)
+    if log is not None and "dead_fraction" in log.columns and len(log):
+        return float(pd.to_numeric(log["dead_fraction"], errors="coerce").iloc[-1])
+    return math.nan
+
+
+def load_analyses(src: Sources, jobs: list[dict], config: dict) -> dict[str, list[dict]]:
+    """{experiment: [analysis JSON + arch, base_arch, n, k]} for the SAEs config.analysis selects."""
+    what = {"progressive": "progressive recovery: test-time TopK(k') / JumpReLU(θ) sweeps (REFERENCE C.8)",
+            "refinement": "refinement of nonzero activations on a fixed support (REFERENCE C.9)"}
+    out: dict[str, list[dict]] = {e: [] for e in what}
+    for experiment, desc in what.items():
+        for job in jobs:
+            if not analysed(config, experiment, job):
+                continue
+            pattern = paths.fmt(paths.ANALYSIS, **dict(job, arch="{arch}", n="{n}", k="{k}"),
+                                experiment=experiment)
+            data = src.json(paths.fmt(paths.ANALYSIS, **job, experiment=experiment),
+                            f"{job['subject']} L{job['layer']}: {desc}", pattern)
+            if data:
+                base = data.get("base_arch") or recipe(config, job["arch"])[0]
+                out[experiment].append({**data, "arch": job["arch"], "base_arch": base, "n": job["n"],
+                                        "k": job["k"]})
+    return out
 
 
 # ---- per-section context -----------------------------------------------------------------------------
 
+def _fits_for(fits: dict, archs: list[str]) -> dict:
+    """fits.json restricted to `archs` (the ones with an L(N) to show)."""
+    keep = set(archs)
+    return {metric: {**fm, **{part: [f for f in fm.get(part, []) if str(f.get("arch")) in keep]
+                              for part in ("per_k", "joint")}}
+            for metric, fm in fits.items() if isinstance(fm, dict)}
+
+
 def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: dict | None) -> dict:
-    """Sections 2-6 for one (subject, layer): tables, fitted laws, findings and figures."""
-    data = load_layer(src, subject, layer, config["sweep"])
-    m, logs, fits = data["metrics"], data["logs"], data["fits"]
+    """The sections for one (subject, layer): tables, fitted laws, findings, figures and the arch comparison.
+
+    The scaling sections (curves, heatmaps, fits) show only archs trained at >= 2 values of n; the rest are
+    compared in the architecture sections (`arch_sections`)."""
+    data = load_layer(src, subject, layer, config)
+    everything, logs_all = data["metrics"], data["logs"]
+    main = scaling_archs(everything)
+    m = everything[everything["arch"].isin(main)]
+    logs = logs_all[logs_all["arch"].isin(main)] if not logs_all.empty else logs_all
+    fits = _fits_for(data["fits"], main)
     ref = {"delta_ce": _col(m, "delta_ce_zero_ablation").median(), "kl": _col(m, "kl_zero_ablation").median()}
     stats = ((norm or {}).get("layers") or {}).get(str(layer))
     norm_table = None
@@ -159,17 +219,19 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
         cols = ("n_rows", "baseline_mse", "raw_norm_mean", "raw_norm_max")
         norm_table = table(["rows", "baseline MSE (E‖x − E[x]‖²)", "raw ‖x‖ mean", "raw ‖x‖ max"],
                            [[stats.get(c) for c in cols]])
-    sae = dict(subject=subject, layer=layer, arch="{arch}", n="{n}", k="{k}")
+    where = dict(subject=subject, layer=layer)
+    sae = dict(where, arch="{arch}", n="{n}", k="{k}")
     dead_pct = logs.assign(dead_pct=100 * _col(logs, "dead_fraction"))
+    archs = arch_context(everything, logs_all, data["analyses"], config["report"].get("compare_n"), where)
     return {
-        "id": f"{subject}-L{layer}", "subject": subject, "layer": layer, "n_saes": len(m),
+        "id": f"{subject}-L{layer}", "subject": subject, "layer": layer, "n_saes": len(everything),
+        "main_archs": ", ".join(main), "other_archs": ", ".join(sorted(set(everything["arch"]) - set(main))),
         "missing": [f"{a} n={n} k={k}" for a, n, k in data["missing"]], "norm": norm_table,
-        "grid": grid_table(m), "findings": findings(m, fits), "fits": fit_tables(fits),
-        "exponents": exponent_table(fits), "saes": data["saes"],
+        "grid": grid_table(everything), "findings": findings(m, fits) + archs["findings"],
+        "fits": fit_tables(fits), "exponents": exponent_table(fits), "saes": data["saes"], "arch": archs,
         "zero_ablation": {"delta_ce": num(ref["delta_ce"]), "kl": num(ref["kl"]),
                           "ce_clean": num(_col(m, "ce_clean").median())},
-        "src": {"metrics": paths.fmt(paths.METRICS, subject=subject, layer=layer),
-                "fits": paths.fmt(paths.FITS, subject=subject, layer=layer),
+        "src": {"metrics": paths.fmt(paths.METRICS, **where), "fits": paths.fmt(paths.FITS, **where),
                 "log": paths.fmt(paths.SAE_LOG, **sae), "eval": paths.fmt(paths.EVAL, **sae)},
         "fig": {
             "fvu_curves": figures.training_curves(logs, "fvu", "training FVU"),
@@ -181,8 +243,16 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
             "downstream": figures.downstream_vs_fvu(m, ref),
             "dead_heatmap": figures.grid_heatmap(m, "dead_fraction", "dead latents, % (count)", fmt="{:.1f}",
                                                  scale=100, cmap="rocket_r", annot_extra="dead_latents"),
+            **{f"arch_{name}": fig for name, fig in _arch_figures(archs).items()},
         },
     }
+
+
+def _arch_figures(archs: dict) -> dict:
+    """The architecture sections' figures, by name, for write_figures."""
+    return {"matched": archs["matched"].get("fig"), "fvu_vs_n": archs["slopes"].get("fig"),
+            "dead_curves": archs["dead"].get("curves"), "progressive": archs["progressive"].get("fig"),
+            "refinement": archs["refinement"].get("fig")}
 
 
 def lm_context(src: Sources, name: str) -> dict | None:
@@ -228,10 +298,23 @@ def run_context(config: dict, layers: list[dict]) -> dict:
         for pkg, v in s["versions"].items():
             versions.setdefault(pkg, set()).add(str(v))
     devices = sorted({f"{s['device']} ({text(s['dtype'])})" for s in saes if s["device"]})
-    n_layers = sum(len(s["layers"]) for s in config["subjects"].values())
-    sweep = [["architectures", ", ".join(sw["archs"])], ["n (latents)", ", ".join(num(n) for n in sw["n"])],
-             ["k (active latents)", ", ".join(num(k) for k in sw["k"])],
-             ["SAEs in the sweep", num(len(sw["archs"]) * len(sw["n"]) * len(sw["k"]) * n_layers)]]
+
+    def grid(g: dict) -> str:
+        return (f"{', '.join(g['archs'])} × n ∈ {{{', '.join(num(n) for n in g['n'])}}} × "
+                f"k ∈ {{{', '.join(num(k) for k in g['k'])}}}")
+
+    def overrides(v: dict) -> str:
+        return ", ".join(f"{key} = {_plain(val)}" for key, val in (v.get("train") or {}).items()) or "none"
+
+    sweep = [["main grid", grid(sw)], *([f"extra grid {i + 1}", grid(g)] for i, g in enumerate(sw["extra"])),
+             *([f"variant {name}", f"{v['arch']}, train overrides: {overrides(v)}"]
+               for name, v in sw["variants"].items()),
+             ["SAEs in the sweep", num(len(sae_jobs(config)))],
+             ["k for penalty archs", "the target L0 their penalty λ is calibrated to (achieved: L0)"]]
+    for exp in ("progressive", "refinement"):
+        a = config["analysis"][exp]
+        ns = "all" if a["n"] is None else ", ".join(num(n) for n in a["n"])
+        sweep.append([f"analysis: {exp}", f"{', '.join(a['archs'])} at n {ns}; {num(a['tokens'])} tokens"])
     train = [[k, _derived(k, v, saes)] for k, v in config["train"].items()]
     evaluate = [[k, _plain(v)] for k, v in config["evaluate"].items()]
     return {"sweep": table(["", ""], sweep), "train": table(["parameter", "value"], train),

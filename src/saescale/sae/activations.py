@@ -1,35 +1,125 @@
-"""Sparsifying activation functions. Each maps pre-activations [batch, n] to a sparse code (values, indices)."""
+"""Sparsifying activations and their custom gradients (REFERENCE A.3, B.3, B.5, B.6, C.8).
+
+Codes come in two layouts: TopK-style codes keep `k` (value, index) slots per token, so decoding gathers
+only k decoder rows; codes whose support size varies per token (ReLU, JumpReLU, BatchTopK) are dense
+[batch, n] tensors (`indices is None`).
+"""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 
 class Latents(NamedTuple):
-    """A sparse code: `values` [batch, k] at latent `indices` [batch, k]; zeros are allowed (inactive)."""
+    """A sparse code: `values` [batch, k] at latent `indices` [batch, k], or, when `indices` is None, the
+    dense code `values` [batch, n]. Zeros are allowed and mean inactive."""
 
     values: torch.Tensor
-    indices: torch.Tensor
+    indices: torch.Tensor | None = None
 
     def dense(self, n: int) -> torch.Tensor:
+        if self.indices is None:
+            return self.values
         out = torch.zeros(self.values.shape[0], n, dtype=self.values.dtype, device=self.values.device)
         return out.scatter_(1, self.indices, self.values)
 
+    def l0(self) -> torch.Tensor:
+        """Active latents per token [batch]."""
+        return (self.values > 0).sum(dim=-1)
 
-class TopK(nn.Module):
-    """REFERENCE A.3: keep the k largest pre-activations per token, then ReLU (as openai/sparse_autoencoder),
-    so L0 <= k and is below k only when fewer than k pre-activations are positive."""
-
-    def __init__(self, k: int):
-        super().__init__()
-        self.k = k
-
-    def forward(self, pre_acts: torch.Tensor) -> Latents:
-        values, indices = pre_acts.topk(self.k, dim=-1, sorted=False)
-        return Latents(torch.relu(values), indices)
+    def firing_counts(self, n: int, threshold: float = 0.0) -> torch.Tensor:
+        """Tokens on which each latent's value exceeds `threshold` [n], with fixed-shape ops only (boolean
+        indexing would force a GPU-to-host sync)."""
+        fired = (self.values > threshold).to(torch.float32)
+        if self.indices is None:
+            return fired.sum(dim=0)
+        out = torch.zeros(n, dtype=torch.float32, device=self.values.device)
+        return out.index_add_(0, self.indices.flatten(), fired.flatten())
 
 
-ACTIVATIONS = {"topk": TopK}
+def topk(pre_acts: torch.Tensor, k: int) -> Latents:
+    """REFERENCE A.3: the k largest pre-activations per token, then ReLU (as openai/sparse_autoencoder), so
+    L0 <= k and is below k only when fewer than k pre-activations are positive."""
+    values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+    return Latents(torch.relu(values), indices)
+
+
+def batch_topk(acts: torch.Tensor, k: int) -> tuple[Latents, torch.Tensor]:
+    """REFERENCE B.6: keep the batch * k largest entries of the (non-negative) batch of activations, so the
+    mean L0 over the batch is k while each token's varies. Also returns the smallest kept positive value,
+    from which inference estimates its single threshold."""
+    flat = acts.flatten()
+    values, idx = flat.topk(min(acts.shape[0] * k, flat.numel()), sorted=False)
+    dense = torch.zeros_like(flat).scatter(0, idx, values).view_as(acts)
+    kept_min = torch.where(values > 0, values, torch.full_like(values, float("inf"))).min()
+    return Latents(dense), kept_min
+
+
+def jump(pre_acts: torch.Tensor, threshold: torch.Tensor | float) -> Latents:
+    """JumpReLU at inference: a * 1[a > theta] (REFERENCE B.5, and C.8's test-time sweep)."""
+    return Latents(pre_acts * (pre_acts > threshold))
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel K(u) = 1[-1/2 < u < 1/2] of the JumpReLU pseudo-derivatives (REFERENCE B.5)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """f = pre * H(pre - theta) with straight-through pseudo-derivatives (REFERENCE B.5):
+    df/dtheta := -(theta / eps) K((pre - theta) / eps); df/dpre := H(pre - theta), plus, for Anthropic's tanh
+    variant ("the STE passes gradient to the input as well"), (theta / eps) K((pre - theta) / eps)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth: float, input_grad: bool):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth, ctx.input_grad = bandwidth, input_grad
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = (theta / eps) * rectangle((pre - theta) / eps)
+        grad_pre = grad * (pre > theta)
+        if ctx.input_grad:
+            grad_pre = grad_pre + grad * kernel
+        grad_theta = -(grad * kernel).sum(dim=0)
+        return grad_pre, grad_theta, None, None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(pre - theta), the L0 count, with dH/dtheta := -(1/eps) K((pre - theta) / eps) and no gradient into
+    pre (REFERENCE B.5): the penalty moves thresholds, not the encoder."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, bandwidth: float):
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(grad * rectangle((pre - theta) / eps) / eps).sum(dim=0)
+        return None, grad_theta, None
+
+
+class ProLUFunction(torch.autograd.Function):
+    """ProLU (REFERENCE B.3): z = m * 1[m > 0 and m + b > 0]; the bias only gates, never shifts magnitudes.
+    Its true gradient is zero a.e., so b gets the straight-through ProLU_STE gradient dz/db := m * 1[active]."""
+
+    @staticmethod
+    def forward(ctx, m, b):
+        active = (m > 0) & (m + b > 0)
+        ctx.save_for_backward(m, active)
+        return m * active
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, active = ctx.saved_tensors
+        g = grad * active
+        return g, (g * m).sum(dim=0)

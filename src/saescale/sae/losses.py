@@ -5,10 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 autocast outputs are widened; float64 stays float64 for gradient checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor, baseline_mse: float) -> torch.Tensor:
     """REFERENCE A.5: the main loss is the MSE divided by a constant computed once, the error of
     predicting the dataset mean (so a batch's value estimates its FVU)."""
-    return ((x_hat.float() - x.float()) ** 2).sum(dim=-1).mean() / baseline_mse
+    return ((_wide(x_hat) - _wide(x)) ** 2).sum(dim=-1).mean() / baseline_mse
 
 
 def auxk_loss(e_hat: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

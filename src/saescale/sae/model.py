@@ -1,7 +1,9 @@
 """The sparse autoencoder (REFERENCE A.3): z = act(W_enc (x - b_pre) + b_enc), x_hat = W_dec^T z + b_pre.
 
-Decoder directions are the rows of W_dec [n, d] (SAELens' orientation), kept at unit norm. Decoding
-gathers only the k active rows (`embedding_bag`), so the decoder costs O(batch * k * d), not O(batch * n * d).
+Decoder directions are the rows of W_dec [n, d] (SAELens' orientation), at unit norm unless the arch
+weights its penalty by their norms. A TopK code decodes by gathering only its k rows (`embedding_bag`),
+O(batch * k * d); codes of varying support (ReLU, JumpReLU, ...) are dense and decode with one matmul.
+The arch (`sae.family`, sae/archs.py) supplies the activation and the sparsity objective.
 """
 
 from __future__ import annotations
@@ -15,36 +17,40 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from saescale.files import replace_when_done
-from saescale.sae.activations import ACTIVATIONS, Latents
+from saescale.sae.activations import Latents, topk
+from saescale.sae.archs import ARCHS
 
 ENCODER_RESCALE_SAMPLES = 256  # REFERENCE A.4: openai init_from_data_ uses 256 random unit inputs
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, d_model: int, n_latents: int, arch: str = "topk", k: int = 32):
+    def __init__(self, d_model: int, n_latents: int, arch: str = "topk", k: int = 32,
+                 arch_params: dict | None = None):
         super().__init__()
-        if arch not in ACTIVATIONS:
-            raise ValueError(f"unknown arch '{arch}'; known: {sorted(ACTIVATIONS)}")
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch '{arch}'; known: {sorted(ARCHS)}")
         self.d_model, self.n_latents, self.arch, self.k = d_model, n_latents, arch, k
         self.W_enc = nn.Parameter(torch.empty(n_latents, d_model))  # [n, d]
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))  # [n, d], rows = decoder directions
         self.b_pre = nn.Parameter(torch.zeros(d_model))
-        self.activation = ACTIVATIONS[arch](k)
         nn.init.kaiming_uniform_(self.W_enc, a=5**0.5)  # nn.Linear's default: U(-1/sqrt(d), 1/sqrt(d))
+        self.family = ARCHS[arch](n_latents, d_model, k, arch_params)
 
     # ---- the forward pass, in the paper's words ---------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x - self.b_pre, self.W_enc, self.b_enc)  # [batch, n]
 
     def encode(self, x: torch.Tensor) -> Latents:
-        return self.activation(self.pre_acts(x))
+        return self.family.encode(self, x)
 
     def decode(self, latents: Latents) -> torch.Tensor:
         return self.decode_residual(latents) + self.b_pre
 
     def decode_residual(self, latents: Latents) -> torch.Tensor:
         """W_dec^T z without the pre-bias (AuxK reconstructs the error with it)."""
+        if latents.indices is None:
+            return latents.values.to(self.W_dec.dtype) @ self.W_dec
         return F.embedding_bag(latents.indices, self.W_dec, per_sample_weights=latents.values.to(self.W_dec.dtype),
                                mode="sum")
 
@@ -54,15 +60,23 @@ class SparseAutoencoder(nn.Module):
 
     # ---- initialization (REFERENCE A.4) -----------------------------------------------------------
     @torch.no_grad()
-    def init_from_data_(self, b_pre: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    def init_from_data_(self, b_pre: torch.Tensor, generator: torch.Generator | None = None,
+                        tied: bool = True) -> None:
         """b_pre at the geometric median; decoder = encoder directions at unit norm ("tied" init, only at
-        init); encoder scaled so reconstructions of unit inputs have unit norm."""
+        init; `tied=False` draws independent directions, the A.8 ablation); TopK-family encoders scaled so
+        TopK reconstructions of unit inputs have unit norm (A.4 (4))."""
         self.b_pre.copy_(b_pre)
-        self.W_dec.copy_(self.W_enc)
+        if tied:
+            self.W_dec.copy_(self.W_enc)
+        else:
+            self.W_dec.copy_(torch.randn(self.W_dec.shape, generator=generator).to(self.W_dec.device))
         self.normalize_decoder_()
+        if not self.family.rescale_encoder:
+            return
         u = torch.randn(ENCODER_RESCALE_SAMPLES, self.d_model, generator=generator, device=self.W_enc.device)
         u = u / u.norm(dim=1, keepdim=True)
-        x_hat, _ = self(u + self.b_pre)
+        # per-token TopK even for BatchTopK: the rescale must not touch its threshold estimate
+        x_hat = self.decode(topk(self.pre_acts(u + self.b_pre), self.k))
         r = (x_hat - self.b_pre).norm(dim=1).mean()
         self.W_enc.div_(r.clamp_min(1e-12))
 
@@ -81,7 +95,12 @@ class SparseAutoencoder(nn.Module):
 
     # ---- save / load ------------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"d_model": self.d_model, "n_latents": self.n_latents, "arch": self.arch, "k": self.k}
+        return {"d_model": self.d_model, "n_latents": self.n_latents, "arch": self.arch, "k": self.k,
+                "arch_params": dict(self.family.params)}
+
+    def like(self) -> "SparseAutoencoder":
+        """A fresh SAE of the same shape and arch, on the same device (weights to be loaded)."""
+        return type(self)(self.d_model, self.n_latents, self.arch, self.k, self.family.params).to(self.W_enc.device)
 
     def save(self, weights_path: str | Path) -> None:
         """Write safetensors under a temporary name, then rename: a killed job leaves no half file."""
@@ -99,6 +118,6 @@ class SparseAutoencoder(nn.Module):
     def from_config(cls, cfg: dict, weights_path: str | Path,
                     device: str | torch.device = "cpu") -> "SparseAutoencoder":
         """The SAE a cfg.json describes, with weights from `weights_path`."""
-        sae = cls(cfg["d_model"], cfg["n_latents"], cfg["arch"], cfg["k"])
+        sae = cls(cfg["d_model"], cfg["n_latents"], cfg["arch"], cfg["k"], cfg.get("arch_params"))
         sae.load_state_dict(load_file(str(weights_path)))
         return sae.to(device)

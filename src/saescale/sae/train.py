@@ -1,5 +1,6 @@
-"""The training loop (REFERENCE A.3-A.7), in plain sight: batch -> loss (+AuxK) -> backward -> project the
-decoder gradient -> Adam -> renormalize decoder rows -> EMA -> dead-latent bookkeeping -> log/checkpoint.
+"""The training loop (REFERENCE A.3-A.7), in plain sight: batch -> loss (+ the arch's terms, + AuxK) ->
+backward -> project the decoder gradient -> Adam -> renormalize decoder rows -> calibrate the penalty ->
+EMA -> dead-latent bookkeeping -> log/checkpoint. Every arch (sae/archs.py) shares it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,8 @@ log = logging.getLogger("saescale.train")
 FIRING_THRESHOLD = 1e-3  # REFERENCE A.5: a latent "fires" when selected with value > 1e-3
 SELECTION_ROWS = 32768  # training rows used to choose EMA vs raw weights at the end (REFERENCE A.7)
 
-LOG_COLUMNS = ["step", "tokens", "loss", "fvu", "auxk_loss", "l0", "dead_fraction", "lr", "elapsed_s", "flops"]
+LOG_COLUMNS = ["step", "tokens", "loss", "fvu", "auxk_loss", "arch_loss", "penalty", "l0", "dead_fraction", "lr",
+               "elapsed_s", "flops"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class TrainSpec:
     seed: int
     device: str
     data: str = ""  # digest of the activations and statistics trained on: a checkpoint never crosses datasets
+    auxk: bool = True  # the A.8 ablation switches AuxK off ...
+    tied_init: bool = True  # ... and the tied encoder/decoder init
+    arch_params: dict = field(default_factory=dict)  # constants of the arch (sae/archs.py defaults)
+    calibrate_fraction: float = 0.9  # penalty archs: share of steps lambda is calibrated before it is frozen
+    calibrate_rate: float | None = None  # step of log(lambda) per unit of log(L0 / k); None: the arch's own
 
     def fingerprint(self) -> str:
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("log_every", "checkpoint_seconds")}
@@ -91,32 +99,62 @@ def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Late
 def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, baseline_mse: float,
                   dead: torch.Tensor, spec: TrainSpec, autocast: contextlib.AbstractContextManager
                   ) -> tuple[dict, Latents]:
+    family = sae.family
     with autocast:
-        pre_acts = sae.pre_acts(x)
-        latents = sae.activation(pre_acts)
-        x_hat = sae.decode(latents)
-        main = normalized_mse(x_hat, x, baseline_mse)
+        out = family.forward_train(sae, x, lambda x_hat: normalized_mse(x_hat, x, baseline_mse), dead)
+        main = normalized_mse(out.x_hat, x, baseline_mse)
+        arch_loss = sum(out.terms.values(), torch.zeros((), device=x.device))
         aux = torch.zeros((), device=x.device)
-        if spec.auxk_coef > 0:
-            aux_lat = auxk_latents(pre_acts, dead, spec.k_aux)
+        if family.auxk and spec.auxk and spec.auxk_coef > 0:
+            aux_lat = auxk_latents(out.pre_acts, dead, spec.k_aux)
             if aux_lat is not None:
                 # the target is the main model's error with its graph cut: only dead latents learn from it
-                aux = auxk_loss(sae.decode_residual(aux_lat), x - x_hat.detach())
-        loss = main + spec.auxk_coef * aux
+                aux = auxk_loss(sae.decode_residual(aux_lat), x - out.x_hat.detach())
+        loss = main + arch_loss + spec.auxk_coef * aux
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    sae.project_decoder_grad_()
+    if family.unit_norm_decoder:
+        sae.project_decoder_grad_()
     opt.step()
-    sae.normalize_decoder_()
+    if family.unit_norm_decoder:
+        sae.normalize_decoder_()
     # tensors, not floats: reading a value forces a GPU sync, so the loop does it only when it logs
-    return {"loss": loss.detach(), "fvu": main.detach(), "auxk_loss": aux.detach()}, latents
+    return {"loss": loss.detach(), "fvu": main.detach(), "auxk_loss": aux.detach(),
+            "arch_loss": arch_loss.detach()}, out.latents
+
+
+def param_groups(sae: SparseAutoencoder, lr: float) -> list[dict]:
+    """One Adam group at `lr`, plus one per arch parameter with its own lr multiplier (JumpReLU thresholds)."""
+    scales = sae.family.lr_scales()
+    scaled = [{"params": [getattr(sae.family, name)], "lr": lr * scale} for name, scale in scales.items()]
+    special = {id(g["params"][0]) for g in scaled}
+    return [{"params": [p for p in sae.parameters() if id(p) not in special]}] + scaled
+
+
+class PenaltyController:
+    """Matched sparsity for penalty archs: the grid's k is a target L0. For the first `fraction` of the steps
+    lambda is multiplied by exp(rate * log(L0_batch / k)) (an integral controller in log space; each step's
+    change is bounded by exp(+-rate) so lambda cannot wind up while the code lags behind it), then frozen, so the rest of training (and the EMA weights evaluated) optimizes one
+    fixed objective, as a lambda sweep would. Runs on the device: no host sync per step."""
+
+    def __init__(self, sae: SparseAutoencoder, steps: int, fraction: float, rate: float | None):
+        self.family = sae.family
+        self.active = sae.family.penalized and fraction > 0
+        self.freeze_step = int(math.ceil(steps * fraction))
+        self.rate, self.log_k = rate or sae.family.calibration_rate, math.log(sae.k)
+
+    @torch.no_grad()
+    def update(self, step: int, latents: Latents) -> None:
+        if not self.active or step >= self.freeze_step:
+            return
+        error = latents.l0().float().mean().clamp_min(0.1).log() - self.log_k
+        self.family.penalty.mul_((self.rate * error.clamp(-1, 1)).exp())
 
 
 def update_dead(tokens_since_fired: torch.Tensor, latents: Latents) -> None:
     """Count tokens since each latent last fired. Fixed-shape ops only: no boolean-mask indexing, which
     would force a GPU-to-host sync every step."""
-    firings = torch.zeros(tokens_since_fired.shape, dtype=torch.float32, device=tokens_since_fired.device)
-    firings.index_add_(0, latents.indices.flatten(), (latents.values > FIRING_THRESHOLD).flatten().float())
+    firings = latents.firing_counts(tokens_since_fired.shape[0], FIRING_THRESHOLD)
     tokens_since_fired.add_(latents.values.shape[0]).masked_fill_(firings > 0, 0)
 
 
@@ -131,15 +169,16 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
     device = torch.device(spec.device)
     torch.manual_seed(spec.seed)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-    sae = SparseAutoencoder(spec.d_model, spec.n, spec.arch, spec.k)
-    sae.init_from_data_(torch.as_tensor(b_pre, dtype=torch.float32), generator=gen)
+    sae = SparseAutoencoder(spec.d_model, spec.n, spec.arch, spec.k, spec.arch_params)
+    sae.init_from_data_(torch.as_tensor(b_pre, dtype=torch.float32), generator=gen, tied=spec.tied_init)
     sae.to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=spec.lr, betas=tuple(spec.adam_betas), eps=spec.adam_eps)
+    opt = torch.optim.Adam(param_groups(sae, spec.lr), lr=spec.lr, betas=tuple(spec.adam_betas), eps=spec.adam_eps)
     ema = Ema(sae, spec.ema_decay) if spec.ema_decay > 0 else None
     tokens_since_fired = torch.zeros(spec.n, dtype=torch.long, device=device)
     rows: list[dict] = []
     step, elapsed_before = 0, 0.0
     steps = max(1, spec.tokens // spec.batch_size)
+    controller = PenaltyController(sae, steps, spec.calibrate_fraction, spec.calibrate_rate)
 
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.exists():
@@ -166,6 +205,9 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
         x = normalize(torch.from_numpy(next(it)).to(device, non_blocking=True))[0]
         dead = tokens_since_fired >= spec.dead_tokens
         metrics, latents = training_step(sae, opt, x, baseline_mse, dead, spec, autocast)
+        controller.update(step, latents)
+        if ema is not None and controller.active and step + 1 == controller.freeze_step:
+            ema = Ema(sae, spec.ema_decay)  # the evaluated average covers only the fixed-lambda phase
         if ema is not None:
             ema.update(sae)
         update_dead(tokens_since_fired, latents)
@@ -173,7 +215,8 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
         if step % spec.log_every == 0 or step == steps:
             tokens = step * spec.batch_size
             row = {"step": step, "tokens": tokens, **{key: float(v) for key, v in metrics.items()},
-                   "l0": float((latents.values > 0).sum(dim=-1).float().mean()),
+                   "penalty": float(sae.family.penalty) if sae.family.penalized else float("nan"),
+                   "l0": float(latents.l0().float().mean()),
                    "dead_fraction": float((tokens_since_fired >= spec.dead_tokens).float().mean()),
                    "lr": spec.lr, "elapsed_s": elapsed_before + time.time() - t_start,
                    "flops": float(flops_per_token) * tokens}
@@ -191,7 +234,10 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
     sae_eval, chosen, sel = choose_weights(sae, ema, selection_rows, baseline_mse, device)
     summary = {"steps": steps, "tokens": steps * spec.batch_size, "train_seconds": elapsed,
                "tokens_per_s": steps * spec.batch_size / max(elapsed, 1e-9), "device": str(device), "dtype": dtype,
-               "weights": chosen, "selection_fvu": sel, "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None}
+               "weights": chosen, "selection_fvu": sel, "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None,
+               "final_train_l0": rows[-1]["l0"] if rows else None,
+               "penalty": float(sae_eval.family.penalty) if sae.family.penalized else None,
+               "penalty_frozen_at_step": controller.freeze_step if controller.active else None}
     return sae_eval, rows, summary
 
 
@@ -204,8 +250,10 @@ def choose_weights(sae: SparseAutoencoder, ema: Ema | None, rows: np.ndarray, ba
     raw_fvu = _fvu_in_batches(sae, x, baseline_mse)
     if ema is None:
         return sae, "raw", {"raw": raw_fvu}
-    ema_sae = SparseAutoencoder(sae.d_model, sae.n_latents, sae.arch, sae.k).to(device)
+    ema_sae = sae.like()
     ema_sae.load_state_dict(ema.state_dict())
+    if sae.family.penalized:  # lambda is a training constant, not a weight to average: keep the frozen value
+        ema_sae.family.penalty.copy_(sae.family.penalty)
     ema_fvu = _fvu_in_batches(ema_sae, x, baseline_mse)
     sel = {"raw": raw_fvu, "ema": ema_fvu}
     return (ema_sae, "ema", sel) if ema_fvu <= raw_fvu else (sae, "raw", sel)

@@ -9,10 +9,10 @@ import pandas as pd
 
 from saescale.files import read_json, write_json_atomic, write_text_atomic
 
-COLUMNS = ["subject", "layer", "arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction", "dead_latents", "delta_ce",
+COLUMNS = ["subject", "layer", "arch", "base_arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction", "dead_latents", "delta_ce",
            "kl", "ce_clean", "ce_spliced", "delta_ce_zero_ablation", "kl_zero_ablation", "loss_recovered",
            "eval_tokens", "downstream_tokens",
-           "lr", "train_tokens", "train_seconds", "tokens_per_s", "weights", "device"]
+           "lr", "penalty", "train_l0", "train_tokens", "train_seconds", "tokens_per_s", "weights", "device"]
 
 
 def flatten(ev: dict) -> dict:
@@ -27,6 +27,10 @@ def flatten(ev: dict) -> dict:
         "train_seconds": train["train_seconds"],
         "tokens_per_s": train["tokens_per_s"],
         "weights": train["weights"],
+        # penalty archs: k is the target L0, `l0` the achieved one, `penalty` the calibrated lambda
+        "base_arch": ev.get("base_arch", ev["arch"]),
+        "penalty": train.get("penalty"),
+        "train_l0": train.get("final_train_l0"),
     }
 
 
