@@ -52,4 +52,22 @@ def test_progressive_and_refinement_glue_produce_json_ready_results():
     ref = refinement(sae, x, {"iters": 100})
     # refinement can only lower the error on the same support
     assert ref["fvu_after"] <= ref["fvu_before"] + 1e-6
-    assert sum(ref["relative_change_hist"]["counts"]) > 0
+    assert sum(ref["log2_ratio_hist"]["counts"]) > 0 and 0 <= ref["fraction_zeroed"] <= 1
+
+
+def test_eval_sample_spreads_over_the_split_and_uses_the_whole_split_mean(tmp_path):
+    import zarr
+
+    from saescale.evaluate.analyses import eval_sample
+    from saescale.normalize import normalize
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(1000, 8)).astype(np.float32)
+    rows[700:] += 3.0 * np.arange(8)  # the split's last rows differ: a prefix sample would miss them
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    root.create_array("L0/x", data=rows, chunks=(64, 8))
+    root.attrs.update(n_train=200, n_eval=800)
+    x, mean = eval_sample(root, 0, 100)
+    full = normalize(torch.from_numpy(rows[200:]))[0]
+    assert x.shape == (100, 8) and torch.allclose(mean, full.mean(0), atol=1e-5)
+    assert torch.allclose(x, full[::8][:100])  # every 8th row of the eval split, across chunk boundaries

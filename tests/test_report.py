@@ -412,7 +412,8 @@ def write_arch_run(cfg: dict) -> None:
                 rel, frac = (0.4, 0.8) if base == "relu" else (0.0, 0.5)
                 data = {**_refined(job["arch"], rel, frac, fvu, fvu * (0.8 if base == "relu" else 0.98)),
                         "delta_ce_before": 0.2 * fvu, "delta_ce_after": 0.18 * fvu, "mean_change": 0.01,
-                        "relative_change_hist": {"edges": [-1, 0, 1, 10], "counts": [5, 50, 10]}}
+                        "log2_ratio_hist": {"edges": [-1, 0, 1, 3], "counts": [5, 50, 10]},
+                        "median_log2_ratio": 0.2, "fraction_zeroed": 0.01}
             _write(paths.fmt(paths.ANALYSIS, **job, experiment=experiment),
                    {**data, **job, "base_arch": base, "tokens": 512})
     _write(paths.fmt(paths.METRICS, subject="tiny", layer=0), pd.DataFrame(rows))

@@ -56,7 +56,7 @@ def test_quick_preset_produces_the_report(quick_run):
     metrics = pd.read_csv(quick_run / "data/scaling/tiny/L1/metrics.csv")
     topk = metrics[metrics["arch"] == "topk"]
     assert len(topk) == 4 and set(topk["n"]) == {64, 128} and set(topk["k"]) == {4, 8}
-    assert len(metrics) == 14 and set(metrics["base_arch"]) == {"topk", "multitopk", "batchtopk"} | PENALTY_ARCHS
+    assert len(metrics) == 15 and set(metrics["base_arch"]) == {"topk", "multitopk", "batchtopk"} | PENALTY_ARCHS
     assert metrics["fvu"].between(0, 1).all() and (topk["l0"] <= topk["k"]).all()
     assert (metrics["delta_ce"] < metrics["delta_ce_zero_ablation"]).all()
     ev = json.loads((quick_run / "data/eval/tiny/L1/topk/n128_k8.json").read_text())
@@ -100,7 +100,7 @@ def test_one_more_n_plans_only_the_new_sae_jobs(quick_run):
 def test_a_training_hyperparameter_reruns_training_and_downstream_only(quick_run):
     cfg = {**QUICK, "train": {**QUICK["train"], "auxk_coef": 0.05}}
     jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
-    assert jobs == {"train": 14, "evaluate": 14, "analyze": 7, "scaling": 1, "report": 1, "all": 1}
+    assert jobs == {"train": 15, "evaluate": 15, "analyze": 7, "scaling": 1, "report": 1, "all": 1}
 
 
 def test_a_variant_override_reruns_only_that_variant(quick_run):

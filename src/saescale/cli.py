@@ -183,13 +183,11 @@ def eval_windows(root, count: int) -> np.ndarray:
 
 
 def cmd_analyze(a) -> None:
-    import numpy as np
     import torch
 
-    from saescale.evaluate.analyses import progressive, refinement
-    from saescale.normalize import normalize
+    from saescale.evaluate.analyses import eval_sample, progressive, refinement
     from saescale.sae.model import SparseAutoencoder
-    from saescale.store import open_store, read_rows
+    from saescale.store import open_store
     from saescale.subject import load_model, pick_device
 
     s = a.spec
@@ -199,14 +197,13 @@ def cmd_analyze(a) -> None:
     cfg = read_json(sae_dir / "cfg.json")
     sae = SparseAutoencoder.from_config(cfg, sae_dir / "sae.safetensors", device).eval()
     root = open_store(a.activations)
-    x = normalize(torch.from_numpy(read_rows(root, a.layer, "eval", s["tokens"]).astype(np.float32)))[0][:s["tokens"]]
-    x = x.to(device)
+    x, mean = (t.to(device) for t in eval_sample(root, a.layer, s["tokens"]))
     if a.experiment == "progressive":
-        result = progressive(sae, x, s)
+        result = progressive(sae, x, s, mean)
     else:
         model = load_model(a.model, a.revision, device)
         result = refinement(sae, x, s, model, a.layer, eval_windows(root, s["downstream_windows"]),
-                            s["downstream_batch"], device)
+                            s["downstream_batch"], device, mean)
     write_json_atomic(a.out, {**_sae_identity(cfg, a.layer), "experiment": a.experiment, **result,
                               "device": str(device), "versions": versions()})
 

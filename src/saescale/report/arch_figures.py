@@ -40,14 +40,6 @@ def _l0_ticks(ax, l0: pd.Series, targets) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _symlog_ticks(ax, lo: float, hi: float) -> None:
-    """Readable ticks on the symlog axis of relative changes (which start at -1)."""
-    cands = [-1, -0.5, 0, 0.5, 1, 10, 100, 1000, 10000]
-    ticks = [c for c in cands if lo <= c <= hi] or [0]
-    ax.set_xticks(ticks, labels=[f"{c:g}" for c in ticks])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
 def matched_sparsity(m_n: pd.DataFrame, styles: dict, targets=()) -> str | None:
     """Figs 2a and 5a analogue at one n: FVU and ΔCE against achieved L0 (log-log), a line per arch."""
     ys = [(c, lab) for c, lab in (("fvu", "FVU (normalized MSE)"), ("delta_ce", "ΔCE (nats/token)"))
@@ -161,11 +153,11 @@ def progressive(records: list[dict], styles: dict) -> str | None:
 
 
 def refinement_histograms(records: list[dict], styles: dict) -> str | None:
-    """Fig 9a analogue: per analysed SAE, the distribution of (after − before) / before over the nonzero
-    activations, as the share of activations per bin; symlog x, since ReLU's changes span decades."""
+    """Fig 9a analogue: per analysed SAE, the distribution of log2(after / before) over the activations that
+    stay nonzero, as the share of activations per bin (a ratio axis: ReLU's changes span decades)."""
     panels = []
     for r in records:
-        h = r.get("relative_change_hist") or {}
+        h = r.get("log2_ratio_hist") or {}
         edges, counts = np.asarray(h.get("edges") or [], float), np.asarray(h.get("counts") or [], float)
         if len(edges) == len(counts) + 1 and len(counts) and counts.sum() > 0 and np.isfinite(edges).all():
             panels.append((r, edges, counts / counts.sum()))
@@ -177,16 +169,14 @@ def refinement_histograms(records: list[dict], styles: dict) -> str | None:
             colour = styles.get(r["arch"], {"color": "C0"})["color"]
             ax.stairs(share, edges, fill=True, color=colour, alpha=0.6)
             ax.axvline(0, color="black", lw=0.8)
-            rel = r.get("mean_relative_change")
-            if isinstance(rel, (int, float)) and math.isfinite(rel):
-                ax.axvline(rel, color="black", ls="--", lw=1)
-            ax.set_xscale("symlog", linthresh=1.0)
+            med = r.get("median_log2_ratio")
+            if isinstance(med, (int, float)) and math.isfinite(med):
+                ax.axvline(med, color="black", ls="--", lw=1)
             ax.set_xlim(edges[0], edges[-1])
-            _symlog_ticks(ax, edges[0], edges[-1])
             ax.set_title(f"{r['arch']}, n = {r['n']}, k = {r['k']}")
-            ax.set_xlabel("relative change of an activation")
+            ax.set_xlabel("log2(after / before) of an activation")
         axes[0].set_ylabel("share of nonzero activations")
         fig.legend(handles=[Line2D([], [], color="black", lw=0.8, label="no change"),
-                            Line2D([], [], color="black", ls="--", label="mean relative change")],
+                            Line2D([], [], color="black", ls="--", label="median")],
                    loc="outside right upper", frameon=False)
     return to_base64_png(fig)

@@ -168,18 +168,20 @@ def refinement_section(records: list[dict], m: pd.DataFrame, n: int | None, styl
         g = r.get
         rows.append([r["arch"], num(r["n"]), num(r["k"]), num(eval_fvu.get((r["arch"], r["n"], r["k"]))),
                      *(num(g(c)) for c in ("fvu_before", "fvu_after", "delta_ce_before", "delta_ce_after")),
-                     num(g("mean_relative_change"), 3), pct(g("fraction_increased")),
+                     num(g("mean_relative_change"), 3), pct(g("fraction_increased")), pct(g("fraction_zeroed")),
                      num(g("mean_change"), 3),
                      f"{num(g('mean_activation_before'), 3)} → {num(g('mean_activation_after'), 3)}",
                      num(g("tokens"))])
     columns = ["arch", "n", "k", "eval FVU (metrics.csv)", "FVU before", "FVU after", "ΔCE before",
-               "ΔCE after", "mean relative change", "share increased", "mean change", "mean activation",
+               "ΔCE after", "mean relative change", "share increased", "share set to 0", "mean change",
+               "mean activation",
                "tokens"]
     return {"note": None, "verdict": verdict_view(verdict), "src": pattern, "table": table(columns, rows),
             "fig": af.refinement_histograms(_analysis_panels(records, n), styles),
-            "caption": "Fig. 9a analogue: distribution of the relative change (after − before) / before of "
-                       "each nonzero activation when its values are re-fitted by non-negative least squares "
-                       f"on the encoder's support; symlog x; dashed: the mean. {verdict.short}"}
+            "caption": "Fig. 9a analogue: distribution of log2(after / before) of each nonzero activation "
+                       "when its values are re-fitted by non-negative least squares on the encoder's support "
+                       "(activations refinement sets to 0 are counted in the table, not the histogram); "
+                       f"dashed: the median. {verdict.short}"}
 
 
 def arch_context(m: pd.DataFrame, logs: pd.DataFrame, analyses: dict[str, list[dict]],
