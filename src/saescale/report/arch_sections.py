@@ -48,7 +48,7 @@ def matched_section(m: pd.DataFrame, n: int | None, styles: dict, src: dict) -> 
     if m_n["arch"].nunique() < 2:
         return {"note": f"Not run in this configuration: fewer than two architectures at n = {num(n)} (set "
                         "sweep.extra, e.g. {archs: [relu, gated, prolu], n: [...], k: [...]}, or "
-                        "report.compare_n)."}
+                        "report.compare_n; workflow/configs/archs.yaml runs the full comparison)."}
     targets = sorted(int(k) for k in m_n["k"].unique())
     fvu = cmp.matched_table(m_n, "fvu", targets)
     dce = cmp.matched_table(m_n, "delta_ce", targets)
@@ -88,7 +88,8 @@ def slopes_section(m: pd.DataFrame, styles: dict, src: dict) -> dict:
     verdict = cmp.steeper_verdict(slopes)
     if not slopes:
         return {"note": "Not run in this configuration: needs topk and relu each trained at >= 2 values of n "
-                        "with a common k (add e.g. {archs: [relu], n: [...], k: [...]} to sweep.extra)."}
+                        "with a common k (add e.g. {archs: [relu], n: [...], k: [...]} to sweep.extra; "
+                        "workflow/configs/archs.yaml does)."}
     rows = [[num(s["k"]), num(s["topk"], 3), num(s["relu"], 3),
              "topk" if s["topk"] < s["relu"] else "relu"] for s in slopes]
     return {"note": None, "table": table(["k (target L0)", "slope topk", "slope relu", "steeper"], rows),
