@@ -13,6 +13,10 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from saescale.files import file_digest, read_json, setup_logging, write_json_atomic
 
@@ -140,22 +144,29 @@ def cmd_train(a) -> None:
     checkpoint.unlink(missing_ok=True)
 
 
-def cmd_evaluate(a) -> None:
+def _trained_sae(a):
+    """(device, cfg, sae, store) for the stages that read one trained SAE and the activation store."""
     import torch
 
-    from saescale.evaluate.downstream import downstream_metrics
-    from saescale.evaluate.reconstruction import reconstruction_metrics
     from saescale.sae.model import SparseAutoencoder
-    from saescale.store import open_store, split_rows
-    from saescale.subject import load_model, pick_device
+    from saescale.store import open_store
+    from saescale.subject import pick_device
 
-    s = a.spec
     torch.set_num_threads(a.threads)
     device = pick_device("auto")
     sae_dir = Path(a.sae_dir)
     cfg = read_json(sae_dir / "cfg.json")
     sae = SparseAutoencoder.from_config(cfg, sae_dir / "sae.safetensors", device).eval()
-    root = open_store(a.activations)
+    return device, cfg, sae, open_store(a.activations)
+
+
+def cmd_evaluate(a) -> None:
+    from saescale.evaluate.downstream import downstream_metrics
+    from saescale.evaluate.reconstruction import reconstruction_metrics
+    from saescale.subject import load_model
+
+    s = a.spec
+    device, cfg, sae, root = _trained_sae(a)
     recon = reconstruction_metrics(sae, root, a.layer, s["batch_size"], device)
     recon.pop("latent_firing_counts")
     model = load_model(a.model, a.revision, device)
@@ -183,20 +194,11 @@ def eval_windows(root, count: int) -> np.ndarray:
 
 
 def cmd_analyze(a) -> None:
-    import torch
-
     from saescale.evaluate.analyses import eval_sample, progressive, refinement
-    from saescale.sae.model import SparseAutoencoder
-    from saescale.store import open_store
-    from saescale.subject import load_model, pick_device
+    from saescale.subject import load_model
 
     s = a.spec
-    torch.set_num_threads(a.threads)
-    device = pick_device("auto")
-    sae_dir = Path(a.sae_dir)
-    cfg = read_json(sae_dir / "cfg.json")
-    sae = SparseAutoencoder.from_config(cfg, sae_dir / "sae.safetensors", device).eval()
-    root = open_store(a.activations)
+    device, cfg, sae, root = _trained_sae(a)
     x, mean = (t.to(device) for t in eval_sample(root, a.layer, s["tokens"]))
     if a.experiment == "progressive":
         result = progressive(sae, x, s, mean)

@@ -77,7 +77,8 @@ def _check_semantics(cfg: dict) -> None:
         if name in archs:
             raise ConfigError(f"config.sweep.variants.{name}: the name of a builtin arch; choose another name")
         _validate_train(deep_merge(cfg["train"], variant["train"]), f"config.sweep.variants.{name}.train")
-    for where, grid in [("config.sweep", sweep)] + [(f"config.sweep.extra[{i}]", g) for i, g in enumerate(sweep["extra"])]:
+    grids = [("config.sweep", sweep)] + [(f"config.sweep.extra[{i}]", g) for i, g in enumerate(sweep["extra"])]
+    for where, grid in grids:
         for i, name in enumerate(grid["archs"]):
             if name not in archs and name not in sweep["variants"]:
                 raise ConfigError(f"{where}.archs[{i}]: '{name}' is neither an arch ({', '.join(sorted(archs))}) "

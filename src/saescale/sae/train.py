@@ -134,8 +134,9 @@ def param_groups(sae: SparseAutoencoder, lr: float) -> list[dict]:
 class PenaltyController:
     """Matched sparsity for penalty archs: the grid's k is a target L0. For the first `fraction` of the steps
     lambda is multiplied by exp(rate * log(L0_batch / k)) (an integral controller in log space; each step's
-    change is bounded by exp(+-rate) so lambda cannot wind up while the code lags behind it), then frozen, so the rest of training (and the EMA weights evaluated) optimizes one
-    fixed objective, as a lambda sweep would. Runs on the device: no host sync per step."""
+    change is bounded by exp(+-rate) so lambda cannot wind up while the code lags behind it), then frozen,
+    so the rest of training (and the EMA weights evaluated) optimizes one fixed objective, as a lambda
+    sweep would. Runs on the device: no host sync per step."""
 
     def __init__(self, sae: SparseAutoencoder, steps: int, fraction: float, rate: float | None):
         self.family = sae.family
@@ -159,7 +160,8 @@ def update_dead(tokens_since_fired: torch.Tensor, latents: Latents) -> None:
 
 
 def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
-              spec: TrainSpec, checkpoint_path: str | Path, selection_rows: np.ndarray) -> tuple[SparseAutoencoder, list[dict], dict]:
+              spec: TrainSpec, checkpoint_path: str | Path,
+              selection_rows: np.ndarray) -> tuple[SparseAutoencoder, list[dict], dict]:
     """Train one SAE; resumes from `checkpoint_path` when it holds a run of the same spec.
 
     `batch_source.batches(start_step)` yields raw float32 activations [batch, d], normalized here on the
@@ -234,7 +236,8 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
     sae_eval, chosen, sel = choose_weights(sae, ema, selection_rows, baseline_mse, device)
     summary = {"steps": steps, "tokens": steps * spec.batch_size, "train_seconds": elapsed,
                "tokens_per_s": steps * spec.batch_size / max(elapsed, 1e-9), "device": str(device), "dtype": dtype,
-               "weights": chosen, "selection_fvu": sel, "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None,
+               "weights": chosen, "selection_fvu": sel,
+               "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None,
                "final_train_l0": rows[-1]["l0"] if rows else None,
                "penalty": float(sae_eval.family.penalty) if sae.family.penalized else None,
                "penalty_frozen_at_step": controller.freeze_step if controller.active else None}
