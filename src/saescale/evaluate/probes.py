@@ -1,0 +1,361 @@
+"""Probe loss: recover known binary features with 1-D logistic probes (REFERENCE C.4).
+
+For each task and each column i of an activation matrix (SAE pre-activation latents, or the raw
+residual channels for the baseline) a logistic regression on that single column is fit with Newton's
+method; the task's probe loss is the held-out binary cross-entropy of the best column.
+
+The paper's 61 tasks were not recovered (REFERENCE C.4, gap), so `char_labels` ships a builtin,
+corpus-agnostic set defined over the text around each token; `token_labels` maps them onto the
+tokens of any tokenizer through its character offsets.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+import string
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# Elements of one [rows, columns] float64 block; a chunk of columns holds about this many, so a
+# handful of temporaries stay around 128 MiB each whatever N is.
+_BLOCK_ELEMENTS = 2 ** 24
+_STEP_TOL = 1e-9     # Newton step (standardized units) below which a column counts as converged
+_MAX_STEP = 10.0     # clamp on one Newton step: keeps separable columns from jumping to |w| ~ 1/l2
+
+
+# --------------------------------------------------------------------------- 1-D logistic regression
+
+def _standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Columns to zero mean / unit std with the train statistics; constant columns become 0."""
+    constant = std <= 1e-12 * (mean.abs() + 1e-30)
+    return torch.where(constant, 0.0, (x - mean) / torch.where(constant, 1.0, std))
+
+
+def _column_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.mean(0), x.std(0, correction=0)
+
+
+def _bce_with_logits(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -y log s(z) - (1-y) log(1-s(z)) = softplus(z) - y z, stable for any |z|."""
+    return (torch.nn.functional.softplus(z) - y * z).mean(0)
+
+
+def _newton(x: torch.Tensor, y: torch.Tensor, iters: int, l2: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit sigmoid(w x_j + b) to y for every column j of standardized x at once.
+
+    x: [N, C] float64, standardized; y: [N] float64 in {0, 1}. Minimizes
+    mean BCE + l2/2 (w^2 + b^2) with exact 2x2 Newton steps per column. The step is damped by a lazy
+    line search: each pass evaluates the objective at the proposed point, and a column whose objective
+    went up is sent back halfway to its last accepted point. With separable data (a planted feature)
+    the optimum has |w| ~ log(1/l2), reached through clamped steps.
+    Returns (w [C], b [C], train BCE [C]) at the last accepted point.
+    """
+    c = x.shape[1]
+    yc = y[:, None]
+    rate = float(y.mean().clamp(1e-6, 1 - 1e-6))
+    w = torch.zeros(c, dtype=x.dtype)
+    b = torch.full((c,), math.log(rate / (1 - rate)), dtype=x.dtype)   # exact optimum at w = 0
+    w_acc, b_acc = w.clone(), b.clone()
+    obj_acc = torch.full((c,), math.inf, dtype=x.dtype)
+    bce_acc = obj_acc.clone()
+    active = torch.arange(c)       # columns still moving; converged ones leave the [N, C] work
+    xa = x
+    for it in range(iters):
+        wa, ba = w[active], b[active]
+        z = xa * wa + ba                                                    # [N, active]
+        bce = _bce_with_logits(z, yc)
+        obj = bce + 0.5 * l2 * (wa * wa + ba * ba)
+        accept = obj <= obj_acc[active]
+        w_acc[active] = torch.where(accept, wa, w_acc[active])
+        b_acc[active] = torch.where(accept, ba, b_acc[active])
+        obj_acc[active] = torch.where(accept, obj, obj_acc[active])
+        bce_acc[active] = torch.where(accept, bce, bce_acc[active])
+        if it == iters - 1:
+            break
+        p = torch.sigmoid(z)
+        r = p - yc                                                          # dBCE/dz
+        s = p * (1 - p)                                                     # d2BCE/dz2
+        sx = s * xa
+        g_w, g_b = (r * xa).mean(0) + l2 * wa, r.mean(0) + l2 * ba
+        h_ww, h_wb, h_bb = (sx * xa).mean(0) + l2, sx.mean(0), s.mean(0) + l2
+        det = (h_ww * h_bb - h_wb * h_wb).clamp_min(1e-300)
+        d_w = ((-h_bb * g_w + h_wb * g_b) / det).nan_to_num(0.0).clamp(-_MAX_STEP, _MAX_STEP)
+        d_b = ((-h_ww * g_b + h_wb * g_w) / det).nan_to_num(0.0).clamp(-_MAX_STEP, _MAX_STEP)
+        # Accepted columns step from the new point; rejected ones halve their step from the last good one.
+        wa_acc, ba_acc = w_acc[active], b_acc[active]
+        w_next = torch.where(accept, wa + d_w, wa_acc + 0.5 * (wa - wa_acc))
+        b_next = torch.where(accept, ba + d_b, ba_acc + 0.5 * (ba - ba_acc))
+        w[active], b[active] = w_next, b_next
+        moving = (w_next - wa_acc).abs() + (b_next - ba_acc).abs() >= _STEP_TOL
+        if not bool(moving.all()):
+            active, xa = active[moving], xa[:, moving]
+            if len(active) == 0:
+                break
+    return w_acc, b_acc, bce_acc
+
+
+def fit_logistic_1d_batched(X, y, iters: int = 25, l2: float = 1e-6
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent 1-D logistic regressions of y on each column of X: P(y=1) = sigmoid(w_j X_j + b_j).
+
+    X: [N, F]; y: [N] bool or 0/1. Newton's method in float64 on each column standardized to zero
+    mean / unit std (so `l2`, applied to the standardized weight and bias, is scale-free); the
+    returned (w [F], b [F]) are in the units of X. Constant columns get w = 0.
+    """
+    x = torch.as_tensor(X).to(torch.float64)
+    mean, std = _column_stats(x)
+    w_s, b_s, _ = _newton(_standardize(x, mean, std), _labels(y), iters, l2)
+    constant = std <= 1e-12 * (mean.abs() + 1e-30)
+    w = torch.where(constant, 0.0, w_s / torch.where(constant, 1.0, std))
+    return w, b_s - w * mean
+
+
+def fit_logistic_1d(x, y, iters: int = 25, l2: float = 1e-6) -> tuple[float, float]:
+    """One 1-D logistic regression P(y=1) = sigmoid(w x + b); see `fit_logistic_1d_batched`."""
+    w, b = fit_logistic_1d_batched(torch.as_tensor(x).reshape(-1, 1), y, iters, l2)
+    return float(w[0]), float(b[0])
+
+
+def _labels(y) -> torch.Tensor:
+    return torch.as_tensor(y).reshape(-1).to(torch.float64)
+
+
+# --------------------------------------------------------------------------- probe losses
+
+def _auto_chunk(n_rows: int, chunk: int | None) -> int:
+    return chunk if chunk is not None else max(1, _BLOCK_ELEMENTS // max(n_rows, 1))
+
+
+def _column_blocks(X_train, X_test, chunk: int | None, progress: bool
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first column, train block [N, C], test block [M, C]) standardized with the train statistics.
+
+    X_train / X_test only need shape and column slicing (`X[:, i:j]`), so torch tensors, numpy arrays
+    and Zarr arrays all work and only one block is in memory at a time.
+    """
+    n_cols = X_train.shape[1]
+    if X_test.shape[1] != n_cols:
+        raise ValueError(f"probe: train has {n_cols} columns but test has {X_test.shape[1]}")
+    step = _auto_chunk(X_train.shape[0], chunk)
+    for start in tqdm(range(0, n_cols, step), desc="probe columns", unit="chunk", disable=not progress):
+        train, test = _block(X_train, start, step), _block(X_test, start, step)
+        mean, std = _column_stats(train)
+        yield start, _standardize(train, mean, std), _standardize(test, mean, std)
+
+
+def _block(X, start: int, width: int) -> torch.Tensor:
+    block = X[:, start:start + width]
+    block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block))
+    return block.to(torch.float64)
+
+
+def probe_losses(X_train, y_train, X_test, y_test, chunk: int | None = None, iters: int = 25,
+                 l2: float = 1e-6, progress: bool = False) -> torch.Tensor:
+    """Held-out mean BCE of each column's 1-D probe, fit on the train rows: [F] float64.
+
+    chunk: columns fit together (memory ~ 6 x N x chunk float64); None picks ~2^24 / N.
+    """
+    yt, ye = _labels(y_train), _labels(y_test)
+    _check_rows("probe", X_train, yt, X_test, ye)
+    out = []
+    for _, train, test in _column_blocks(X_train, X_test, chunk, progress):
+        w, b, _ = _newton(train, yt, iters, l2)
+        out.append(_bce_with_logits(test * w + b, ye[:, None]))
+    return torch.cat(out)
+
+
+def _check_rows(what: str, X_train, y_train: torch.Tensor, X_test, y_test: torch.Tensor) -> None:
+    if len(y_train) != X_train.shape[0] or len(y_test) != X_test.shape[0]:
+        raise ValueError(f"{what}: {len(y_train)}/{len(y_test)} labels for "
+                         f"{X_train.shape[0]}/{X_test.shape[0]} train/test rows")
+
+
+def _entropy_baseline(y_train: torch.Tensor, y_test: torch.Tensor) -> float:
+    """Test BCE of always predicting the train base rate: what a probe must beat."""
+    q = float(y_train.mean().clamp(1e-6, 1 - 1e-6))
+    return float(-(y_test * math.log(q) + (1 - y_test) * math.log(1 - q)).mean())
+
+
+def best_probes(X_train, labels_train: Mapping[str, object], X_test, labels_test: Mapping[str, object],
+                chunk: int | None = None, iters: int = 25, l2: float = 1e-6,
+                progress: bool = False) -> dict[str, dict]:
+    """Best single-column probe for every task: {task: {loss, column, train_loss, baseline}}.
+
+    REFERENCE C.4: probe_loss(task) = min over (i, w, b) of the BCE of sigmoid(w z_i + b), with z_i
+    the *pre-activation* latents for an SAE and the residual channels for the baseline; the paper
+    reports the mean over tasks. The minimum over (w, b) is the Newton fit on the train rows; the
+    minimum over i is also taken on the train rows, and `loss` is the held-out BCE of that column.
+    Choosing i on the test rows would let the best of up to 2^17 noisy columns look like a feature;
+    selecting on train and reporting test follows the SAEBench substitute in C.4 (fit and select on
+    train, report test). `baseline` is the entropy of the train base rate on the test rows.
+
+    Columns are read in chunks once and shared by all tasks, so Zarr-backed X is read once.
+    Tasks whose train or test labels hold one class only are left out of the result.
+    """
+    ys = {}
+    for task, y in labels_train.items():
+        yt, ye = _labels(y), _labels(labels_test[task])
+        _check_rows(f"probe task {task!r}", X_train, yt, X_test, ye)
+        if 0 < yt.mean() < 1 and 0 < ye.mean() < 1:
+            ys[task] = (yt, ye)
+    best = {t: {"loss": math.inf, "column": -1, "train_loss": math.inf,
+                "baseline": _entropy_baseline(*ys[t])} for t in ys}
+    for start, train, test in _column_blocks(X_train, X_test, chunk, progress):
+        for task, (yt, ye) in ys.items():
+            w, b, train_bce = _newton(train, yt, iters, l2)
+            j = int(train_bce.argmin())
+            if float(train_bce[j]) < best[task]["train_loss"]:
+                test_bce = _bce_with_logits(test[:, j] * w[j] + b[j], ye)
+                best[task].update(loss=float(test_bce), column=start + j, train_loss=float(train_bce[j]))
+    return best
+
+
+def best_probe(X_train, y_train, X_test, y_test, chunk: int | None = None, iters: int = 25,
+               l2: float = 1e-6, progress: bool = False) -> dict:
+    """{loss, column, train_loss, baseline} of the best single column for one task; see `best_probes`."""
+    result = best_probes(X_train, {"task": y_train}, X_test, {"task": y_test}, chunk, iters, l2, progress)
+    if "task" not in result:
+        raise ValueError("probe: the labels need both classes in the train and in the test split")
+    return result["task"]
+
+
+# --------------------------------------------------------------------------- builtin tasks
+
+# Strings and comments in one left-to-right scan: whichever starts first wins, so a '#' inside a
+# string and a quote inside a comment are handled. Unterminated strings end at the newline (single
+# quotes) or at the end of the text (triple quotes); a trailing backslash is allowed. Never raises.
+_LEXEME = re.compile(r"""
+    (?P<comment>\#[^\n]*)
+  | (?P<triple>'''(?:[^\\]|\\.)*?(?:'''|\\?\Z) | \"\"\"(?:[^\\]|\\.)*?(?:\"\"\"|\\?\Z))
+  | (?P<single>'(?:[^'\\\n]|\\.)*(?:'|(?=\n)|\\?\Z) | "(?:[^"\\\n]|\\.)*(?:"|(?=\n)|\\?\Z))
+""", re.VERBOSE | re.DOTALL)
+_WORD = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*")
+_OPEN, _CLOSE = "([{", ")]}"
+_KEYWORDS = frozenset(keyword.kwlist)
+_PUNCT = np.zeros(128, dtype=bool)
+_PUNCT[[ord(c) for c in string.punctuation]] = True
+_INDENT = " \t\f"
+
+TASKS = (
+    "in_string",          # inside a string literal, quotes included (prefixes like f/r/b excluded)
+    "in_triple_string",   # inside a triple-quoted string (docstrings), quotes included
+    "in_comment",         # from '#' outside strings to the end of the line
+    "in_brackets",        # inside (), [] or {} in code: nesting depth > 0; the brackets themselves not
+    "keyword",            # a Python keyword (whole word) in code
+    "line_start",         # first non-blank character of a line
+    "indented_line",      # any character of a line that starts with indentation and is not blank
+    "decorator_line",     # any character of a line whose first non-blank character is '@'
+    "digit",              # 0-9
+    "uppercase",          # an uppercase letter
+    "whitespace",         # any whitespace character, newlines included
+    "after_whitespace",   # a non-blank character preceded by whitespace (word starts)
+    "punctuation",        # ASCII punctuation / operator character
+    "underscore_word",    # a word (identifier-like) containing '_'
+    "all_caps_word",      # a word of >= 2 characters, no lowercase letters, at least two uppercase letters
+)
+
+
+def _code_lexemes(text: str, n: int) -> dict[str, np.ndarray]:
+    labels = {k: np.zeros(n, dtype=bool) for k in ("in_string", "in_triple_string", "in_comment")}
+    for m in _LEXEME.finditer(text):
+        kind = m.lastgroup
+        if kind == "comment":
+            labels["in_comment"][m.start():m.end()] = True
+        else:
+            labels["in_string"][m.start():m.end()] = True
+            if kind == "triple":
+                labels["in_triple_string"][m.start():m.end()] = True
+    return labels
+
+
+def _bracket_depth(text: str, code: np.ndarray) -> np.ndarray:
+    """depth > 0 between matching brackets of code; stray closers are ignored rather than going negative."""
+    inside = np.zeros(len(text), dtype=bool)
+    depth, opened_at = 0, 0
+    for m in re.finditer(r"[()\[\]{}]", text):
+        i = m.start()
+        if not code[i]:
+            continue
+        if text[i] in _OPEN:
+            if depth == 0:
+                opened_at = i + 1
+            depth += 1
+        elif depth > 0:
+            depth -= 1
+            if depth == 0:
+                inside[opened_at:i] = True
+    if depth > 0:
+        inside[opened_at:] = True
+    return inside
+
+
+def char_labels(text: str) -> dict[str, np.ndarray]:
+    """{task: [len(text)] bool} for every task in `TASKS`.
+
+    Character-class and line tasks hold for any text; string, comment, bracket and keyword tasks
+    assume Python-like code (on prose an apostrophe opens a "string" that the newline closes).
+    A lexical scan, not `tokenize`, so broken or truncated code still gets labels.
+    """
+    n = len(text)
+    chars = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    labels = _code_lexemes(text, n)
+    code = ~(labels["in_string"] | labels["in_comment"])
+    labels["in_brackets"] = _bracket_depth(text, code)
+
+    is_space = np.fromiter((c.isspace() for c in text), dtype=bool, count=n)
+    labels["digit"] = (chars >= ord("0")) & (chars <= ord("9"))
+    labels["uppercase"] = np.fromiter((c.isupper() for c in text), dtype=bool, count=n)
+    labels["whitespace"] = is_space
+    labels["after_whitespace"] = ~is_space & np.concatenate([[False], is_space[:-1]])[:n]
+    labels["punctuation"] = np.where(chars < 128, _PUNCT[np.minimum(chars, 127)], False)
+
+    for k in ("keyword", "underscore_word", "all_caps_word"):
+        labels[k] = np.zeros(n, dtype=bool)
+    for m in _WORD.finditer(text):
+        word, s, e = m.group(), m.start(), m.end()
+        if word in _KEYWORDS and code[s]:
+            labels["keyword"][s:e] = True
+        if "_" in word:
+            labels["underscore_word"][s:e] = True
+        if len(word) >= 2 and word.upper() == word and sum(c.isupper() for c in word) >= 2:
+            labels["all_caps_word"][s:e] = True
+
+    for k in ("line_start", "indented_line", "decorator_line"):
+        labels[k] = np.zeros(n, dtype=bool)
+    start = 0
+    for line in text.split("\n"):
+        body = line.lstrip(_INDENT)
+        if body.strip():
+            first = start + len(line) - len(body)
+            labels["line_start"][first] = True
+            if first > start:
+                labels["indented_line"][start:start + len(line)] = True
+            if body[0] == "@":
+                labels["decorator_line"][start:start + len(line)] = True
+        start += len(line) + 1
+    return {k: labels[k] for k in TASKS}
+
+
+def token_labels(text: str, offsets, labels: Mapping[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """{task: [n_tokens] bool}: a token is positive when ANY of its characters is.
+
+    offsets: [(start, end)] character spans per token, as a Hugging Face fast tokenizer returns with
+    `return_offsets_mapping=True`. "Any character" keeps tasks like `line_start` and `in_string`
+    true on tokens that merge a leading space or a closing quote with the next character. Empty spans
+    (special tokens report (0, 0)) are negative for every task. `labels` defaults to `char_labels(text)`.
+    """
+    labels = char_labels(text) if labels is None else labels
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).clip(0, len(text))
+    start, end = spans[:, 0], np.maximum(spans[:, 1], spans[:, 0])
+    out = {}
+    for task, per_char in labels.items():
+        counts = np.concatenate([[0], np.cumsum(per_char, dtype=np.int64)])   # [len(text) + 1]
+        out[task] = counts[end] - counts[start] > 0
+    return out
