@@ -124,12 +124,11 @@ class BatchTopKArch(Arch):
     def forward_train(self, sae: SparseAutoencoder, x: torch.Tensor, mse: Mse, dead: torch.Tensor) -> TrainOutput:
         pre = sae.pre_acts(x)
         latents, kept_min = batch_topk(torch.relu(pre), self.k)
-        with torch.no_grad():
+        with torch.no_grad():  # tensor ops only: a Python `if` on a device value would sync every step
             kept_min = kept_min.detach().float()
-            if torch.isfinite(kept_min):
-                first = self.threshold < 0
-                self.threshold.copy_(torch.where(first, kept_min,
-                                                 self.threshold.lerp(kept_min, self.params["threshold_momentum"])))
+            updated = torch.where(self.threshold < 0, kept_min,
+                                  self.threshold.lerp(kept_min, self.params["threshold_momentum"]))
+            self.threshold.copy_(torch.where(torch.isfinite(kept_min), updated, self.threshold))
         return TrainOutput(latents, sae.decode(latents), pre, {})
 
 
