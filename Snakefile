@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from saescale import paths
-from saescale.config import ConfigError, analysed, recipe, sae_jobs, validate
+from saescale.config import ConfigError, analysed, evaluated, recipe, sae_jobs, validate
 
 min_version("9.0")
 
@@ -30,6 +30,7 @@ wildcard_constraints:
     n=r"\d+",
     k=r"\d+",
     experiment=r"progressive|refinement",
+    metric=r"probes|ablation|geometry",
 
 
 include: "workflow/rules/common.smk"
@@ -40,6 +41,8 @@ include: "workflow/rules/normalize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/analyze.smk"
+include: "workflow/rules/metrics.smk"
+include: "workflow/rules/interpret.smk"
 include: "workflow/rules/scaling.smk"
 include: "workflow/rules/report.smk"
 
@@ -48,6 +51,7 @@ localrules:
     all,
     scaling,
     report,
+    dashboard,
 
 
 rule all:

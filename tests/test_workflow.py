@@ -47,6 +47,7 @@ def quick_run(tmp_path_factory) -> Path:
     return wdir
 
 
+SUITE = {"probes": 1, "ablation": 1, "geometry": 1, "interpret": 1, "dashboard": 1}  # per-SAE suite jobs
 PENALTY_ARCHS = {"relu", "relu_dn", "prolu", "gated", "jumprelu", "jumprelu_tanh"}
 
 
@@ -87,8 +88,8 @@ def test_second_dry_run_has_nothing_to_do(quick_run):
 def test_one_more_k_plans_only_the_new_sae_jobs(quick_run):
     cfg = {**QUICK, "sweep": {**QUICK["sweep"], "k": [4, 8, 2]}}
     jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
-    # topk at n=128 is analysed (analysis.*.n = [128]): its new SAE gets both analyses
-    assert jobs == {"train": 2, "evaluate": 2, "analyze": 2, "scaling": 1, "report": 1, "all": 1}
+    # topk at n=128 is analysed (analysis.*.n = [128]) and evaluated by the suite (evaluate.*.n, interpret.n)
+    assert jobs == {"train": 2, "evaluate": 2, "analyze": 2, **SUITE, "scaling": 1, "report": 1, "all": 1}
 
 
 def test_one_more_n_plans_only_the_new_sae_jobs(quick_run):
@@ -100,7 +101,8 @@ def test_one_more_n_plans_only_the_new_sae_jobs(quick_run):
 def test_a_training_hyperparameter_reruns_training_and_downstream_only(quick_run):
     cfg = {**QUICK, "train": {**QUICK["train"], "auxk_coef": 0.05}}
     jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
-    assert jobs == {"train": 15, "evaluate": 15, "analyze": 7, "scaling": 1, "report": 1, "all": 1}
+    suite = {rule: 3 for rule in SUITE}  # topk k=4, k=8 and relu at n=128
+    assert jobs == {"train": 15, "evaluate": 15, "analyze": 7, **suite, "scaling": 1, "report": 1, "all": 1}
 
 
 def test_a_variant_override_reruns_only_that_variant(quick_run):
@@ -115,6 +117,57 @@ def test_analysing_one_more_arch_adds_only_its_analysis(quick_run):
     cfg = {**QUICK, "analysis": {**QUICK["analysis"], "progressive": progressive}}
     jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
     assert jobs == {"analyze": 1, "report": 1, "all": 1}
+
+
+def test_quick_preset_runs_every_suite_metric_on_its_selected_saes(quick_run):
+    metrics = pd.read_csv(quick_run / "data/scaling/tiny/L1/metrics.csv").set_index(["arch", "n", "k"])
+    suite = metrics.loc[[("topk", 128, 4), ("topk", 128, 8), ("relu", 128, 8)]]
+    ln2 = 0.6932
+    assert suite["probe_loss"].between(0, ln2).all() and suite["probe_loss_resid"].between(0, ln2).all()
+    assert suite["ablation_sparsity"].between(0, 1).all() and suite["ablation_sparsity_resid"].between(0, 1).all()
+    assert suite["n2g_precision"].between(0, 1).all() and suite["n2g_recall"].between(0, 1).all()
+    assert (suite["n2g_delta_ce"] > 0).all() and (suite["bigram_delta_ce"] > 0).all()
+    assert (suite["freq_slope"] < 0).all() and suite["nn_mean"].between(-1, 1).all()
+    assert metrics.drop(suite.index)["probe_loss"].isna().all()  # not selected: not run
+    records = (quick_run / "data/interpret/tiny/L1/topk/n128_k8.jsonl").read_text().splitlines()
+    assert len(records) == 16 and all(json.loads(r)["top_examples"] for r in records)
+    page = (quick_run / "reports/latents/tiny/L1/topk/n128_k8.html").read_text()
+    assert page.count('id="latent-') == 8 and "../../../../report.html" in page
+    assert not list(quick_run.glob("data/interpret/**/*.autointerp.json"))  # off unless configured
+
+
+def test_a_probe_setting_reruns_only_the_probes(quick_run):
+    probes = {**QUICK["evaluate"]["probes"], "iters": 20}
+    cfg = {**QUICK, "evaluate": {**QUICK["evaluate"], "probes": probes}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"probes": 3, "scaling": 1, "report": 1, "all": 1}
+
+
+def test_interpreting_one_more_arch_adds_only_its_jobs(quick_run):
+    cfg = {**QUICK, "interpret": {**QUICK["interpret"], "archs": ["topk", "relu", "gated"]}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"interpret": 1, "dashboard": 1, "scaling": 1, "report": 1, "all": 1}
+
+
+def test_autointerp_through_an_http_endpoint_adds_only_its_jobs_and_never_writes_the_key(quick_run, monkeypatch):
+    from test_autointerp import ScriptedModel, serving
+
+    monkeypatch.setenv("SAESCALE_TEST_KEY", "sk-sentinel-0123")
+    with serving(ScriptedModel("perfect")) as server:
+        auto = {"backend": "openai", "model": "test-model", "base_url": server.base_url,
+                "api_key_env": "SAESCALE_TEST_KEY", "latents": 3, "max_retries": 1}
+        cfg = {**QUICK, "interpret": {**QUICK["interpret"], "autointerp": auto}}
+        jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+        assert jobs == {"autointerp": 3, "dashboard": 3, "scaling": 1, "report": 1, "all": 1}
+        snakemake(quick_run, config=cfg)
+        served = server.request_count
+        snakemake(quick_run, "--forcerun", "autointerp", config=cfg)  # every response comes from the cache
+        assert server.request_count == served > 0
+    summary = json.loads((quick_run / "data/interpret/tiny/L1/topk/n128_k8.autointerp.json").read_text())
+    assert summary["n_latents"] == 3 and summary["n_ok"] + summary["n_failed"] == 3
+    written = [p for p in quick_run.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".html", ".log")]
+    assert not [p for p in written if "sk-sentinel-0123" in p.read_text(errors="ignore")]
+    snakemake(quick_run, config=QUICK)  # back to the preset for the tests that follow
 
 
 def test_snakemake_report_bundles_the_html(quick_run):

@@ -210,6 +210,108 @@ def cmd_analyze(a) -> None:
                               "device": str(device), "versions": versions()})
 
 
+def _result(cfg: dict, layer: int, device, **fields) -> dict:
+    return {**_sae_identity(cfg, layer), **fields, "device": str(device), "versions": versions()}
+
+
+def cmd_probes(a) -> None:
+    import torch
+
+    from saescale.evaluate.probes import load_user_task, probe_record, text_resids, token_strings
+    from saescale.subject import load_model, load_tokenizer
+
+    s = a.spec
+    device, cfg, sae, root = _trained_sae(a)
+    windows = eval_windows(root, s["windows"])
+    rows = split_rows_of(root, "eval", len(windows))
+    x = torch.from_numpy(root[f"L{a.layer}/x"][rows].astype("float32")).to(device)
+    tokenizer = load_tokenizer(a.tokenizer, a.revision)
+    user = {}
+    if s["datasets"]:
+        model = load_model(a.model, a.revision, device)
+        for ds in s["datasets"]:
+            ids, labels = load_user_task(ds, tokenizer, root.attrs["ctx_len"])
+            user[ds["task"]] = ([r.to(device) for r in text_resids(model, a.layer, ids, device)], labels, ds["pool"])
+    with torch.no_grad():
+        record = probe_record(sae, x, windows, token_strings(tokenizer, windows), s, user)
+    write_json_atomic(a.out, _result(cfg, a.layer, device, metric="probes", **record))
+
+
+def split_rows_of(root, split: str, n_windows: int) -> slice:
+    """Rows of the first n_windows whole windows of a split (eval_windows' rows)."""
+    from saescale.store import split_rows
+
+    rows = split_rows(root, split)
+    return slice(rows.start, rows.start + n_windows * root.attrs["ctx_len"])
+
+
+def cmd_ablation(a) -> None:
+    import torch
+
+    from saescale.evaluate.ablation import ablation_record
+    from saescale.subject import load_model
+
+    s = a.spec
+    device, cfg, sae, root = _trained_sae(a)
+    model = load_model(a.model, a.revision, device)
+    windows = torch.from_numpy(eval_windows(root, s["windows"])).long().to(device)
+    record = ablation_record(model, a.layer, sae, windows, s)
+    write_json_atomic(a.out, _result(cfg, a.layer, device, metric="ablation", **record))
+
+
+def cmd_geometry(a) -> None:
+    from saescale.evaluate.geometry import geometry_record
+    from saescale.evaluate.reconstruction import reconstruction_metrics
+
+    s = a.spec
+    device, cfg, sae, root = _trained_sae(a)
+    recon = reconstruction_metrics(sae, root, a.layer, s["batch_size"], device)
+    record = geometry_record(sae.W_dec.detach(), recon["latent_firing_counts"], recon["eval_tokens"], s)
+    write_json_atomic(a.out, _result(cfg, a.layer, device, metric="geometry", **record))
+
+
+def cmd_interpret(a) -> None:
+    import json as _json
+
+    from saescale.files import write_text_atomic
+    from saescale.interpret.stage import interpret_sae
+    from saescale.subject import load_model, load_tokenizer
+
+    device, cfg, sae, root = _trained_sae(a)
+    model = load_model(a.model, a.revision, device)
+    tokenizer = load_tokenizer(a.tokenizer, a.revision)
+    records, summary = interpret_sae(model, a.layer, sae, root, tokenizer, a.spec, device)
+    identity = _sae_identity(cfg, a.layer)
+    write_text_atomic(a.out_records, "".join(_json.dumps({**identity, **r}) + "\n" for r in records))
+    write_json_atomic(a.out, _result(cfg, a.layer, device, metric="interpret", **summary))
+
+
+def cmd_autointerp(a) -> None:
+    import json as _json
+
+    from saescale.files import write_text_atomic
+    from saescale.interpret.autointerp import Cache, make_backend, run_autointerp, summarize
+
+    records = [_json.loads(line) for line in Path(a.records).read_text().splitlines() if line.strip()]
+    results = run_autointerp(records, make_backend(a.spec), Cache(a.cache), a.spec)
+    write_text_atomic(a.out_records, "".join(_json.dumps(r) + "\n" for r in results))
+    identity = {key: records[0][key] for key in ("subject", "layer", "arch", "n", "k")} if records else {}
+    write_json_atomic(a.out, {**identity, "metric": "autointerp", **summarize(results),
+                              "backend": {key: a.spec.get(key) for key in ("backend", "model", "base_url")}})
+
+
+def cmd_dashboard(a) -> None:
+    from saescale.report.dashboard import load_records, merge_autointerp, write_dashboard
+
+    records = [r for r in load_records(a.records) if r.get("dashboard", True)]
+    if a.autointerp:
+        records = merge_autointerp(records, load_records(a.autointerp))
+    summary = read_json(a.summary)
+    identity = {key: summary[key] for key in ("subject", "layer", "arch", "n", "k")}
+    write_dashboard(a.out, identity, records, summary=summary, autointerp_enabled=bool(a.autointerp),
+                    back_link=a.back_link)
+
+
 def cmd_scaling(a) -> None:
     from saescale.scaling.collect import collect, write_scaling
 
@@ -296,6 +398,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layer", type=int, required=True)
     sp.add_argument("--revision")
     sp.add_argument("--threads", type=int, default=1)
+
+    for name, fn, help in (("probes", cmd_probes, "probe loss of one SAE (REFERENCE C.4)"),
+                           ("ablation", cmd_ablation, "ablation sparsity of one SAE (REFERENCE C.7)"),
+                           ("geometry", cmd_geometry, "frequency-rank and decoder cosines (REFERENCE F.3, F.4)"),
+                           ("interpret", cmd_interpret, "N2G explanations and latent records (REFERENCE C.5, C.6)")):
+        sp = stage(name, fn, help)
+        for arg in ("sae-dir", "activations", "out"):
+            sp.add_argument(f"--{arg}", required=True)
+        sp.add_argument("--model", help="HF id or local path of the subject LM")
+        sp.add_argument("--tokenizer", help="HF id or local path of its tokenizer")
+        sp.add_argument("--layer", type=int, required=True)
+        sp.add_argument("--revision")
+        sp.add_argument("--threads", type=int, default=1)
+        if name == "interpret":
+            sp.add_argument("--out-records", required=True, help="per-latent records (JSONL)")
+
+    sp = stage("autointerp", cmd_autointerp, "LLM explanations and detection scores for sampled latents")
+    for arg in ("records", "cache", "out", "out-records"):
+        sp.add_argument(f"--{arg}", required=True)
+
+    sp = stage("dashboard", cmd_dashboard, "feature dashboard page of one SAE", spec=False)
+    for arg in ("records", "summary", "out"):
+        sp.add_argument(f"--{arg}", required=True)
+    sp.add_argument("--autointerp", help="autointerp results (JSONL), when run")
+    sp.add_argument("--back-link", help="link from the page back to the report")
 
     sp = stage("scaling", cmd_scaling, "collect eval JSONs into a table and fit the scaling laws", spec=False)
     sp.add_argument("--evals", nargs="+", required=True)

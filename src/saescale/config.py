@@ -183,7 +183,18 @@ def sae_jobs(cfg: dict) -> list[dict]:
     return list(jobs.values())
 
 
+def selected(stage: dict, job: dict) -> bool:
+    """Whether a per-SAE stage with `archs` / `n` selectors (null: all) runs on this SAE."""
+    return ((stage["archs"] is None or job["arch"] in stage["archs"])
+            and (stage["n"] is None or job["n"] in stage["n"]))
+
+
+def evaluated(cfg: dict, stage: str, job: dict) -> bool:
+    """Whether a suite stage (probes, ablation, geometry, interpret) is on and runs on this SAE."""
+    settings = cfg["interpret"] if stage == "interpret" else cfg["evaluate"][stage]
+    return settings["enabled"] and selected(settings, job)
+
+
 def analysed(cfg: dict, experiment: str, job: dict) -> bool:
     """Whether the analysis `experiment` (progressive, refinement) runs on this SAE."""
-    a = cfg["analysis"][experiment]
-    return job["arch"] in a["archs"] and (a["n"] is None or job["n"] in a["n"])
+    return selected(cfg["analysis"][experiment], job)

@@ -125,6 +125,25 @@ def splice_resid(model: nn.Module, layer: int, replace: Callable[[torch.Tensor],
         handle.remove()
 
 
+@contextlib.contextmanager
+def add_at_positions(model: nn.Module, layer: int, position: torch.Tensor, delta: torch.Tensor) -> Iterator[None]:
+    """Add delta[b] [d] to resid_post of `layer` at position[b] of batch row b only, every other position
+    untouched: one edit per row, the ablation of one latent or channel (REFERENCE C.7)."""
+    block = transformer_blocks(model)[layer]
+
+    def hook(_m, _inp, out):
+        resid = _block_output(out).clone()
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        resid[rows, position] += delta.to(resid.dtype)
+        return _replace_block_output(out, resid)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # ---- the builtin tiny GPT-2 ----------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ rule analyze:
         revision=lambda wc: f"--revision {subject(wc)['revision']}" if subject(wc)["revision"] else "",
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
         spec=lambda wc: spec(analysis_spec(wc.experiment)),
-        code=code_version("evaluate", "sae", "normalize.py", "subject.py", "store.py"),
+        code=code_version("analyze", "evaluate", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
         "saescale analyze --experiment {wildcards.experiment} --sae-dir {params.sae_dir}"
         " --activations {input.activations} {params.model} {params.revision} --layer {wildcards.layer}"

@@ -1,5 +1,7 @@
 # Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
+import ast
 import hashlib
+import re
 from pathlib import Path
 
 import saescale
@@ -9,16 +11,38 @@ PKG = Path(saescale.__file__).parent
 HAS_CUDA = torch.cuda.is_available()
 
 
-SHARED_MODULES = ("cli.py", "config.py", "files.py", "paths.py")  # every stage runs through these
+SHARED_MODULES = ("config.py", "files.py", "paths.py")  # every stage runs through these
+CLI_SOURCE = (PKG / "cli.py").read_text()
+CLI_FUNCTIONS = {
+    node.name: ast.get_source_segment(CLI_SOURCE, node)
+    for node in ast.parse(CLI_SOURCE).body
+    if isinstance(node, ast.FunctionDef)
+}
 
 
-def code_version(*modules):
-    """Hash of the package sources a rule runs: Snakemake does not track imported code (notes/snakemake.md
-    section 0.7), so this param makes a code change rerun its stage and what depends on it."""
-    h = hashlib.sha256()
+def cli_source(stage):
+    """The source of `saescale <stage>` in cli.py: cmd_<stage> and the cli helpers it calls, transitively.
+    Hashing this rather than all of cli.py keeps an edit to one command from rerunning every stage."""
+    todo, seen = [f"cmd_{stage}"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += [f for f in CLI_FUNCTIONS if f not in seen and re.search(rf"\b{f}\b", CLI_FUNCTIONS[name])]
+    if f"cmd_{stage}" not in CLI_FUNCTIONS:
+        raise ValueError(f"saescale.cli has no cmd_{stage}")
+    return "".join(CLI_FUNCTIONS[name] for name in sorted(seen))
+
+
+def code_version(stage, *modules):
+    """Hash of the package sources a rule runs: its CLI command (cli_source) and `modules`. Snakemake does
+    not track imported code (notes/snakemake.md section 0.7), so this param makes a code change rerun its
+    stage and what depends on it."""
+    h = hashlib.sha256(cli_source(stage).encode())
     for mod in SHARED_MODULES + modules:
         p = PKG / mod
-        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+        for f in sorted(f for f in p.rglob("*") if f.suffix in (".py", ".html")) if p.is_dir() else [p]:
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
@@ -98,12 +122,60 @@ def tokenizer_path(wc):
     return paths.fmt(paths.TOKENIZER, subject=wc.subject) if is_builtin(wc) else subject(wc)["model"]
 
 
+def autointerp_enabled():
+    return CFG["interpret"]["autointerp"]["backend"] != "none"
+
+
+def stage_spec(settings, drop=()):
+    """A per-SAE stage's settings without its on/off switch and SAE selectors: widening the selection adds
+    jobs without rerunning the others."""
+    return {key: v for key, v in settings.items() if key not in ("enabled", "archs", "n", *drop)}
+
+
+def sae_results(job):
+    """Every per-SAE result file the scaling table merges: the eval record, the suite's metrics (those on
+    for this SAE, config.evaluate.<metric>), its interpretation and autointerp."""
+    files = [paths.fmt(paths.EVAL, **job)]
+    files += [paths.fmt(paths.METRIC, metric=m, **job) for m in paths.METRIC_NAMES if evaluated(CFG, m, job)]
+    if evaluated(CFG, "interpret", job):
+        files.append(paths.fmt(paths.INTERPRET, **job))
+        if autointerp_enabled():
+            files.append(paths.fmt(paths.AUTOINTERP, **job))
+    return files
+
+
 def evals_of(wc):
     return [
         paths.fmt(paths.EVAL, **job)
         for job in sae_grid()
         if job["subject"] == wc.subject and str(job["layer"]) == wc.layer
     ]
+
+
+def results_of(wc):
+    return [
+        f
+        for job in sae_grid()
+        if job["subject"] == wc.subject and str(job["layer"]) == wc.layer
+        for f in sae_results(job)
+    ]
+
+
+def interpret_spec(wc):
+    """The interpret settings of one SAE; whether it runs the explanation reconstruction (C.6) is decided
+    here, so changing interpret.reconstruction.n reruns only the SAEs it adds or removes."""
+    settings = CFG["interpret"]
+    recon = settings["reconstruction"]
+    on = recon["n"] is None or int(wc.n) in recon["n"]
+    return {**stage_spec(settings, drop=("autointerp", "reconstruction")),
+            "reconstruction": on, "reconstruction_windows": recon["windows"]}
+
+
+def dashboard_inputs(wc):
+    out = {"records": paths.fmt(paths.INTERPRET_RECORDS, **wc), "summary": paths.fmt(paths.INTERPRET, **wc)}
+    if autointerp_enabled():
+        out["autointerp"] = paths.fmt(paths.AUTOINTERP_RECORDS, **wc)
+    return out
 
 
 def report_inputs(wildcards):
@@ -117,6 +189,8 @@ def report_inputs(wildcards):
         for layer in subj["layers"]:
             files += [paths.fmt(paths.METRICS, subject=name, layer=layer), paths.fmt(paths.FITS, subject=name, layer=layer)]
     for job in sae_grid():
-        files += [paths.fmt(p, **job) for p in (paths.SAE_LOG, paths.SAE_CFG, paths.EVAL)]
+        files += [paths.fmt(p, **job) for p in (paths.SAE_LOG, paths.SAE_CFG)] + sae_results(job)
+        if evaluated(CFG, "interpret", job):
+            files.append(paths.fmt(paths.DASHBOARD, **job))
     files += [paths.fmt(paths.ANALYSIS, **job) for job in analyses()]
     return sorted(set(files))

@@ -25,8 +25,8 @@ rule evaluate:
         model=model_path,
         revision=lambda wc: f"--revision {subject(wc)['revision']}" if subject(wc)["revision"] else "",
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
-        spec=spec(CFG["evaluate"]),
-        code=code_version("evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"),
+        spec=spec({key: v for key, v in CFG["evaluate"].items() if key not in paths.METRIC_NAMES}),
+        code=code_version("evaluate", "evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
         "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations}"
         " --model {params.model} {params.revision} --layer {wildcards.layer} --spec {params.spec:q}"

@@ -13,6 +13,6 @@ rule normalize:
     conda:
         envs()
     params:
-        code=code_version("normalize.py", "store.py"),
+        code=code_version("normalize", "normalize.py", "store.py"),
     shell:
         "saescale normalize --activations {input} --out {output} --log {log}"

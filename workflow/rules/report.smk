@@ -21,6 +21,6 @@ rule report:
         envs()
     params:
         spec=spec(CFG),
-        code=code_version("report", "scaling"),
+        code=code_version("report", "report", "scaling"),
     shell:
         "saescale report --spec {params.spec:q} --out {output.html} --figures-dir {output.figures} --log {log}"

@@ -3,7 +3,7 @@
 
 rule scaling:
     input:
-        evals_of,
+        results_of,
     output:
         metrics=paths.METRICS,
         fits=paths.FITS,
@@ -14,6 +14,7 @@ rule scaling:
     conda:
         envs()
     params:
-        code=code_version("scaling"),
+        evals=evals_of,
+        code=code_version("scaling", "scaling"),
     shell:
-        "saescale scaling --evals {input} --out-metrics {output.metrics} --out-fits {output.fits} --log {log}"
+        "saescale scaling --evals {params.evals} --out-metrics {output.metrics} --out-fits {output.fits} --log {log}"

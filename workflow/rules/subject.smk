@@ -13,7 +13,7 @@ rule corpus:
     conda:
         envs()
     params:
-        code=code_version("corpus.py"),
+        code=code_version("corpus", "corpus.py"),
     shell:
         "saescale corpus --out-jsonl {output.jsonl} --out-info {output.info} --log {log}"
 
@@ -31,7 +31,7 @@ rule tokenizer:
         envs()
     params:
         spec=lambda wc: spec({"vocab_size": subject(wc)["builtin"]["vocab_size"]}),
-        code=code_version("subject.py"),
+        code=code_version("tokenizer", "subject.py"),
     shell:
         "saescale tokenizer --corpus {input} --spec {params.spec:q} --out {output} --log {log}"
 
@@ -53,7 +53,7 @@ rule lm:
         gpu=1 if HAS_CUDA else 0,
     params:
         spec=lambda wc: spec(subject(wc)["builtin"]),
-        code=code_version("subject.py"),
+        code=code_version("lm", "subject.py"),
     shell:
         "saescale lm --tokens {input.tokens} --tokenizer {input.tokenizer} --threads {threads} --spec {params.spec:q}"
         " --out {output} --log {log}"

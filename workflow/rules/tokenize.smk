@@ -16,7 +16,7 @@ rule tokenize:
         tokenizer=tokenizer_path,
         corpus=lambda wc: f"--corpus {paths.CORPUS}" if subject(wc)["dataset"]["path"] == "builtin" else "",
         spec=lambda wc: spec({key: subject(wc)[key] for key in ("dataset", "ctx_len", "eval_tokens")}),
-        code=code_version("corpus.py"),
+        code=code_version("tokenize", "corpus.py"),
     shell:
         "saescale tokenize --tokenizer {params.tokenizer} {params.corpus} --spec {params.spec:q}"
         " --out {output} --log {log}"

@@ -23,7 +23,7 @@ rule train:
         spec=lambda wc: spec({key: v for key, v in train_recipe(wc)[1].items() if key != "threads"}),
         arch=lambda wc: train_recipe(wc)[0],
         out_dir=lambda wc, output: str(Path(output.cfg).parent),
-        code=code_version("sae", "store.py", "normalize.py"),
+        code=code_version("train", "sae", "store.py", "normalize.py"),
     shell:
         "saescale train --activations {input.activations} --norm {input.norm} --subject {wildcards.subject}"
         " --layer {wildcards.layer} --arch {params.arch} --name {wildcards.arch} --n {wildcards.n} --k {wildcards.k}"

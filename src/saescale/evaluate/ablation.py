@@ -186,3 +186,65 @@ def ablation_effects(
     rows = torch.arange(P, device=tokens.device)[:, None]
     cols = position[:, None] + torch.arange(horizon, device=tokens.device)  # [P, T]
     return (patched[rows, cols] - clean_logits[rows, cols]).float()
+
+
+# --------------------------------------------------------------------------- the ablation rule
+
+HIST_EDGES = torch.linspace(0.0, 1.0, 51)
+
+
+def _histogram(s: Tensor) -> dict:
+    ok = s[~s.isnan()].float().cpu()
+    return {"edges": HIST_EDGES.tolist(), "counts": torch.histc(ok, bins=50, min=0.0, max=1.0).long().tolist()}
+
+
+@torch.no_grad()
+def ablation_record(model, layer: int, sae, windows: Tensor, spec: dict) -> dict:
+    """Mean ablation sparsity of `spec['pairs']` sampled (position, active latent) pairs of one SAE, and
+    of as many (position, residual channel) pairs, the reference (REFERENCE C.7).
+
+    windows [W, S] long on the model's device. A latent is removed in raw space, -z_i d_i ||x - mu||
+    (error-preserving); a channel is set to 0.
+    """
+    from saescale.normalize import normalize
+    from saescale.subject import add_at_positions, record_resid, run_until_recorded
+
+    W, S = windows.shape
+    T = min(spec["horizon"], S)
+    gen = torch.Generator().manual_seed(spec["seed"])
+    resid = []
+    with record_resid(model, [layer], stop=True) as captured:
+        for i in range(0, W, spec["batch"]):
+            run_until_recorded(model, windows[i:i + spec["batch"]])
+            resid.append(captured[layer].float())
+    x = torch.cat(resid)  # [W, S, d]
+    d = x.shape[-1]
+    x_norm, _, scale = normalize(x.reshape(-1, d))
+    lat = sae.encode(x_norm)
+    values = lat.values.reshape(W, S, -1)
+    codes = values if lat.indices is None else (values, lat.indices.reshape(W, S, -1))
+    latent_pairs = sample_pairs(codes, spec["pairs"], gen, horizon=T)
+    channel_pairs = sample_pairs(x, spec["pairs"], gen, horizon=T)
+    scale = scale.reshape(W, S)
+
+    def run_logits(tokens: Tensor, patch: ResidPatch) -> Tensor:
+        with add_at_positions(model, layer, patch.position, patch.delta):
+            return model(input_ids=tokens).logits.float()
+
+    def sparsities(pairs: Pairs, delta: Tensor) -> Tensor:
+        out = []
+        for i in range(0, len(pairs.window), spec["batch"]):
+            sl = slice(i, i + spec["batch"])
+            effects = ablation_effects(run_logits, windows[pairs.window[sl]], pairs.position[sl], delta[sl], T)
+            out.append(ablation_sparsity(effects, atol=spec["atol"]).cpu())
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+    W_dec = sae.W_dec.float()
+    lat_delta = latent_ablation_delta(latent_pairs.value, latent_pairs.unit, W_dec,
+                                      scale[latent_pairs.window, latent_pairs.position])
+    ch_delta = channel_ablation_delta(channel_pairs.value, channel_pairs.unit, d)
+    s_lat, s_ch = sparsities(latent_pairs, lat_delta), sparsities(channel_pairs, ch_delta)
+    V = model.get_output_embeddings().weight.shape[0]
+    return {"horizon": T, "vocab": int(V), "windows": int(W),
+            "latents": {**sparsity_summary(s_lat), "histogram": _histogram(s_lat)},
+            "channels": {**sparsity_summary(s_ch), "histogram": _histogram(s_ch)}}

@@ -59,7 +59,7 @@ def refined_reconstruction(sae: SparseAutoencoder, iters: int):
     """x_norm -> the SAE's reconstruction with each token's values re-optimized on its own support."""
 
     @torch.no_grad()
-    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(x: torch.Tensor, _tokens: torch.Tensor | None = None) -> torch.Tensor:
         out = []
         for xb in x.split(REFINE_BATCH):
             lat = _support(sae, xb)

@@ -13,14 +13,18 @@ from saescale.sae.model import SparseAutoencoder
 from saescale.subject import splice_resid
 
 
-def sae_replacement(reconstruct: Callable[[torch.Tensor], torch.Tensor]):
+Reconstruct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_norm [B*S, d], tokens [B, S]) -> x_hat
+
+
+def sae_replacement(reconstruct: Reconstruct, tokens: torch.Tensor):
     """resid -> reconstruction of the normalized resid, mapped back to raw space with each token's own
-    (mu, scale) (REFERENCE A.2)."""
+    (mu, scale) (REFERENCE A.2). The batch's tokens are passed on for reconstructions that read them
+    (N2G-simulated codes, REFERENCE C.6)."""
 
     def replace(resid: torch.Tensor) -> torch.Tensor:
         shape = resid.shape
         x_norm, mu, scale = normalize(resid.reshape(-1, shape[-1]))
-        return denormalize(reconstruct(x_norm), mu, scale).reshape(shape)
+        return denormalize(reconstruct(x_norm, tokens), mu, scale).reshape(shape)
 
     return replace
 
@@ -42,7 +46,7 @@ def _kl(lp_clean: torch.Tensor, lp_patched: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, windows: np.ndarray,
                        batch_size: int, device: torch.device,
-                       reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+                       reconstruct: Reconstruct | None = None) -> dict:
     """Delta CE and KL of the spliced model against the clean one, with the zero-ablation baseline.
 
     Positions t = 0..ctx-2 (those with a next-token target inside the window) all count. Each run's
@@ -50,7 +54,7 @@ def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, win
     """
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
     count = 0
-    replace = sae_replacement(reconstruct or (lambda x_norm: sae(x_norm)[0]))
+    reconstruct = reconstruct or (lambda x_norm, _tokens: sae(x_norm)[0])
 
     def logprobs(toks: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=toks).logits.float(), dim=-1)
@@ -58,7 +62,7 @@ def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, win
     for i in range(0, len(windows), batch_size):
         toks = torch.from_numpy(windows[i:i + batch_size]).long().to(device)
         clean = logprobs(toks)
-        with splice_resid(model, layer, replace):
+        with splice_resid(model, layer, sae_replacement(reconstruct, toks)):
             spliced = logprobs(toks)
         with splice_resid(model, layer, zero_ablation):
             zeroed = logprobs(toks)

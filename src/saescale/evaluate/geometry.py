@@ -31,10 +31,11 @@ def firing_frequencies(counts: Tensor | np.ndarray, n_tokens: int) -> np.ndarray
 
 def default_rank_range(n: int) -> tuple[tuple[int, int], bool]:
     """(rank range, flagged): the paper's [10^2, 10^4] for n >= 2*10^4, else [10^2, n/2] flagged as not
-    comparable with the paper (REFERENCE F.3 [I])."""
+    comparable with the paper (REFERENCE F.3 [I]); below n = 800 the range starts at n/8 instead of 100
+    so that it still spans a factor of 4."""
     if n >= MIN_N_FOR_PAPER_RANGE:
         return PAPER_RANK_RANGE, False
-    return (PAPER_RANK_RANGE[0], n // 2), True
+    return (min(PAPER_RANK_RANGE[0], max(1, n // 8)), n // 2), True
 
 
 def rank_frequency_fit(freqs: Tensor | np.ndarray, rank_range: tuple[int, int] = PAPER_RANK_RANGE) -> dict:
@@ -156,3 +157,38 @@ def nn_summary(
         "counts": counts.long().tolist(),
     }
     return out
+
+
+# --------------------------------------------------------------------------- the geometry rule
+
+CURVE_POINTS = 256  # log-spaced ranks stored for the frequency-rank figure
+
+
+def _curve(freqs: np.ndarray) -> dict:
+    alive = np.sort(freqs[freqs > 0])[::-1]
+    if alive.size == 0:
+        return {"rank": [], "frequency": []}
+    ranks = np.unique(np.geomspace(1, alive.size, min(CURVE_POINTS, alive.size)).round().astype(int))
+    return {"rank": ranks.tolist(), "frequency": alive[ranks - 1].tolist()}
+
+
+def geometry_record(W_dec: Tensor, counts: np.ndarray, n_tokens: int, spec: dict) -> dict:
+    """Frequency-rank curve and fit (F.3) and decoder nearest-neighbour cosines with the random-direction
+    reference (F.4) of one SAE, from its decoder [n, d] and per-latent firing counts on the eval tokens."""
+    n, d = W_dec.shape
+    freqs = firing_frequencies(counts, n_tokens)
+    if spec["rank_range"] is None:
+        rank_range, flagged = default_rank_range(n)
+    else:
+        rank_range, flagged = tuple(spec["rank_range"]), False
+    try:
+        fit = {**rank_frequency_fit(freqs, rank_range), "flagged": flagged, "error": None}
+    except ValueError as exc:
+        fit = {"error": str(exc), "flagged": flagged}
+    alive = torch.from_numpy(freqs > 0)
+    max_cos, neighbour = nearest_neighbour_cosines(W_dec.detach().float())
+    gen = torch.Generator().manual_seed(spec["seed"])
+    ref_cos, ref_nb = random_reference(n, d, gen)
+    return {"eval_tokens": int(n_tokens), "frequency_fit": fit, "frequency_curve": _curve(freqs),
+            "nn": nn_summary(max_cos.cpu(), neighbour.cpu(), alive),
+            "nn_random": {**nn_summary(ref_cos, ref_nb), "expected_mean": expected_random_nn_cosine(n, d)}}

@@ -182,9 +182,32 @@ def _entropy_baseline(y_train: torch.Tensor, y_test: torch.Tensor) -> float:
     return float(-(y_test * math.log(q) + (1 - y_test) * math.log(1 - q)).mean())
 
 
+def _screen(X_train, ys: Mapping[str, tuple[torch.Tensor, torch.Tensor]], chunk: int | None, keep: int
+            ) -> dict[str, torch.Tensor]:
+    """{task: the `keep` columns with the largest |correlation| with the train labels}, sorted.
+
+    N corr(x, y)^2 is the score-test statistic of a 1-D logistic fit at w = 0, a cheap and close proxy for
+    how much a column's probe can lower the loss; only these columns get the full Newton fit.
+    """
+    Y = torch.stack([yt - yt.mean() for yt, _ in ys.values()], 1)  # [N, tasks]
+    best = {t: (torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long)) for t in ys}
+    step = _auto_chunk(X_train.shape[0], chunk)
+    for start in range(0, X_train.shape[1], step):
+        train = _block(X_train, start, step)
+        train = _standardize(train, *_column_stats(train))
+        corr = (train.T @ Y).abs()  # [C, tasks]
+        cols = torch.arange(start, start + train.shape[1])
+        for j, task in enumerate(ys):
+            score, idx = best[task]
+            score, idx = torch.cat([score, corr[:, j]]), torch.cat([idx, cols])
+            top = score.topk(min(keep, score.numel())).indices
+            best[task] = (score[top], idx[top])
+    return {t: idx.sort().values for t, (_, idx) in best.items()}
+
+
 def best_probes(X_train, labels_train: Mapping[str, object], X_test, labels_test: Mapping[str, object],
                 chunk: int | None = None, iters: int = 25, l2: float = 1e-6,
-                progress: bool = False) -> dict[str, dict]:
+                progress: bool = False, candidates: int | None = None) -> dict[str, dict]:
     """Best single-column probe for every task: {task: {loss, column, train_loss, baseline}}.
 
     REFERENCE C.4: probe_loss(task) = min over (i, w, b) of the BCE of sigmoid(w z_i + b), with z_i
@@ -195,7 +218,9 @@ def best_probes(X_train, labels_train: Mapping[str, object], X_test, labels_test
     selecting on train and reporting test follows the SAEBench substitute in C.4 (fit and select on
     train, report test). `baseline` is the entropy of the train base rate on the test rows.
 
-    Columns are read in chunks once and shared by all tasks, so Zarr-backed X is read once.
+    candidates: fit only each task's columns most correlated with its labels (`_screen`), which makes
+    wide SAEs affordable (n columns x tasks Newton fits otherwise); None fits every column.
+    Columns are read in chunks and shared by all tasks, so Zarr-backed X is read once per pass.
     Tasks whose train or test labels hold one class only are left out of the result.
     """
     ys = {}
@@ -206,13 +231,19 @@ def best_probes(X_train, labels_train: Mapping[str, object], X_test, labels_test
             ys[task] = (yt, ye)
     best = {t: {"loss": math.inf, "column": -1, "train_loss": math.inf,
                 "baseline": _entropy_baseline(*ys[t])} for t in ys}
+    screened = _screen(X_train, ys, chunk, candidates) if candidates is not None and ys else None
     for start, train, test in _column_blocks(X_train, X_test, chunk, progress):
         for task, (yt, ye) in ys.items():
-            w, b, train_bce = _newton(train, yt, iters, l2)
+            cols = torch.arange(train.shape[1])
+            if screened is not None:
+                cols = screened[task][(screened[task] >= start) & (screened[task] < start + train.shape[1])] - start
+                if cols.numel() == 0:
+                    continue
+            w, b, train_bce = _newton(train[:, cols], yt, iters, l2)
             j = int(train_bce.argmin())
             if float(train_bce[j]) < best[task]["train_loss"]:
-                test_bce = _bce_with_logits(test[:, j] * w[j] + b[j], ye)
-                best[task].update(loss=float(test_bce), column=start + j, train_loss=float(train_bce[j]))
+                test_bce = _bce_with_logits(test[:, cols[j]] * w[j] + b[j], ye)
+                best[task].update(loss=float(test_bce), column=start + int(cols[j]), train_loss=float(train_bce[j]))
     return best
 
 
@@ -358,4 +389,164 @@ def token_labels(text: str, offsets, labels: Mapping[str, np.ndarray] | None = N
     for task, per_char in labels.items():
         counts = np.concatenate([[0], np.cumsum(per_char, dtype=np.int64)])   # [len(text) + 1]
         out[task] = counts[end] - counts[start] > 0
+    return out
+
+
+# --------------------------------------------------------------------------- the probes rule
+
+class CodeColumns:
+    """Columns of an SAE code computed on demand, so `best_probes` never holds [N, n] at once.
+
+    which='pre': the encoder's pre-activations (REFERENCE C.4 as recalled); 'post': the sparse latents.
+    Supports the `X.shape` / `X[:, i:j]` protocol of `best_probes`.
+    """
+
+    def __init__(self, sae, x_norm: torch.Tensor, which: str):
+        self.sae, self.x, self.which = sae, x_norm, which
+        self.shape = (x_norm.shape[0], sae.n_latents)
+        self._latents = sae.encode(x_norm) if which == "post" else None
+
+    @torch.no_grad()
+    def __getitem__(self, key) -> torch.Tensor:
+        cols = key[1]
+        if self.which == "pre":
+            sae = self.sae
+            return torch.nn.functional.linear(self.x - sae.b_pre, sae.W_enc[cols], sae.b_enc[cols])
+        lat = self._latents
+        if lat.indices is None:
+            return lat.values[:, cols]
+        start, stop = cols.start, min(cols.stop, self.shape[1])
+        inside = (lat.indices >= start) & (lat.indices < stop)
+        out = torch.zeros(self.shape[0], stop - start, dtype=lat.values.dtype, device=lat.values.device)
+        local = torch.where(inside, lat.indices - start, 0)
+        return out.scatter_add_(1, local, torch.where(inside, lat.values, 0.0))
+
+
+def token_strings(tokenizer, ids: np.ndarray) -> dict[int, str]:
+    """Each distinct token id decoded on its own: the text a window's labels are computed on."""
+    return {int(i): tokenizer.decode([int(i)]) for i in np.unique(ids)}
+
+
+def window_task_labels(windows: np.ndarray, strings: Mapping[int, str]) -> dict[str, np.ndarray]:
+    """{task: [W * S] bool} for the builtin tasks, row-major over the windows.
+
+    Each window is labelled from its own text only: the model cannot see before the window either, so a
+    window that opens inside a string is labelled as code, as the model would have to read it.
+    """
+    out: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
+    for row in windows:
+        pieces = [strings[int(t)] for t in row]
+        ends = np.cumsum([len(p) for p in pieces])
+        starts = ends - np.array([len(p) for p in pieces])
+        for task, y in token_labels("".join(pieces), np.stack([starts, ends], 1)).items():
+            out[task].append(y)
+    return {t: np.concatenate(v) for t, v in out.items()}
+
+
+def _summary(per_task: dict[str, dict]) -> dict:
+    losses = [r["loss"] for r in per_task.values()]
+    return {"mean_loss": float(np.mean(losses)) if losses else float("nan"), "n_tasks": len(losses),
+            "tasks": per_task}
+
+
+def probe_suite(features: Mapping[str, tuple[object, object]], labels_train: Mapping[str, np.ndarray],
+                labels_test: Mapping[str, np.ndarray], iters: int) -> dict[str, dict]:
+    """{feature set: {mean_loss, n_tasks, tasks}} for each (train X, test X) feature set, e.g. the SAE's
+    pre-activations, its latents and the residual channels (the baseline of REFERENCE C.4)."""
+    return {name: _summary(best_probes(Xt, labels_train, Xe, labels_test, iters=iters))
+            for name, (Xt, Xe) in features.items()}
+
+
+def pooled_codes(sae, resid: list[torch.Tensor], which: str, pool: str) -> torch.Tensor:
+    """[texts, n] one row per text: its tokens' codes (or raw channels, which='resid') averaged, or the
+    last token's, for user tasks labelled per text (the SAEBench-style substitute of REFERENCE C.4)."""
+    from saescale.normalize import normalize
+
+    rows = []
+    for r in resid:  # [tokens, d]
+        codes = r if which == "resid" else CodeColumns(sae, normalize(r)[0], which)[:, 0:sae.n_latents]
+        rows.append(codes.mean(0) if pool == "mean" else codes[-1])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def probe_record(sae, x_raw: torch.Tensor, windows: np.ndarray, strings: Mapping[int, str], spec: dict,
+                 user_tasks: Mapping[str, tuple[list[torch.Tensor], np.ndarray, str]] = ()) -> dict:
+    """Probe losses of one SAE for the builtin tasks on `windows` (rows of x_raw [W*S, d], row-major) and
+    the user tasks ({task: (per-text resid [tokens, d], labels [texts], pool)}), per feature set.
+
+    Even windows (texts) fit the probe and select the latent, odd ones report the loss, so the two never
+    share a document. Feature sets: the configured SAE codes and `resid`, the raw channels (the baseline).
+    """
+    from saescale.normalize import normalize
+
+    names = [*spec["activations"], "resid"]
+    tasks: dict[str, dict[str, dict]] = {name: {} for name in names}
+    positives: dict[str, float] = {}
+    if spec["builtin_tasks"]:
+        W, S = windows.shape
+        train = torch.from_numpy(np.repeat(np.arange(W) % 2 == 0, S))
+        labels = window_task_labels(windows, strings)
+        positives.update({t: float(y.mean()) for t, y in labels.items()})
+        x_norm = normalize(x_raw)[0]
+        feats = {w: (CodeColumns(sae, x_norm[train], w), CodeColumns(sae, x_norm[~train], w))
+                 for w in spec["activations"]}
+        feats["resid"] = (x_raw[train], x_raw[~train])
+        lt = {t: y[train.numpy()] for t, y in labels.items()}
+        le = {t: y[~train.numpy()] for t, y in labels.items()}
+        for name, (Xt, Xe) in feats.items():
+            tasks[name].update(best_probes(Xt, lt, Xe, le, iters=spec["iters"], candidates=spec["candidates"]))
+    for task, (resid, y, pool) in dict(user_tasks).items():
+        positives[task] = float(np.mean(y))
+        fit = np.arange(len(y)) % 2 == 0
+        for name in names:
+            X = pooled_codes(sae, resid, name, pool)
+            tasks[name].update(best_probes(X[fit], {task: y[fit]}, X[~fit], {task: y[~fit]}, iters=spec["iters"],
+                                           candidates=spec["candidates"]))
+    return {"feature_sets": {name: _summary(t) for name, t in tasks.items()}, "positive_rate": positives,
+            "windows": int(len(windows)), "user_tasks": sorted(dict(user_tasks))}
+
+
+def load_user_task(ds: dict, tokenizer, ctx_len: int, seed: int = 0) -> tuple[list[list[int]], np.ndarray]:
+    """(token ids per text, truncated to ctx_len; binary labels) of one `evaluate.probes.datasets` entry,
+    through datasets.load_dataset, shuffled so that the alternating fit/test split is not label-sorted."""
+    import datasets
+
+    where = f"config.evaluate.probes.datasets[{ds['task']}]"
+    kwargs = {"name": ds["name"], "split": ds["split"]}
+    if ds["data_files"] is not None:
+        kwargs["data_files"] = ds["data_files"]
+    table = datasets.load_dataset(ds["path"], **kwargs)
+    for field in ("text_field", "label_field"):
+        if ds[field] not in table.column_names:
+            raise ValueError(f"{where}.{field}: column '{ds[field]}' not in the dataset "
+                             f"(columns: {table.column_names})")
+    raw = table[ds["label_field"]]
+    if ds["positive"] is not None:
+        labels = np.array([v == ds["positive"] for v in raw])
+    elif set(raw) <= {0, 1, True, False}:
+        labels = np.array(raw, dtype=bool)
+    else:
+        raise ValueError(f"{where}.positive: labels {sorted(set(map(str, raw)))[:5]} are not 0/1; "
+                         "name the positive label value")
+    order = np.random.default_rng(seed).permutation(len(labels))[:ds["max_examples"]]
+    texts = table[ds["text_field"]]
+    ids = [tokenizer(texts[i], truncation=True, max_length=ctx_len)["input_ids"] for i in order]
+    keep = [j for j, t in enumerate(ids) if t]
+    labels = labels[order][keep]
+    if labels.all() or not labels.any():
+        raise ValueError(f"{where}: every example has the same label; a probe needs both classes")
+    return [ids[j] for j in keep], labels.astype(np.float64)
+
+
+@torch.no_grad()
+def text_resids(model, layer: int, token_lists: list[list[int]], device) -> list[torch.Tensor]:
+    """resid_post of `layer` for each text run on its own: [tokens, d] float32 per text, on the CPU."""
+    from saescale.subject import record_resid, run_until_recorded
+
+    out = []
+    with record_resid(model, [layer], stop=True) as captured:
+        for ids in token_lists:
+            run_until_recorded(model, torch.tensor([ids], device=device))
+            out.append(captured[layer][0].float().cpu())
     return out

@@ -6,15 +6,18 @@ Files outside the report rule's inputs (eval JSONs, the Zarr stores) are optiona
 says so instead of failing. All text goes through Jinja2 autoescaping: dataset names, model ids and
 paths come from users and files, and are never trusted as HTML.
 
-This module loads files (`Sources`, `load_layer`, `load_analyses`), assembles the template context
-(`layer_context`, `subject_context`, `run_context`, `build_context`) and renders (`write_figures`,
+This module loads files (`Sources`, `load_layer`, `load_analyses`, `load_suite`), assembles the template
+context (`layer_context`, `subject_context`, `run_context`, `build_context`) and renders (`write_figures`,
 `render_report`); the tables, cell formatting and findings live in `saescale.report.tables`, the
-architecture comparison in `comparison` (numbers, verdicts), `arch_sections` and `arch_figures`.
+architecture comparison in `comparison` (numbers, verdicts), `arch_sections` and `arch_figures`, the
+evaluation suite (probes, N2G, ablation, geometry, dashboards) in `suite_sections` and `suite_figures`.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,12 @@ import jinja2
 import pandas as pd
 
 from saescale import paths
-from saescale.config import analysed, recipe, sae_jobs
+from saescale.config import analysed, evaluated, recipe, sae_jobs
 from saescale.files import read_json, write_text_atomic
 from saescale.report import figures
 from saescale.report.arch_sections import arch_context
 from saescale.report.comparison import scaling_archs
+from saescale.report.suite_sections import suite_context
 from saescale.report.tables import (
     LABELS, _col, _derived, _isnum, _plain, corpus_table, exponent_table, findings, fit_tables, grid_table,
     num, store_table, table, text,
@@ -64,6 +68,19 @@ class Sources:
             return pd.read_csv(path)
         except (ValueError, pd.errors.ParserError) as exc:
             raise ValueError(f"{path}: not a readable CSV ({exc}); rerun the rule that writes it") from exc
+
+    def exists(self, path: str, what: str, pattern: str | None = None) -> bool:
+        """A file the report links to rather than reads (a dashboard page)."""
+        return self._see(path, what, pattern, Path(path).is_file())
+
+    def jsonl(self, path: str, what: str, pattern: str | None = None) -> list[dict] | None:
+        """One JSON object a line (blank lines skipped)."""
+        if not self._see(path, what, pattern, Path(path).is_file()):
+            return None
+        try:
+            return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON lines ({exc}); rerun the rule that writes it") from exc
 
     def store(self, path: str, what: str) -> dict | None:
         """Zarr group attrs plus bytes on disk (both layers and the token/window/position index)."""
@@ -158,7 +175,7 @@ def load_layer(src: Sources, subject: str, layer: int, config: dict) -> dict:
     logs_df = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=["arch", "n", "k"])
     missing = sorted(grid - {(r.arch, r.n, r.k) for r in metrics.itertuples()})
     return {"metrics": metrics, "fits": fits or {}, "logs": logs_df, "saes": saes, "missing": missing,
-            "analyses": load_analyses(src, jobs, config)}
+            "analyses": load_analyses(src, jobs, config), "suite": load_suite(src, jobs, config)}
 
 
 def _final_dead(train: dict, log: pd.DataFrame | None) -> float:
@@ -191,6 +208,46 @@ def load_analyses(src: Sources, jobs: list[dict], config: dict) -> dict[str, lis
     return out
 
 
+SUITE_FILES = {  # stage: (path pattern, extra wildcards, what it holds)
+    "probes": (paths.METRIC, {"metric": "probes"}, "probe loss per task, SAE codes and channels (C.4)"),
+    "ablation": (paths.METRIC, {"metric": "ablation"}, "ablation sparsity of latents and channels (C.7)"),
+    "geometry": (paths.METRIC, {"metric": "geometry"}, "frequency-rank curve, decoder nn cosines (F.3, F.4)"),
+    "interpret": (paths.INTERPRET, {}, "N2G precision / recall / F1, explanation reconstruction (C.5, C.6)"),
+}
+
+
+def load_suite(src: Sources, jobs: list[dict], config: dict) -> dict:
+    """The evaluation suite's per-SAE files, for the SAEs the config runs each metric on: {"jobs", "selected":
+    {stage: [job]}, "records": {stage: [JSON + arch, n, k]}, "dashboards": [job + exists, shown]}."""
+    recon_n = config["interpret"]["reconstruction"]["n"]
+    selected = {stage: [j for j in jobs if evaluated(config, stage, j)] for stage in SUITE_FILES}
+    selected["reconstruction"] = [j for j in selected["interpret"] if recon_n is None or j["n"] in recon_n]
+    files = dict(SUITE_FILES)
+    if config["interpret"]["autointerp"]["backend"] != "none":
+        selected["autointerp"] = selected["interpret"]
+        files["autointerp"] = (paths.AUTOINTERP, {}, "LLM autointerp: detection accuracy and AUROC")
+    records: dict[str, list[dict]] = {"autointerp": []}
+    for stage, (pattern, extra, what) in files.items():
+        records[stage] = []
+        for job in selected[stage]:
+            where = f"{job['subject']} L{job['layer']}: {what}"
+            data = src.json(paths.fmt(pattern, **job, **extra), where,
+                            paths.fmt(pattern, **dict(job, arch="{arch}", n="{n}", k="{k}"), **extra))
+            if data:
+                records[stage].append({**data, **{key: job[key] for key in ("arch", "n", "k")}})
+    dashboards = []
+    for job in selected["interpret"]:
+        pattern = {**job, "arch": "{arch}", "n": "{n}", "k": "{k}"}
+        what = f"{job['subject']} L{job['layer']}"
+        exists = src.exists(paths.fmt(paths.DASHBOARD, **job), f"{what}: feature dashboard page",
+                            paths.fmt(paths.DASHBOARD, **pattern))
+        lines = src.jsonl(paths.fmt(paths.INTERPRET_RECORDS, **job), f"{what}: per-latent records",
+                          paths.fmt(paths.INTERPRET_RECORDS, **pattern))
+        shown = sum(bool(r.get("dashboard", True)) for r in lines) if lines is not None else None
+        dashboards.append({**job, "exists": exists, "shown": shown})
+    return {"jobs": jobs, "selected": selected, "records": records, "dashboards": dashboards}
+
+
 # ---- per-section context -----------------------------------------------------------------------------
 
 def _fits_for(fits: dict, archs: list[str]) -> dict:
@@ -201,7 +258,8 @@ def _fits_for(fits: dict, archs: list[str]) -> dict:
             for metric, fm in fits.items() if isinstance(fm, dict)}
 
 
-def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: dict | None) -> dict:
+def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: dict | None,
+                  report_dir: str = os.path.dirname(paths.REPORT)) -> dict:
     """The sections for one (subject, layer): tables, fitted laws, findings, figures and the arch comparison.
 
     The scaling sections (curves, heatmaps, fits) show only archs trained at >= 2 values of n; the rest are
@@ -223,12 +281,14 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
     sae = dict(where, arch="{arch}", n="{n}", k="{k}")
     dead_pct = logs.assign(dead_pct=100 * _col(logs, "dead_fraction"))
     archs = arch_context(everything, logs_all, data["analyses"], config["report"].get("compare_n"), where)
+    suite = suite_context(everything, data["suite"], config, where, report_dir)
     return {
         "id": f"{subject}-L{layer}", "subject": subject, "layer": layer, "n_saes": len(everything),
         "main_archs": ", ".join(main), "other_archs": ", ".join(sorted(set(everything["arch"]) - set(main))),
         "missing": [f"{a} n={n} k={k}" for a, n, k in data["missing"]], "norm": norm_table,
-        "grid": grid_table(everything), "findings": findings(m, fits) + archs["findings"],
+        "grid": grid_table(everything), "findings": findings(m, fits) + archs["findings"] + suite["findings"],
         "fits": fit_tables(fits), "exponents": exponent_table(fits), "saes": data["saes"], "arch": archs,
+        "suite": suite,
         "zero_ablation": {"delta_ce": num(ref["delta_ce"]), "kl": num(ref["kl"]),
                           "ce_clean": num(_col(m, "ce_clean").median())},
         "src": {"metrics": paths.fmt(paths.METRICS, **where), "fits": paths.fmt(paths.FITS, **where),
@@ -244,6 +304,7 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
             "dead_heatmap": figures.grid_heatmap(m, "dead_fraction", "dead latents, % (count)", fmt="{:.1f}",
                                                  scale=100, cmap="rocket_r", annot_extra="dead_latents"),
             **{f"arch_{name}": fig for name, fig in _arch_figures(archs).items()},
+            **{f"suite_{name}": fig for name, fig in suite["fig"].items()},
         },
     }
 
@@ -316,22 +377,35 @@ def run_context(config: dict, layers: list[dict]) -> dict:
         ns = "all" if a["n"] is None else ", ".join(num(n) for n in a["n"])
         sweep.append([f"analysis: {exp}", f"{', '.join(a['archs'])} at n {ns}; {num(a['tokens'])} tokens"])
     train = [[k, _derived(k, v, saes)] for k, v in config["train"].items()]
-    evaluate = [[k, _plain(v)] for k, v in config["evaluate"].items()]
+    evaluate, interpret = _flat(config["evaluate"]), _flat(config["interpret"])
     return {"sweep": table(["", ""], sweep), "train": table(["parameter", "value"], train),
             "evaluate": table(["parameter", "value"], evaluate),
+            "interpret": table(["parameter", "value"], interpret),
             "versions": table(["package", "version"], [[p, ", ".join(sorted(versions[p]))]
                                                         for p in sorted(versions)]),
             "devices": ", ".join(devices) or "not recorded"}
 
 
-def build_context(config: dict) -> dict:
-    """Everything the template shows, as strings and base64 PNGs; reads files under the current directory."""
+def _flat(settings: dict, prefix: str = "") -> list[list[str]]:
+    """Nested config settings as (dotted key, value) rows, the keys as a user writes them in config.yaml."""
+    rows = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            rows += _flat(value, f"{prefix}{key}.")
+        else:
+            rows.append([f"{prefix}{key}", _plain(value)])
+    return rows
+
+
+def build_context(config: dict, report_dir: str = os.path.dirname(paths.REPORT)) -> dict:
+    """Everything the template shows, as strings and base64 PNGs; reads files under the current directory.
+    Links to other pages (the feature dashboards) are relative to `report_dir`, the report's folder."""
     src = Sources()
     subjects, layers = [], []
     for name, subj in config["subjects"].items():
         subjects.append(subject_context(src, name, subj))
         norm = src.json(paths.fmt(paths.NORM, subject=name), f"{name}: per-layer normalization statistics")
-        layers += [layer_context(src, name, layer, config, norm) for layer in subj["layers"]]
+        layers += [layer_context(src, name, layer, config, norm, report_dir) for layer in subj["layers"]]
     return {"title": config["report"]["title"], "subjects": subjects, "layers": layers,
             "run": run_context(config, layers), "files": src.listing(),
             "n_missing_files": sum(not r["present"] for r in src.rows)}
@@ -361,7 +435,7 @@ def write_figures(layers: list[dict], folder: str | Path) -> None:
 
 def render_report(config: dict, out: str, figures_dir: str | None = None) -> None:
     """Render the validated `config`'s run (files under the current directory) into one HTML file at `out`."""
-    context = build_context(config)
+    context = build_context(config, os.path.dirname(out) or ".")
     if figures_dir:
         write_figures(context["layers"], figures_dir)
     html = _environment().get_template("report.html").render(**context)

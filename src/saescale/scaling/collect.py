@@ -7,12 +7,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from saescale import paths
 from saescale.files import read_json, write_json_atomic, write_text_atomic
 
 COLUMNS = ["subject", "layer", "arch", "base_arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction", "dead_latents", "delta_ce",
            "kl", "ce_clean", "ce_spliced", "delta_ce_zero_ablation", "kl_zero_ablation", "loss_recovered",
            "eval_tokens", "downstream_tokens",
            "lr", "penalty", "train_l0", "train_tokens", "train_seconds", "tokens_per_s", "weights", "device"]
+# The evaluation suite (issue 4), from the files beside each eval record; empty where a metric is off.
+SUITE_COLUMNS = ["probe_loss", "probe_loss_post", "probe_loss_resid", "ablation_sparsity",
+                 "ablation_sparsity_resid", "freq_slope", "alpha_paper", "alpha_model", "nn_mean", "nn_above_0.9",
+                 "nn_above_0.97", "nn_random_mean", "n2g_precision", "n2g_recall", "n2g_f1", "n2g_delta_ce",
+                 "bigram_delta_ce", "sae_delta_ce_c6", "autointerp_accuracy", "autointerp_auroc"]
+COLUMNS += SUITE_COLUMNS
 
 
 def flatten(ev: dict) -> dict:
@@ -34,8 +41,42 @@ def flatten(ev: dict) -> dict:
     }
 
 
+def _suite(job: dict) -> dict:
+    """The suite's headline numbers for one SAE from whichever of its metric files exist."""
+    def load(pattern: str, **extra) -> dict | None:
+        path = Path(paths.fmt(pattern, **job, **extra))
+        return read_json(path) if path.exists() else None
+
+    out: dict = {}
+    if probes := load(paths.METRIC, metric="probes"):
+        sets = probes["feature_sets"]
+        out.update(probe_loss=sets.get("pre", {}).get("mean_loss"), probe_loss_post=sets.get("post", {}).get("mean_loss"),
+                   probe_loss_resid=sets["resid"]["mean_loss"])
+    if ablation := load(paths.METRIC, metric="ablation"):
+        out.update(ablation_sparsity=ablation["latents"]["mean"], ablation_sparsity_resid=ablation["channels"]["mean"])
+    if geo := load(paths.METRIC, metric="geometry"):
+        fit, nn = geo["frequency_fit"], geo["nn"]
+        out.update(freq_slope=fit.get("slope"), alpha_paper=fit.get("alpha_paper"), alpha_model=fit.get("alpha_model"),
+                   nn_mean=nn["mean"], nn_random_mean=geo["nn_random"]["mean"],
+                   **{f"nn_above_{th}": nn["thresholds"][th]["count"] for th in ("0.9", "0.97")})
+    if interp := load(paths.INTERPRET):
+        out.update({f"n2g_{key}": interp["n2g"][key] for key in ("precision", "recall", "f1")})
+        if rec := interp.get("reconstruction"):
+            out.update(n2g_delta_ce=rec["n2g"]["delta_ce"], bigram_delta_ce=rec["bigram"]["delta_ce"],
+                       sae_delta_ce_c6=rec["sae"]["delta_ce"])
+    if auto := load(paths.AUTOINTERP):
+        out.update(autointerp_accuracy=auto.get("mean_accuracy"), autointerp_auroc=auto.get("mean_auroc"))
+    return out
+
+
 def collect(eval_paths: list[str]) -> pd.DataFrame:
-    rows = [flatten(read_json(p)) for p in eval_paths]
+    """The metrics table: one row per eval record, with the suite's files found beside it by the SAE's
+    identity (paths.METRIC, paths.INTERPRET, ...)."""
+    rows = []
+    for p in eval_paths:
+        ev = read_json(p)
+        job = {key: ev[key] for key in ("subject", "layer", "arch", "n", "k")}
+        rows.append({**flatten(ev), **_suite(job)})
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["arch", "k", "n"]).reset_index(drop=True)
 
 

@@ -1,0 +1,1 @@
+"""Explaining SAE latents: activating-example records, LLM autointerp, and a local chat server."""

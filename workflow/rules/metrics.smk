@@ -1,0 +1,88 @@
+# The paper's evaluation suite beyond reconstruction, one rule per metric per SAE, each writing a file
+# beside the SAE's eval record (data/eval/.../n{n}_k{k}.{metric}.json) that the scaling rule merges:
+# probe loss (REFERENCE C.4), ablation sparsity (C.7), frequency-rank and decoder geometry (F.3, F.4).
+
+
+def sae_inputs(wc, model=False, tokenizer=False):
+    """The trained SAE and the activation store, plus the builtin model / tokenizer when the rule loads them."""
+    out = {
+        "weights": paths.fmt(paths.SAE_WEIGHTS, **wc),
+        "cfg": paths.fmt(paths.SAE_CFG, **wc),
+        "activations": paths.fmt(paths.ACTIVATIONS, subject=wc.subject),
+    }
+    if model:
+        out["model"] = model_input(wc)
+    if tokenizer and is_builtin(wc):
+        out["tokenizer"] = paths.fmt(paths.TOKENIZER, subject=wc.subject)
+    return out
+
+
+def sae_args(wc):
+    """The CLI arguments every per-SAE rule shares."""
+    revision = f" --revision {subject(wc)['revision']}" if subject(wc)["revision"] else ""
+    sae_dir = str(Path(paths.fmt(paths.SAE_CFG, **wc)).parent)
+    return (f"--sae-dir {sae_dir} --activations {paths.fmt(paths.ACTIVATIONS, subject=wc.subject)}"
+            f" --model {model_path(wc)} --tokenizer {tokenizer_path(wc)} --layer {wc.layer}{revision}")
+
+
+rule probes:
+    input:
+        unpack(lambda wc: sae_inputs(wc, model=bool(CFG["evaluate"]["probes"]["datasets"]), tokenizer=True)),
+    output:
+        paths.METRIC.replace("{metric}", "probes"),
+    log:
+        log_path("probes", "{subject}_L{layer}_{arch}_n{n}_k{k}"),
+    benchmark:
+        bench_path("probes", "{subject}_L{layer}_{arch}_n{n}_k{k}")
+    conda:
+        envs()
+    resources:
+        gpu=1 if HAS_CUDA else 0,
+    params:
+        args=sae_args,
+        spec=spec(stage_spec(CFG["evaluate"]["probes"])),
+        code=code_version("probes", "evaluate/probes.py", "sae", "normalize.py", "subject.py", "store.py"),
+    shell:
+        "saescale probes {params.args} --spec {params.spec:q} --out {output} --log {log}"
+
+
+rule ablation:
+    input:
+        unpack(lambda wc: sae_inputs(wc, model=True)),
+    output:
+        paths.METRIC.replace("{metric}", "ablation"),
+    log:
+        log_path("ablation", "{subject}_L{layer}_{arch}_n{n}_k{k}"),
+    benchmark:
+        bench_path("ablation", "{subject}_L{layer}_{arch}_n{n}_k{k}")
+    conda:
+        envs()
+    resources:
+        gpu=1 if HAS_CUDA else 0,
+    params:
+        args=sae_args,
+        spec=spec(stage_spec(CFG["evaluate"]["ablation"])),
+        code=code_version("ablation", "evaluate/ablation.py", "sae", "normalize.py", "subject.py", "store.py"),
+    shell:
+        "saescale ablation {params.args} --spec {params.spec:q} --out {output} --log {log}"
+
+
+rule geometry:
+    input:
+        unpack(sae_inputs),
+    output:
+        paths.METRIC.replace("{metric}", "geometry"),
+    log:
+        log_path("geometry", "{subject}_L{layer}_{arch}_n{n}_k{k}"),
+    benchmark:
+        bench_path("geometry", "{subject}_L{layer}_{arch}_n{n}_k{k}")
+    conda:
+        envs()
+    resources:
+        gpu=1 if HAS_CUDA else 0,
+    params:
+        args=sae_args,
+        spec=spec({**stage_spec(CFG["evaluate"]["geometry"]), "batch_size": CFG["evaluate"]["batch_size"]}),
+        code=code_version("geometry", "evaluate/geometry.py", "evaluate/reconstruction.py", "sae", "normalize.py", "store.py"),
+    shell:
+        "saescale geometry {params.args} --spec {params.spec:q} --out {output} --log {log}"
