@@ -18,6 +18,7 @@ from test_report import XSS, XSS_ESCAPED, _config, _skip_png_encoding, _write, w
 from saescale import paths
 from saescale.config import validate
 from saescale.report import suite_sections as ss
+from saescale.report import suite_verdicts as sv
 from saescale.report.render import num, render_report
 
 TASKS = {"in_string": 0.125, "digit": 0.25, "never_true": 0.0}  # positive rates; the last is not probed
@@ -223,19 +224,19 @@ def _grid(col: str, f, archs=("topk",), ns=(32, 64, 128), ks=(4, 8)) -> pd.DataF
 def test_probe_loss_must_fall_with_n_and_topk_beat_relu():
     falls = _grid("probe_loss", lambda a, n, k: 0.5 - 0.01 * math.log2(n) + (0.05 if a == "relu" else 0),
                   archs=("topk", "relu"))
-    assert ss.probe_verdict(falls).agrees is True
-    assert ss.probe_verdict(falls.assign(probe_loss=1 - falls["probe_loss"])).agrees is False
+    assert sv.probe_verdict(falls).agrees is True
+    assert sv.probe_verdict(falls.assign(probe_loss=1 - falls["probe_loss"])).agrees is False
     flat = falls[falls["arch"] == "topk"].assign(probe_loss=0.4)
-    v = ss.probe_verdict(flat)
+    v = sv.probe_verdict(flat)
     assert v.agrees is False and "flat" in v.text  # a flat trend is not an improvement
-    assert ss.probe_verdict(flat[flat["n"] == 32]).agrees is None
+    assert sv.probe_verdict(flat[flat["n"] == 32]).agrees is None
 
 
 def test_n2g_needs_recall_above_one_and_a_half_times_relus():
     m = pd.DataFrame({"arch": ["topk", "relu"], "n": 64, "k": 8, "l0": 8.0, "n2g_precision": [0.6, 0.62],
                       "n2g_recall": [0.4, 0.25], "n2g_f1": [0.48, 0.35]})
-    assert ss.n2g_verdict(m).agrees is True
-    v = ss.n2g_verdict(m.assign(n2g_recall=[0.3, 0.25]))
+    assert sv.n2g_verdict(m).agrees is True
+    v = sv.n2g_verdict(m.assign(n2g_recall=[0.3, 0.25]))
     assert v.agrees is False and "recall topk/relu = 1.2" in v.text
 
 
@@ -243,15 +244,15 @@ def test_ablation_sparsity_ignores_k_near_d_model_and_compares_with_channels():
     m = _grid("ablation_sparsity", lambda a, n, k: 0.2 * k ** -0.3 * n ** -0.05, ks=(4, 8, 64)).assign(
         d_model=32, ablation_sparsity_resid=0.5)
     m.loc[m["k"] == 64, "ablation_sparsity"] = 0.9  # k = 2 d_model: dense, left out of the k trend ...
-    assert ss.ablation_verdict(m).agrees is False  # ... but not of the comparison with channels
-    assert ss.ablation_verdict(m[m["k"] < 64]).agrees is True
-    assert ss.ablation_verdict(m[m["k"] < 64].assign(ablation_sparsity_resid=0.01)).agrees is False
+    assert sv.ablation_verdict(m).agrees is False  # ... but not of the comparison with channels
+    assert sv.ablation_verdict(m[m["k"] < 64]).agrees is True
+    assert sv.ablation_verdict(m[m["k"] < 64].assign(ablation_sparsity_resid=0.01)).agrees is False
 
 
 def test_reconstruction_delta_ce_must_fall_with_n_and_rise_with_k():
     m = _grid("n2g_delta_ce", lambda a, n, k: 0.3 * n ** -0.2 * k ** 0.2)
-    assert ss.reconstruction_verdict(m).agrees is True
-    assert ss.reconstruction_verdict(m.assign(n2g_delta_ce=1 / m["n2g_delta_ce"])).agrees is False
+    assert sv.reconstruction_verdict(m).agrees is True
+    assert sv.reconstruction_verdict(m.assign(n2g_delta_ce=1 / m["n2g_delta_ce"])).agrees is False
 
 
 def _geo(slope: float, r2: float = 0.95, above: float = 0.001, alive_dead=(0, 0), nn=0.4) -> dict:
@@ -262,19 +263,19 @@ def _geo(slope: float, r2: float = 0.95, above: float = 0.001, alive_dead=(0, 0)
 
 
 def test_frequency_rank_slope_must_be_a_power_law_shallower_than_minus_one():
-    assert ss.frequency_verdict([_geo(-0.74)]).agrees is True
-    assert ss.frequency_verdict([_geo(-1.3)]).agrees is False
-    assert ss.frequency_verdict([_geo(-0.6, r2=0.5)]).agrees is False
-    assert ss.frequency_verdict([]).agrees is None
+    assert sv.frequency_verdict([_geo(-0.74)]).agrees is True
+    assert sv.frequency_verdict([_geo(-1.3)]).agrees is False
+    assert sv.frequency_verdict([_geo(-0.6, r2=0.5)]).agrees is False
+    assert sv.frequency_verdict([]).agrees is None
 
 
 def test_nearest_neighbours_above_random_few_near_one_with_dead_neighbours():
-    v = ss.nn_verdict([_geo(-0.7)])
+    v = sv.nn_verdict([_geo(-0.7)])
     assert v.agrees is True and "cannot be checked" in v.note
-    assert ss.nn_verdict([_geo(-0.7, alive_dead=(1, 3))]).agrees is True
-    assert ss.nn_verdict([_geo(-0.7, alive_dead=(3, 1))]).agrees is False
-    assert ss.nn_verdict([_geo(-0.7, above=0.05)]).agrees is False
-    assert ss.nn_verdict([_geo(-0.7, nn=0.1)]).agrees is False
+    assert sv.nn_verdict([_geo(-0.7, alive_dead=(1, 3))]).agrees is True
+    assert sv.nn_verdict([_geo(-0.7, alive_dead=(3, 1))]).agrees is False
+    assert sv.nn_verdict([_geo(-0.7, above=0.05)]).agrees is False
+    assert sv.nn_verdict([_geo(-0.7, nn=0.1)]).agrees is False
 
 
 def test_not_run_notes_name_the_key_that_selects_each_metric():

@@ -2,19 +2,23 @@
 pure metrics and the rules (probe features and labels, the one-position residual edit, ablation and
 geometry records, N2G's activation callback, examples, logit lens, explanation reconstruction)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
 from helpers import random_gpt2, write_text_files
+
 from saescale.evaluate.ablation import ablation_record
 from saescale.evaluate.downstream import downstream_metrics
 from saescale.evaluate.geometry import geometry_record
 from saescale.evaluate.probes import (
-    TASKS, CodeColumns, best_probes, probe_record, token_labels, window_task_labels,
+    TASKS,
+    CodeColumns,
+    best_probes,
+    probe_record,
+    token_labels,
+    window_task_labels,
 )
 from saescale.interpret.examples import Codes, latent_card, n2g_examples, sample_latents
 from saescale.interpret.n2g import Explanation, Pattern

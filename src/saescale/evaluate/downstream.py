@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -11,7 +11,6 @@ from torch import nn
 from saescale.normalize import denormalize, normalize
 from saescale.sae.model import SparseAutoencoder
 from saescale.subject import splice_resid
-
 
 Reconstruct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_norm [B*S, d], tokens [B, S]) -> x_hat
 
@@ -75,7 +74,7 @@ def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, win
     m = {key: value / count for key, value in sums.items()}
     delta, delta_zero = m["ce_spliced"] - m["ce_clean"], m["ce_zero"] - m["ce_clean"]
     return {
-        "windows": int(len(windows)),
+        "windows": len(windows),
         "tokens": count,
         "ce_clean": m["ce_clean"],
         "ce_spliced": m["ce_spliced"],

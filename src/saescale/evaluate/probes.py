@@ -524,7 +524,7 @@ def load_user_task(ds: dict, tokenizer, ctx_len: int, seed: int = 0) -> tuple[li
     raw = table[ds["label_field"]]
     if ds["positive"] is not None:
         labels = np.array([v == ds["positive"] for v in raw])
-    elif set(raw) <= {0, 1, True, False}:
+    elif set(raw) <= {0, 1}:  # booleans too (True == 1)
         labels = np.array(raw, dtype=bool)
     else:
         raise ValueError(f"{where}.positive: labels {sorted(set(map(str, raw)))[:5]} are not 0/1; "

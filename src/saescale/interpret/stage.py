@@ -12,13 +12,25 @@ import logging
 import math
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
 from saescale.evaluate.downstream import downstream_metrics
-from saescale.interpret.examples import Codes, dense_column, encode_split, latent_card, n2g_examples, sample_latents
-from saescale.interpret.n2g import BigramBaseline, build_explanations, predict_codes, scale_factors, score_explanation
+from saescale.interpret.examples import (
+    Codes,
+    dense_column,
+    encode_split,
+    latent_card,
+    n2g_examples,
+    sample_latents,
+)
+from saescale.interpret.n2g import (
+    BigramBaseline,
+    build_explanations,
+    predict_codes,
+    scale_factors,
+    score_explanation,
+)
 from saescale.normalize import normalize
 from saescale.subject import record_resid, run_until_recorded
 
@@ -114,7 +126,7 @@ def explanation_reconstruction(model, layer: int, sae, explanations: dict, train
         down = downstream_metrics(model, layer, sae, windows, batch, device, reconstruct=reconstruct)
         out[name] = {key: down[key] for key in ("delta_ce", "kl", "loss_recovered")}
     out["ce_clean"], out["delta_ce_zero_ablation"] = down["ce_clean"], down["delta_ce_zero_ablation"]
-    out["windows"], out["latents_explained"] = int(len(windows)), len(explanations)
+    out["windows"], out["latents_explained"] = len(windows), len(explanations)
     return out
 
 
