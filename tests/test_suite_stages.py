@@ -242,3 +242,30 @@ def test_pad_token_is_the_configured_single_token_or_a_fallback(lm):
     assert pad_token_id(tok, tok.decode([auto])) == auto
     with pytest.raises(ValueError, match="config.interpret.pad_token"):
         pad_token_id(tok, "a long string of many tokens")
+
+
+def test_user_task_from_a_json_dataset_is_probed_per_text(lm, tmp_path):
+    import json
+
+    from saescale.evaluate.probes import load_user_task, text_resids
+
+    model, tok = lm
+    rows = [{"text": f"def f{i}(x): return x" if i % 2 else f"The fox {i} jumps.", "label": "code" if i % 2 else "prose"}
+            for i in range(40)]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = {"task": "is_code", "path": "json", "name": None, "data_files": str(path), "split": "train",
+          "text_field": "text", "label_field": "label", "positive": "code", "pool": "mean", "max_examples": 30}
+    ids, labels = load_user_task(ds, tok, ctx_len=16)
+    assert len(ids) == 30 and set(labels) == {0.0, 1.0} and max(len(t) for t in ids) <= 16
+    texts = [tok.decode(t) for t in ids]
+    assert all((lab == 1.0) == text.startswith("def") for text, lab in zip(texts, labels))
+    sae = _sae(model.config.n_embd)
+    spec = {"activations": ["pre"], "builtin_tasks": False, "iters": 25, "candidates": None}
+    resid = text_resids(model, LAYER, ids, torch.device("cpu"))
+    rec = probe_record(sae, torch.zeros(0, model.config.n_embd), np.zeros((0, 4), int), {}, spec,
+                       {"is_code": (resid, labels, "mean")})
+    assert rec["user_tasks"] == ["is_code"] and set(rec["feature_sets"]) == {"pre", "resid"}
+    assert rec["feature_sets"]["resid"]["tasks"]["is_code"]["loss"] < 0.3  # code vs prose is easy from the residual
+    with pytest.raises(ValueError, match="label_field"):
+        load_user_task({**ds, "label_field": "nope"}, tok, 16)
