@@ -172,9 +172,8 @@ def cmd_evaluate(a) -> None:
     model = load_model(a.model, a.revision, device)
     down = downstream_metrics(model, a.layer, sae, eval_windows(root, s["downstream_windows"]),
                               s["downstream_batch"], device)
-    result = {**_sae_identity(cfg, a.layer), "d_model": cfg["d_model"], **recon, "downstream": down,
-              "train": cfg["train"], "lr": cfg["train_spec"]["lr"], "device": str(device), "versions": versions()}
-    write_json_atomic(a.out, result)
+    write_json_atomic(a.out, _result(cfg, a.layer, device, d_model=cfg["d_model"], **recon, downstream=down,
+                                     train=cfg["train"], lr=cfg["train_spec"]["lr"]))
 
 
 def _sae_identity(cfg: dict, layer: int) -> dict:
@@ -183,14 +182,24 @@ def _sae_identity(cfg: dict, layer: int) -> dict:
             "base_arch": cfg["arch"], "n": cfg["n_latents"], "k": cfg["k"]}
 
 
-def eval_windows(root, count: int) -> np.ndarray:
-    """The first `count` whole token windows of the eval split (fewer if the split is smaller)."""
+def _result(cfg: dict, layer: int, device, **fields) -> dict:
+    """A per-SAE result file: the SAE's identity, the stage's fields, the device and package versions."""
+    return {**_sae_identity(cfg, layer), **fields, "device": str(device), "versions": versions()}
+
+
+def eval_rows(root, count: int) -> slice:
+    """Store rows of the first `count` whole windows of the eval split (fewer if the split is smaller)."""
     from saescale.store import split_rows
 
     ctx = root.attrs["ctx_len"]
     rows = split_rows(root, "eval")
     n_win = min(count, (rows.stop - rows.start) // ctx)
-    return root["token"][rows.start:rows.start + n_win * ctx].reshape(n_win, ctx)
+    return slice(rows.start, rows.start + n_win * ctx)
+
+
+def eval_windows(root, count: int) -> np.ndarray:
+    """The token ids of those windows, [windows, ctx_len]."""
+    return root["token"][eval_rows(root, count)].reshape(-1, root.attrs["ctx_len"])
 
 
 def cmd_analyze(a) -> None:
@@ -206,12 +215,7 @@ def cmd_analyze(a) -> None:
         model = load_model(a.model, a.revision, device)
         result = refinement(sae, x, s, model, a.layer, eval_windows(root, s["downstream_windows"]),
                             s["downstream_batch"], device, mean)
-    write_json_atomic(a.out, {**_sae_identity(cfg, a.layer), "experiment": a.experiment, **result,
-                              "device": str(device), "versions": versions()})
-
-
-def _result(cfg: dict, layer: int, device, **fields) -> dict:
-    return {**_sae_identity(cfg, layer), **fields, "device": str(device), "versions": versions()}
+    write_json_atomic(a.out, _result(cfg, a.layer, device, experiment=a.experiment, **result))
 
 
 def cmd_probes(a) -> None:
@@ -223,8 +227,7 @@ def cmd_probes(a) -> None:
     s = a.spec
     device, cfg, sae, root = _trained_sae(a)
     windows = eval_windows(root, s["windows"])
-    rows = split_rows_of(root, "eval", len(windows))
-    x = torch.from_numpy(root[f"L{a.layer}/x"][rows].astype("float32")).to(device)
+    x = torch.from_numpy(root[f"L{a.layer}/x"][eval_rows(root, s["windows"])].astype("float32")).to(device)
     tokenizer = load_tokenizer(a.tokenizer, a.revision)
     user = {}
     if s["datasets"]:
@@ -235,14 +238,6 @@ def cmd_probes(a) -> None:
     with torch.no_grad():
         record = probe_record(sae, x, windows, token_strings(tokenizer, windows), s, user)
     write_json_atomic(a.out, _result(cfg, a.layer, device, metric="probes", **record))
-
-
-def split_rows_of(root, split: str, n_windows: int) -> slice:
-    """Rows of the first n_windows whole windows of a split (eval_windows' rows)."""
-    from saescale.store import split_rows
-
-    rows = split_rows(root, split)
-    return slice(rows.start, rows.start + n_windows * root.attrs["ctx_len"])
 
 
 def cmd_ablation(a) -> None:

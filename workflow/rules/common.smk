@@ -1,7 +1,6 @@
 # Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
 import ast
 import hashlib
-import re
 from pathlib import Path
 
 import saescale
@@ -13,8 +12,8 @@ HAS_CUDA = torch.cuda.is_available()
 
 SHARED_MODULES = ("config.py", "files.py", "paths.py")  # every stage runs through these
 CLI_SOURCE = (PKG / "cli.py").read_text()
-CLI_FUNCTIONS = {
-    node.name: ast.get_source_segment(CLI_SOURCE, node)
+CLI_FUNCTIONS = {  # name -> (source, names it uses in code: calls, not words in strings or docstrings)
+    node.name: (ast.get_source_segment(CLI_SOURCE, node), {n.id for n in ast.walk(node) if isinstance(n, ast.Name)})
     for node in ast.parse(CLI_SOURCE).body
     if isinstance(node, ast.FunctionDef)
 }
@@ -23,16 +22,15 @@ CLI_FUNCTIONS = {
 def cli_source(stage):
     """The source of `saescale <stage>` in cli.py: cmd_<stage> and the cli helpers it calls, transitively.
     Hashing this rather than all of cli.py keeps an edit to one command from rerunning every stage."""
+    if f"cmd_{stage}" not in CLI_FUNCTIONS:
+        raise ValueError(f"saescale.cli has no cmd_{stage}")
     todo, seen = [f"cmd_{stage}"], set()
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        todo += [f for f in CLI_FUNCTIONS if f not in seen and re.search(rf"\b{f}\b", CLI_FUNCTIONS[name])]
-    if f"cmd_{stage}" not in CLI_FUNCTIONS:
-        raise ValueError(f"saescale.cli has no cmd_{stage}")
-    return "".join(CLI_FUNCTIONS[name] for name in sorted(seen))
+        if name not in seen:
+            seen.add(name)
+            todo += [f for f in CLI_FUNCTIONS[name][1] if f in CLI_FUNCTIONS]
+    return "".join(CLI_FUNCTIONS[name][0] for name in sorted(seen))
 
 
 def code_version(stage, *modules):
@@ -144,21 +142,17 @@ def sae_results(job):
     return files
 
 
+def layer_jobs(wc):
+    """The SAEs of one (subject, layer): what its scaling table collects."""
+    return [job for job in sae_grid() if job["subject"] == wc.subject and str(job["layer"]) == wc.layer]
+
+
 def evals_of(wc):
-    return [
-        paths.fmt(paths.EVAL, **job)
-        for job in sae_grid()
-        if job["subject"] == wc.subject and str(job["layer"]) == wc.layer
-    ]
+    return [paths.fmt(paths.EVAL, **job) for job in layer_jobs(wc)]
 
 
 def results_of(wc):
-    return [
-        f
-        for job in sae_grid()
-        if job["subject"] == wc.subject and str(job["layer"]) == wc.layer
-        for f in sae_results(job)
-    ]
+    return [f for job in layer_jobs(wc) for f in sae_results(job)]
 
 
 def interpret_spec(wc):
