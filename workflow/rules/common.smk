@@ -1,48 +1,11 @@
 # Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
-import ast
-import hashlib
 from pathlib import Path
 
-import saescale
 import torch
 
-PKG = Path(saescale.__file__).parent
+from saescale.provenance import code_version
+
 HAS_CUDA = torch.cuda.is_available()
-
-
-SHARED_MODULES = ("config.py", "files.py", "paths.py")  # every stage runs through these
-CLI_SOURCE = (PKG / "cli.py").read_text()
-CLI_FUNCTIONS = {  # name -> (source, names it uses in code: calls, not words in strings or docstrings)
-    node.name: (ast.get_source_segment(CLI_SOURCE, node), {n.id for n in ast.walk(node) if isinstance(n, ast.Name)})
-    for node in ast.parse(CLI_SOURCE).body
-    if isinstance(node, ast.FunctionDef)
-}
-
-
-def cli_source(stage):
-    """The source of `saescale <stage>` in cli.py: cmd_<stage> and the cli helpers it calls, transitively.
-    Hashing this rather than all of cli.py keeps an edit to one command from rerunning every stage."""
-    if f"cmd_{stage}" not in CLI_FUNCTIONS:
-        raise ValueError(f"saescale.cli has no cmd_{stage}")
-    todo, seen = [f"cmd_{stage}"], set()
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo += [f for f in CLI_FUNCTIONS[name][1] if f in CLI_FUNCTIONS]
-    return "".join(CLI_FUNCTIONS[name][0] for name in sorted(seen))
-
-
-def code_version(stage, *modules):
-    """Hash of the package sources a rule runs: its CLI command (cli_source) and `modules`. Snakemake does
-    not track imported code (notes/snakemake.md section 0.7), so this param makes a code change rerun its
-    stage and what depends on it."""
-    h = hashlib.sha256(cli_source(stage).encode())
-    for mod in SHARED_MODULES + modules:
-        p = PKG / mod
-        for f in sorted(f for f in p.rglob("*") if f.suffix in (".py", ".html")) if p.is_dir() else [p]:
-            h.update(f.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def spec(obj):
