@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from saescale import paths
-from saescale.config import ConfigError, analysed, evaluated, recipe, sae_jobs, validate
+from saescale.config import ConfigError, analysed, evaluated, lr_sweep_jobs, recipe, sae_jobs, validate
 
 min_version("9.0")
 
@@ -31,6 +31,8 @@ wildcard_constraints:
     k=r"\d+",
     experiment=r"progressive|refinement",
     metric=r"probes|ablation|geometry",
+    kind=r"circle|sphere|shell",
+    d=r"\d+",
 
 
 include: "workflow/rules/common.smk"
@@ -44,6 +46,7 @@ include: "workflow/rules/analyze.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/interpret.smk"
 include: "workflow/rules/scaling.smk"
+include: "workflow/rules/toy.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -52,6 +55,7 @@ localrules:
     scaling,
     report,
     dashboard,
+    manifolds,
 
 
 rule all:

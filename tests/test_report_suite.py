@@ -138,7 +138,7 @@ def test_suite_sections_render_with_figures_numbers_and_verdicts(tmp_path, monke
     for name, number in (("probes", 11), ("n2g", 12), ("reconstruction", 13), ("ablation", 14),
                          ("geometry", 15), ("autointerp", 16), ("dashboards", 17)):
         assert f'href="#{name}"' in html and f"<h2>{number}. " in _section(html, name)
-    assert "<h2>18. Files</h2>" in html
+    assert "<h2>20. Files</h2>" in html
     s = _suite_numbers(64, 8)
     assert f"<td>{num(s['probe_loss'])}</td>" in _section(html, "probes")
     assert "<td>12.5%</td>" in _section(html, "probes")  # positive rate from probes.json

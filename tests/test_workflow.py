@@ -68,6 +68,42 @@ def test_quick_preset_produces_the_report(quick_run):
             assert (quick_run / f"data/analysis/tiny/L1/{arch}/n128_k8/{exp}.json").is_file()
 
 
+def test_quick_preset_runs_every_scaling_and_manifold_study(quick_run):
+    studies = json.loads((quick_run / "data/scaling/tiny/L1/studies.json").read_text())
+    topk = [c for c in studies["compute"] if c["arch"] == "topk"]
+    assert topk and all(c["fit"]["ok"] and c["points"] for c in topk)  # L(C) over both n
+    assert {c["tolerance"] for c in studies["convergence"]} == {0.01, 0.03, 0.1}
+    sweep = studies["lr_sweep"]["per_n"]
+    assert [r["n"] for r in sweep] == [64, 128] and all(len(r["sweep"]) == 3 for r in sweep)
+    assert sorted(p["multiple"] for p in sweep[0]["sweep"]) == [0.5, 1.0, 2.0]
+    log = pd.read_csv(quick_run / "data/saes/tiny/L1/topk_lr0p5/n64_k4/train_log.csv")
+    assert log["heldout_fvu"].between(0, 2).all()
+    toy = json.loads((quick_run / "data/toy/manifolds.json").read_text())
+    assert {(c["kind"], c["d"]) for c in toy["curves"]} == {("circle", 2), ("sphere", 3), ("shell", 2)}
+    assert [p["n"] for p in toy["circle_panels"]] == [4, 8]
+    allocation = json.loads((quick_run / "data/toy/allocation.json").read_text())
+    assert all(c["ok"] for c in allocation["checks"])
+    truth = json.loads((quick_run / "data/toy/groundtruth.json").read_text())
+    assert [d["name"] for d in truth["dictionaries"]] == ["discrete", "manifolds"]
+    report = (quick_run / "reports/report.html").read_text()
+    for heading in ("18. Scaling studies", "19. Feature manifolds", "20. Files"):
+        assert f"<h2>{heading}</h2>" in report
+
+
+def test_one_more_toy_dimension_adds_only_its_curve(quick_run):
+    manifolds = {**QUICK["toy"]["manifolds"], "dims": {"sphere": [3, 4], "shell": [2]}}
+    cfg = {**QUICK, "toy": {**QUICK["toy"], "manifolds": manifolds}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"toy_curve": 1, "manifolds": 1, "report": 1, "all": 1}
+
+
+def test_one_more_lr_multiple_trains_only_its_saes(quick_run):
+    lr_sweep = {**QUICK["scaling"]["lr_sweep"], "multiples": [0.5, 2.0, 4.0]}
+    cfg = {**QUICK, "scaling": {**QUICK["scaling"], "lr_sweep": lr_sweep}}
+    jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
+    assert jobs == {"train": 2, "scaling": 1, "report": 1, "all": 1}
+
+
 def test_quick_preset_calibrates_every_penalty_arch_to_its_target_l0(quick_run):
     metrics = pd.read_csv(quick_run / "data/scaling/tiny/L1/metrics.csv")
     penalized = metrics[metrics["base_arch"].isin(PENALTY_ARCHS)]
@@ -102,7 +138,8 @@ def test_a_training_hyperparameter_reruns_training_and_downstream_only(quick_run
     cfg = {**QUICK, "train": {**QUICK["train"], "auxk_coef": 0.05}}
     jobs = planned_jobs(snakemake(quick_run, "-n", config=cfg))
     suite = {rule: 3 for rule in SUITE}  # topk k=4, k=8 and relu at n=128
-    assert jobs == {"train": 15, "evaluate": 15, "analyze": 7, **suite, "scaling": 1, "report": 1, "all": 1}
+    # 15 grid SAEs and the lr sweep's 4 (scaling.lr_sweep: 0.5x and 2x at n = 64, 128), which are not evaluated
+    assert jobs == {"train": 19, "evaluate": 15, "analyze": 7, **suite, "scaling": 1, "report": 1, "all": 1}
 
 
 def test_a_variant_override_reruns_only_that_variant(quick_run):

@@ -125,14 +125,20 @@ def cmd_train(a) -> None:
                      seed=t["seed"], device=str(device),
                      data=f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}",
                      auxk=t["auxk"], tied_init=t["tied_init"], arch_params=t["arch_params"].get(a.arch, {}),
-                     calibrate_fraction=t["calibration"]["fraction"], calibrate_rate=t["calibration"]["rate"])
+                     calibrate_fraction=t["calibration"]["fraction"], calibrate_rate=t["calibration"]["rate"],
+                     convergence_tolerance=t["convergence"]["tolerance"],
+                     convergence_smoothing=t["convergence"]["smoothing"])
     stream = batch_stream(root, a.layer, spec.batch_size, spec.seed, t["in_memory_max_gb"], t["shuffle_chunks"])
     selection = normalize(torch.from_numpy(read_rows(root, a.layer, "train", SELECTION_ROWS).astype(np.float32)))[0]
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
+    heldout = None
+    if t["heldout_rows"]:
+        heldout = normalize(torch.from_numpy(read_rows(root, a.layer, "eval", t["heldout_rows"]).astype(np.float32)))[0]
+        heldout = heldout.numpy()
     sae, rows, summary = train_sae(stream, np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec,
-                                   checkpoint, selection.numpy())
+                                   checkpoint, selection.numpy(), heldout)
     sae.save(out / "sae.safetensors")
     write_text_atomic(out / "train_log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(index=False))
     cfg = {**sae.config(), "name": a.name or a.arch, "subject": a.subject, "layer": a.layer,
@@ -311,7 +317,37 @@ def cmd_scaling(a) -> None:
     from saescale.scaling.collect import collect, write_scaling
 
     table = collect(a.evals)
-    write_scaling(table, a.out_metrics, a.out_fits)
+    grid = [{key: row[key] for key in ("subject", "layer", "arch", "n", "k")} for _, row in table.iterrows()]
+    write_scaling(table, a.out_metrics, a.out_fits, a.out_studies, grid, a.spec["lr_jobs"], a.spec["settings"])
+
+
+def cmd_toy(a) -> None:
+    """One of Michaud et al.'s model-free studies, written whole: the allocation model, one toy-manifold curve,
+    the circle panels, the toy study assembled from those, or SAEs on synthetic superposition."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    if a.study == "allocation":
+        from saescale.scaling.allocation import allocation_study
+
+        out = allocation_study(a.spec)
+    elif a.study == "groundtruth":
+        from saescale.toy.superposition import groundtruth_study
+
+        out = groundtruth_study(a.spec)
+    else:
+        from saescale.toy import manifolds as toy
+
+        if a.study == "curve":
+            one = {"kinds": [a.kind], "archs": [a.arch], "circle_panels": []}
+            if a.kind != "circle":
+                one["dims"] = {a.kind: [a.d]}
+            out = toy.toy_curve_entry({**a.spec, **one}, a.kind, a.d, a.arch)
+        elif a.study == "panels":
+            out = toy.circle_panels(a.spec["circle_panels"], a.spec) if a.spec["circle_panels"] else []
+        else:
+            out = toy.assemble_study(a.spec, [read_json(p) for p in a.curves], read_json(a.panels))
+    write_json_atomic(a.out, out)
 
 
 def cmd_report(a) -> None:
@@ -419,10 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--autointerp", help="autointerp results (JSONL), when run")
     sp.add_argument("--back-link", help="link from the page back to the report")
 
-    sp = stage("scaling", cmd_scaling, "collect eval JSONs into a table and fit the scaling laws", spec=False)
+    sp = stage("scaling", cmd_scaling, "collect eval JSONs into a table, fit the scaling laws, run the studies")
     sp.add_argument("--evals", nargs="+", required=True)
     sp.add_argument("--out-metrics", required=True)
     sp.add_argument("--out-fits", required=True)
+    sp.add_argument("--out-studies", required=True, help="L(C), tokens to convergence, lr vs n, joint law vs GPT-4")
+
+    sp = stage("toy", cmd_toy, "a model-free study of Michaud et al.: allocation model, toy manifolds, ground truth")
+    sp.add_argument("--study", choices=("allocation", "curve", "panels", "manifolds", "groundtruth"), required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--kind", help="curve: circle, sphere or shell")
+    sp.add_argument("--d", type=int, help="curve: ambient dimension")
+    sp.add_argument("--arch", help="curve: relu_dn or jumprelu_tanh")
+    sp.add_argument("--curves", nargs="*", default=[], help="manifolds: the curve files to assemble")
+    sp.add_argument("--panels", help="manifolds: the circle panels file")
 
     sp = stage("report", cmd_report, "render reports/report.html")
     sp.add_argument("--out", required=True)

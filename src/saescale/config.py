@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,14 @@ def _check_semantics(cfg: dict) -> None:
                 raise ConfigError(f"{where}.builtin.n_head: {b['n_head']} does not divide n_embd={b['n_embd']}")
         if subj["eval_tokens"] < subj["ctx_len"]:
             raise ConfigError(f"{where}.eval_tokens: {subj['eval_tokens']} is less than one window of ctx_len tokens")
+    sw = cfg["scaling"]["lr_sweep"]
+    if sw["enabled"]:
+        if sw["arch"] not in archs and sw["arch"] not in sweep["variants"]:
+            raise ConfigError(f"config.scaling.lr_sweep.arch: '{sw['arch']}' is neither an arch nor a sweep.variants name")
+        ns = sw["n"] if sw["n"] is not None else sweep["n"]
+        k = sw["k"] if sw["k"] is not None else min(sweep["k"])
+        if k > min(ns):
+            raise ConfigError(f"config.scaling.lr_sweep.k: {k} is larger than the smallest n ({min(ns)})")
     if cfg["train"]["batch_size"] > cfg["train"]["tokens"]:
         raise ConfigError(
             f"config.train.batch_size: {cfg['train']['batch_size']} exceeds the token budget train.tokens"
@@ -142,9 +151,10 @@ def load_config(path: str | Path) -> dict:
 
 def lr_for(train: dict, n: int) -> float:
     """REFERENCE A.7: the largest converging lr scales with 1/sqrt(n), unless train.lr fixes it."""
+    scale = float(train.get("lr_scale", 1.0))
     if train["lr"] is not None:
-        return float(train["lr"])
-    return float(train["lr_ref"] * math.sqrt(train["lr_ref_n"] / n))
+        return float(train["lr"]) * scale
+    return float(train["lr_ref"] * math.sqrt(train["lr_ref_n"] / n)) * scale
 
 
 def k_aux_for(train: dict, d_model: int) -> int:
@@ -158,9 +168,22 @@ def k_aux_for(train: dict, d_model: int) -> int:
 # ---- the grid --------------------------------------------------------------------------------------
 
 
+LR_VARIANT = re.compile(r"(?P<base>[a-z0-9_]+?)_lr(?P<multiple>\d+(?:p\d+)?)")
+
+
+def lr_variant(arch: str, multiple: float) -> str:
+    """The arch wildcard of an lr-sweep SAE: topk at 0.5x the lr rule is topk_lr0p5."""
+    return f"{arch}_lr{format(float(multiple), 'g').replace('.', 'p')}"
+
+
 def recipe(cfg: dict, name: str) -> tuple[str, dict]:
-    """(arch, train settings) of a value of the arch wildcard: an arch with the shared `train`, or a
-    variant's base arch with its overrides merged in."""
+    """(arch, train settings) of a value of the arch wildcard: an arch with the shared `train`, a
+    variant's base arch with its overrides merged in, or an lr-sweep name (lr_variant) of either."""
+    match = LR_VARIANT.fullmatch(name)
+    if match and name not in cfg["sweep"]["variants"]:
+        arch, train = recipe(cfg, match["base"])
+        scale = float(match["multiple"].replace("p", "."))
+        return arch, {**train, "lr_scale": train.get("lr_scale", 1.0) * scale}
     variant = cfg["sweep"]["variants"].get(name)
     if variant is None:
         return name, cfg["train"]
@@ -181,6 +204,25 @@ def sae_jobs(cfg: dict) -> list[dict]:
                             job = dict(subject=name, layer=layer, arch=arch, n=n, k=k)
                             jobs.setdefault(tuple(job.values()), job)
     return list(jobs.values())
+
+
+def lr_sweep_jobs(cfg: dict) -> list[dict]:
+    """The lr sweep's SAEs (scaling.lr_sweep), each with its `multiple`; multiple 1 is the main grid's SAE
+    where the grid has it, else an <arch>_lr1 job."""
+    sw = cfg["scaling"]["lr_sweep"]
+    if not sw["enabled"]:
+        return []
+    k = sw["k"] if sw["k"] is not None else min(cfg["sweep"]["k"])
+    ns = sw["n"] if sw["n"] is not None else cfg["sweep"]["n"]
+    grid = {tuple(j.values()) for j in sae_jobs(cfg)}
+    jobs = []
+    for name, subj in cfg["subjects"].items():
+        for layer in subj["layers"]:
+            for n in ns:
+                for m in sorted({1.0, *map(float, sw["multiples"])}):
+                    arch = sw["arch"] if m == 1 and (name, layer, sw["arch"], n, k) in grid else lr_variant(sw["arch"], m)
+                    jobs.append(dict(subject=name, layer=layer, arch=arch, n=n, k=k, multiple=m))
+    return jobs
 
 
 def selected(stage: dict, job: dict) -> bool:

@@ -118,6 +118,21 @@ def results_of(wc):
     return [f for job in layer_jobs(wc) for f in sae_results(job)]
 
 
+def grid_logs_of(wc):
+    """The training logs L(C) and tokens to convergence are read from."""
+    return [paths.fmt(paths.SAE_LOG, **job) for job in layer_jobs(wc)]
+
+
+def lr_sweep_of(wc):
+    """The lr sweep's SAEs of one (subject, layer) (saescale.config.lr_sweep_jobs)."""
+    return [job for job in lr_sweep_jobs(CFG) if job["subject"] == wc.subject and str(job["layer"]) == wc.layer]
+
+
+def lr_sweep_files_of(wc):
+    jobs = [{key: v for key, v in job.items() if key != "multiple"} for job in lr_sweep_of(wc)]
+    return [paths.fmt(p, **job) for job in jobs for p in (paths.SAE_LOG, paths.SAE_CFG)]
+
+
 def interpret_spec(wc):
     """The interpret settings of one SAE; whether it runs the explanation reconstruction (C.6) is decided
     here, so changing interpret.reconstruction.n reruns only the SAEs it adds or removes."""
@@ -135,8 +150,42 @@ def dashboard_inputs(wc):
     return out
 
 
+TOY_OUTPUTS = {"allocation": paths.TOY_ALLOCATION, "manifolds": paths.TOY_MANIFOLDS,
+               "groundtruth": paths.TOY_GROUNDTRUTH}
+
+
+def toy_spec(study):
+    """A toy study's settings without its on/off switch."""
+    return {key: v for key, v in CFG["toy"][study].items() if key != "enabled"}
+
+
+def toy_curve_spec(kind, panels=False):
+    """The settings one toy-manifold curve depends on: not which other kinds, dims and archs run (widening
+    those adds jobs without rerunning the others), and the grid and seeds of its own kind only."""
+    settings = toy_spec("manifolds")
+    out = {key: v for key, v in settings.items() if key not in ("kinds", "dims", "archs", "circle_panels")}
+    for key in ("n", "seeds"):
+        if isinstance(out[key], dict):
+            out[key] = out[key].get(kind, out[key])
+    if panels:
+        out.update(circle_panels=settings["circle_panels"], archs=settings["archs"][:1], kinds=["circle"])
+    return out
+
+
+def toy_curve_files(wildcards):
+    """One file per (kind, d, arch) curve of config.toy.manifolds."""
+    from saescale.toy.manifolds import study_curves
+
+    return [paths.fmt(paths.TOY_CURVE, kind=kind, d=d, arch=arch) for kind, d, arch in study_curves(toy_spec("manifolds"))]
+
+
+def toy_outputs():
+    """The toy studies config.toy turns on."""
+    return [path for study, path in TOY_OUTPUTS.items() if study in CFG["toy"] and CFG["toy"][study]["enabled"]]
+
+
 def report_inputs(wildcards):
-    files = []
+    files = toy_outputs()
     for name, subj in CFG["subjects"].items():
         files += [paths.fmt(p, subject=name) for p in (paths.NORM, paths.TOKENS, paths.ACTIVATIONS)]
         if subj["model"] == "builtin":
@@ -144,7 +193,7 @@ def report_inputs(wildcards):
         if subj["dataset"]["path"] == "builtin":
             files.append(paths.CORPUS_INFO)
         for layer in subj["layers"]:
-            files += [paths.fmt(paths.METRICS, subject=name, layer=layer), paths.fmt(paths.FITS, subject=name, layer=layer)]
+            files += [paths.fmt(p, subject=name, layer=layer) for p in (paths.METRICS, paths.FITS, paths.STUDIES)]
     for job in sae_grid():
         files += [paths.fmt(p, **job) for p in (paths.SAE_LOG, paths.SAE_CFG)] + sae_results(job)
         if evaluated(CFG, "interpret", job):

@@ -31,12 +31,26 @@ from saescale.files import read_json, write_text_atomic
 from saescale.report import figures
 from saescale.report.arch_sections import arch_context
 from saescale.report.comparison import scaling_archs
+from saescale.report.manifold_sections import manifolds_context
+from saescale.report.scaling_sections import studies_context
+from saescale.report.scaling_sections import subject_context as subject_size_context
 from saescale.report.suite_sections import suite_context
 from saescale.report.tables import (
-    LABELS, _col, _derived, _isnum, _plain, corpus_table, exponent_table, findings, fit_tables, grid_table,
-    num, store_table, table, text,
+    LABELS,
+    _col,
+    _derived,
+    _isnum,
+    _plain,
+    corpus_table,
+    exponent_table,
+    findings,
+    fit_tables,
+    grid_table,
+    num,
+    store_table,
+    table,
+    text,
 )
-
 
 # ---- loading -----------------------------------------------------------------------------------------
 
@@ -270,6 +284,9 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
     m = everything[everything["arch"].isin(main)]
     logs = logs_all[logs_all["arch"].isin(main)] if not logs_all.empty else logs_all
     fits = _fits_for(data["fits"], main)
+    studies = src.json(paths.fmt(paths.STUDIES, subject=subject, layer=layer),
+                       f"{subject} L{layer}: scaling studies (L(C), tokens to convergence, lr vs n, eq. 3 vs GPT-4)")
+    scaling = studies_context(studies, logs_all[logs_all["arch"].isin(main)] if not logs_all.empty else logs_all, main)
     ref = {"delta_ce": _col(m, "delta_ce_zero_ablation").median(), "kl": _col(m, "kl_zero_ablation").median()}
     stats = ((norm or {}).get("layers") or {}).get(str(layer))
     norm_table = None
@@ -286,12 +303,13 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
         "id": f"{subject}-L{layer}", "subject": subject, "layer": layer, "n_saes": len(everything),
         "main_archs": ", ".join(main), "other_archs": ", ".join(sorted(set(everything["arch"]) - set(main))),
         "missing": [f"{a} n={n} k={k}" for a, n, k in data["missing"]], "norm": norm_table,
-        "grid": grid_table(everything), "findings": findings(m, fits) + archs["findings"] + suite["findings"],
+        "grid": grid_table(everything), "findings": findings(m, fits) + archs["findings"] + suite["findings"] + scaling["findings"],
         "fits": fit_tables(fits), "exponents": exponent_table(fits), "saes": data["saes"], "arch": archs,
-        "suite": suite,
+        "suite": suite, "scaling": scaling, "metrics_all": everything,
         "zero_ablation": {"delta_ce": num(ref["delta_ce"]), "kl": num(ref["kl"]),
                           "ce_clean": num(_col(m, "ce_clean").median())},
         "src": {"metrics": paths.fmt(paths.METRICS, **where), "fits": paths.fmt(paths.FITS, **where),
+                "studies": paths.fmt(paths.STUDIES, **where),
                 "log": paths.fmt(paths.SAE_LOG, **sae), "eval": paths.fmt(paths.EVAL, **sae)},
         "fig": {
             "fvu_curves": figures.training_curves(logs, "fvu", "training FVU"),
@@ -305,6 +323,7 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
                                                  scale=100, cmap="rocket_r", annot_extra="dead_latents"),
             **{f"arch_{name}": fig for name, fig in _arch_figures(archs).items()},
             **{f"suite_{name}": fig for name, fig in suite["fig"].items()},
+            **{f"scaling_{name}": fig for name, fig in scaling["fig"].items()},
         },
     }
 
@@ -331,7 +350,7 @@ def lm_context(src: Sources, name: str) -> dict | None:
             ["throughput", f"{num(info.get('tokens_per_s'), 3)} tokens/s"],
             ["final validation loss", f"{num(val)} nats/token (perplexity "
                                       f"{num(math.exp(val) if _isnum(val) else None)})"]]
-    return {"table": table(["", ""], rows),
+    return {"table": table(["", ""], rows), "n_params": info.get("n_params"),
             "curve": figures.lm_training_curve(pd.DataFrame(info.get("history") or []))}
 
 
@@ -397,6 +416,17 @@ def _flat(settings: dict, prefix: str = "") -> list[list[str]]:
     return rows
 
 
+TOY_FILES = {"allocation": (paths.TOY_ALLOCATION, "capacity-allocation model: D(N), L(N), phase diagram (F.2, F.5)"),
+             "manifolds": (paths.TOY_MANIFOLDS, "toy manifold SAEs: L(n) curves, beta fits, circle panels (F.1)"),
+             "groundtruth": (paths.TOY_GROUNDTRUTH, "SAEs on synthetic superposition: features discovered D(N)")}
+
+
+def toy_studies(src: Sources, config: dict) -> tuple[dict | None, dict | None, dict | None]:
+    """The toy studies' JSONs (None for a study that is off or missing)."""
+    return tuple(src.json(path, what) if config["toy"].get(study, {}).get("enabled") else None
+                 for study, (path, what) in TOY_FILES.items())
+
+
 def build_context(config: dict, report_dir: str = os.path.dirname(paths.REPORT)) -> dict:
     """Everything the template shows, as strings and base64 PNGs; reads files under the current directory.
     Links to other pages (the feature dashboards) are relative to `report_dir`, the report's folder."""
@@ -405,8 +435,12 @@ def build_context(config: dict, report_dir: str = os.path.dirname(paths.REPORT))
     for name, subj in config["subjects"].items():
         subjects.append(subject_context(src, name, subj))
         norm = src.json(paths.fmt(paths.NORM, subject=name), f"{name}: per-layer normalization statistics")
-        layers += [layer_context(src, name, layer, config, norm, report_dir) for layer in subj["layers"]]
+        n_params = (subjects[-1]["lm"] or {}).get("n_params")
+        layers += [{**layer_context(src, name, layer, config, norm, report_dir), "n_params": n_params}
+                   for layer in subj["layers"]]
     return {"title": config["report"]["title"], "subjects": subjects, "layers": layers,
+            "subject_size": subject_size_context(layers, config),
+            "manifolds": manifolds_context(*toy_studies(src, config), layers),
             "run": run_context(config, layers), "files": src.listing(),
             "n_missing_files": sum(not r["present"] for r in src.rows)}
 

@@ -23,14 +23,15 @@ from saescale.normalize import normalize
 from saescale.sae.activations import Latents
 from saescale.sae.losses import auxk_loss, normalized_mse
 from saescale.sae.model import SparseAutoencoder
+from saescale.scaling.convergence import converged_at
 
 log = logging.getLogger("saescale.train")
 
 FIRING_THRESHOLD = 1e-3  # REFERENCE A.5: a latent "fires" when selected with value > 1e-3
 SELECTION_ROWS = 32768  # training rows used to choose EMA vs raw weights at the end (REFERENCE A.7)
 
-LOG_COLUMNS = ["step", "tokens", "loss", "fvu", "auxk_loss", "arch_loss", "penalty", "l0", "dead_fraction", "lr",
-               "elapsed_s", "flops"]
+LOG_COLUMNS = ["step", "tokens", "loss", "fvu", "heldout_fvu", "auxk_loss", "arch_loss", "penalty", "l0",
+               "dead_fraction", "lr", "elapsed_s", "flops"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class TrainSpec:
     arch_params: dict = field(default_factory=dict)  # constants of the arch (sae/archs.py defaults)
     calibrate_fraction: float = 0.9  # penalty archs: share of steps lambda is calibrated before it is frozen
     calibrate_rate: float | None = None  # step of log(lambda) per unit of log(L0 / k); None: the arch's own
+    # convergence mode (REFERENCE D.1): stop once the held-out FVU improved by less than this fraction over the
+    # last doubling of tokens; `tokens` is then a cap. 0: train the whole budget.
+    convergence_tolerance: float = 0.0
+    convergence_smoothing: float = 0.0  # EMA decay over log points of the held-out FVU the rule reads
 
     def fingerprint(self) -> str:
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("log_every", "checkpoint_seconds")}
@@ -161,13 +166,17 @@ def update_dead(tokens_since_fired: torch.Tensor, latents: Latents) -> None:
 
 def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
               spec: TrainSpec, checkpoint_path: str | Path,
-              selection_rows: np.ndarray) -> tuple[SparseAutoencoder, list[dict], dict]:
+              selection_rows: np.ndarray, heldout_rows: np.ndarray | None = None
+              ) -> tuple[SparseAutoencoder, list[dict], dict]:
     """Train one SAE; resumes from `checkpoint_path` when it holds a run of the same spec.
 
     `batch_source.batches(start_step)` yields raw float32 activations [batch, d], normalized here on the
-    fly (REFERENCE A.2); `selection_rows` are normalized training rows. Returns the SAE with the
-    weights chosen for evaluation, the log rows, and a summary for cfg.json.
+    fly (REFERENCE A.2); `selection_rows` are normalized training rows; `heldout_rows` (normalized rows of
+    the eval split) give the held-out FVU at every log step, which convergence mode stops on. Returns the SAE
+    with the weights chosen for evaluation, the log rows, and a summary for cfg.json.
     """
+    if spec.convergence_tolerance > 0 and heldout_rows is None:
+        raise ValueError("convergence mode needs held-out rows (train.heldout_rows > 0)")
     device = torch.device(spec.device)
     torch.manual_seed(spec.seed)
     gen = torch.Generator(device="cpu").manual_seed(spec.seed)
@@ -202,8 +211,10 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
     t_start = time.time()
     last_ck = time.time()
     flops_per_token = 6 * spec.n * spec.d_model  # REFERENCE D.1: compute ~ 6 * tokens * n * d
+    heldout = torch.from_numpy(heldout_rows).to(device) if heldout_rows is not None else None
+    converged = _converged(rows, spec)
     it = batch_source.batches(step)
-    while step < steps:
+    while step < steps and converged is None:
         x = normalize(torch.from_numpy(next(it)).to(device, non_blocking=True))[0]
         dead = tokens_since_fired >= spec.dead_tokens
         metrics, latents = training_step(sae, opt, x, baseline_mse, dead, spec, autocast)
@@ -221,12 +232,17 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
                    "l0": float(latents.l0().float().mean()),
                    "dead_fraction": float((tokens_since_fired >= spec.dead_tokens).float().mean()),
                    "lr": spec.lr, "elapsed_s": elapsed_before + time.time() - t_start,
-                   "flops": float(flops_per_token) * tokens}
+                   "flops": float(flops_per_token) * tokens,
+                   "heldout_fvu": _fvu_in_batches(sae, heldout, baseline_mse) if heldout is not None else math.nan}
             if not np.isfinite(row["loss"]):
                 raise FloatingPointError(f"training diverged at step {step} (loss {row['loss']}); lower train.lr")
             rows.append(row)
-            log.info("step %d/%d  fvu %.4f  auxk %.3f  l0 %.1f  dead %.3f  %.0f tok/s", step, steps, row["fvu"],
-                     row["auxk_loss"], row["l0"], row["dead_fraction"], tokens / max(row["elapsed_s"], 1e-9))
+            log.info("step %d/%d  fvu %.4f  held-out %.4f  auxk %.3f  l0 %.1f  dead %.3f  %.0f tok/s", step, steps,
+                     row["fvu"], row["heldout_fvu"], row["auxk_loss"], row["l0"], row["dead_fraction"],
+                     tokens / max(row["elapsed_s"], 1e-9))
+            # a penalty arch stops only once lambda is frozen: before that it optimizes a moving objective
+            if not controller.active or step >= controller.freeze_step:
+                converged = _converged(rows, spec)
         if spec.checkpoint_seconds and time.time() - last_ck >= spec.checkpoint_seconds and step < steps:
             _save_checkpoint(checkpoint_path, sae, opt, ema, tokens_since_fired, rows, step,
                              elapsed_before + time.time() - t_start, spec)
@@ -234,14 +250,27 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
 
     elapsed = elapsed_before + time.time() - t_start
     sae_eval, chosen, sel = choose_weights(sae, ema, selection_rows, baseline_mse, device)
-    summary = {"steps": steps, "tokens": steps * spec.batch_size, "train_seconds": elapsed,
-               "tokens_per_s": steps * spec.batch_size / max(elapsed, 1e-9), "device": str(device), "dtype": dtype,
+    if converged is not None:
+        log.info("converged at %d tokens (held-out FVU gained < %g over the last doubling)", converged,
+                 spec.convergence_tolerance)
+    summary = {"steps": step, "tokens": step * spec.batch_size, "train_seconds": elapsed,
+               "tokens_per_s": step * spec.batch_size / max(elapsed, 1e-9), "device": str(device), "dtype": dtype,
+               "max_tokens": steps * spec.batch_size, "converged_at_tokens": converged,
+               "final_heldout_fvu": rows[-1]["heldout_fvu"] if rows else None,
                "weights": chosen, "selection_fvu": sel,
                "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None,
                "final_train_l0": rows[-1]["l0"] if rows else None,
                "penalty": float(sae_eval.family.penalty) if sae.family.penalized else None,
                "penalty_frozen_at_step": controller.freeze_step if controller.active else None}
     return sae_eval, rows, summary
+
+
+def _converged(rows: list[dict], spec: TrainSpec) -> float | None:
+    """Convergence mode's stopping point so far (None: keep training, or the mode is off)."""
+    if spec.convergence_tolerance <= 0 or not rows:
+        return None
+    return converged_at([r["tokens"] for r in rows], [r["heldout_fvu"] for r in rows], spec.convergence_tolerance,
+                        spec.convergence_smoothing)
 
 
 @torch.no_grad()
@@ -262,6 +291,7 @@ def choose_weights(sae: SparseAutoencoder, ema: Ema | None, rows: np.ndarray, ba
     return (ema_sae, "ema", sel) if ema_fvu <= raw_fvu else (sae, "raw", sel)
 
 
+@torch.no_grad()
 def _fvu_in_batches(sae: SparseAutoencoder, x: torch.Tensor, baseline_mse: float, batch: int = 4096) -> float:
     """Mean normalized MSE over x, a batch at a time: pre-activations of 32k rows x 131k latents would
     not fit in GPU memory at once."""

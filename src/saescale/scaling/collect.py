@@ -80,12 +80,28 @@ def collect(eval_paths: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["arch", "k", "n"]).reset_index(drop=True)
 
 
-def write_scaling(table: pd.DataFrame, metrics_path: str | Path, fits_path: str | Path) -> dict:
-    from saescale.scaling.fits import fit_all, to_jsonable
+def _strict(obj) -> dict:
+    from saescale.scaling.fits import to_jsonable
 
+    obj = to_jsonable(obj)
+    json.dumps(obj, allow_nan=False)  # checked before writing: the file must stay strict JSON for other tools
+    return obj
+
+
+def write_scaling(table: pd.DataFrame, metrics_path: str | Path, fits_path: str | Path,
+                  studies_path: str | Path | None = None, grid_jobs: list[dict] | None = None,
+                  lr_jobs: list[dict] | None = None, settings: dict | None = None) -> dict:
+    """metrics.csv, fits.json (per-k and joint L(n) laws) and, given `studies_path`, studies.json (L(C),
+    tokens to convergence, lr vs n, joint law vs GPT-4). Each file is written whole or not at all."""
+    from saescale.scaling.fits import fit_all
+    from saescale.scaling.studies import scaling_studies
+
+    fits = _strict({"fvu": fit_all(table, "fvu"), "delta_ce": fit_all(table, "delta_ce")})
+    studies = None
+    if studies_path is not None:
+        studies = _strict(scaling_studies(table, fits, grid_jobs or [], lr_jobs or [], settings))
     write_text_atomic(metrics_path, table.to_csv(index=False))
-    fits = {"fvu": fit_all(table, "fvu"), "delta_ce": fit_all(table, "delta_ce")}
-    fits = to_jsonable(fits)
-    json.dumps(fits, allow_nan=False)  # checked before writing: the file must stay strict JSON for other tools
     write_json_atomic(fits_path, fits)
+    if studies is not None:
+        write_json_atomic(studies_path, studies)
     return fits

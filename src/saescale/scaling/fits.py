@@ -155,6 +155,56 @@ def predict_joint_law(fit: dict[str, Any], n, k) -> np.ndarray:
     return np.exp(_joint_log_model(np.stack([n, k]), *(fit[p] for p in JOINT_PARAMS)))
 
 
+def loglog_slope(x, y, x_min: float | None = None, x_max: float | None = None) -> dict[str, Any]:
+    """OLS slope of log y on log x over [x_min, x_max] with its standard error and R^2: the exponent of a
+    pure power law y = c x^s (tokens to convergence vs n, best lr vs n). Refuses below 3 points."""
+    (x, y), err = _clean(x, y)
+    if err:
+        return {"ok": False, "reason": err, "n_points": int(x.size)}
+    keep = np.ones(x.size, bool)
+    if x_min is not None:
+        keep &= x >= x_min
+    if x_max is not None:
+        keep &= x <= x_max
+    x, y = x[keep], y[keep]
+    if np.unique(x).size < 3:
+        return {"ok": False, "n_points": int(x.size),
+                "reason": f"{np.unique(x).size} distinct x in range; need at least 3 for a slope with an error"}
+    lx, ly = np.log(x), np.log(y)
+    (slope, icept), cov = np.polyfit(lx, ly, 1, cov="unscaled")
+    resid = ly - (slope * lx + icept)
+    dof = x.size - 2
+    sigma2 = float(resid @ resid) / dof if dof > 0 else math.nan
+    ss_tot = float(((ly - ly.mean()) ** 2).sum())
+    return {"ok": True, "slope": float(slope), "slope_err": float(math.sqrt(max(cov[0, 0] * sigma2, 0.0))),
+            "intercept": float(icept), "r2": 1 - float(resid @ resid) / ss_tot if ss_tot > 0 else math.nan,
+            "n_points": int(x.size), "x_min": float(x.min()), "x_max": float(x.max())}
+
+
+def bootstrap_power_law(x, y, reps: int = 200, seed: int = 0) -> dict[str, Any]:
+    """fit_power_law plus bootstrap 16th-84th percentile intervals of a, b, e (resampling points): the
+    covariance errors assume a well-specified model, which a frontier with off-trend small SAEs is not."""
+    fit = fit_power_law(x, y)
+    if not fit.get("ok"):
+        return fit
+    (x, y), _ = _clean(x, y)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(reps):
+        idx = rng.integers(0, x.size, x.size)
+        if np.unique(x[idx]).size < 4:
+            continue
+        f = fit_power_law(x[idx], y[idx])
+        if f.get("ok"):
+            draws.append((f["a"], f["b"], f["e"]))
+    if len(draws) >= max(10, reps // 4):
+        lo, hi = np.percentile(np.array(draws), [16, 84], axis=0)
+        fit.update({f"{p}_ci": [float(lo[i]), float(hi[i])] for i, p in enumerate("abe")}, bootstrap_reps=len(draws))
+    else:
+        fit["bootstrap_reps"] = len(draws)
+    return fit
+
+
 def _plain(v):
     """Numpy scalars -> Python int/float/str so group keys serialise."""
     v = v.item() if isinstance(v, np.generic) else v
