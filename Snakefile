@@ -56,6 +56,7 @@ localrules:
     report,
     dashboard,
     manifolds,
+    toy,
 
 
 rule all:

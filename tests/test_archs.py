@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from saescale.sae.activations import JumpReLUFunction, ProLUFunction, StepFunction, batch_topk, rectangle, topk
+from saescale.sae.activations import (JumpReLUFunction, Latents, ProLUFunction, StepFunction, batch_topk, rectangle,
+                                      topk)
 from saescale.sae.archs import ARCHS
-from saescale.sae.losses import normalized_mse
+from saescale.sae.losses import auxk_loss, normalized_mse
 from saescale.sae.model import SparseAutoencoder
-from saescale.sae.train import PenaltyController, TrainSpec, train_sae
+from saescale.sae.train import PenaltyController, TrainSpec, auxk_latents, train_sae
 from saescale.store import InMemoryBatches
 
 from test_ground_truth import max_cosines, synthetic
@@ -152,6 +153,48 @@ def test_smooth_parts_match_finite_differences(arch):
     W_enc = sae.W_enc.detach().clone().requires_grad_()
     W_dec = sae.W_dec.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(loss, (W_enc, W_dec), eps=1e-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "multitopk"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_selected_latent_backward_equals_the_dense_backward(arch, dtype):
+    """REFERENCE A.9: the TopK family backpropagates through the selected latents only. On fresh random inputs
+    every parameter's gradient of the whole loss (main, Multi-TopK and AuxK terms) equals autograd through
+    all n pre-activations, and the forward is unchanged."""
+    d, n, k, k_aux = 24, 200, 6, 16
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 1e-6}
+    for seed in range(3):
+        sae = make(arch, d=d, n=n, k=k, dtype=dtype)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            sae.b_enc.copy_(0.1 * torch.randn(n, generator=gen))
+            sae.b_pre.copy_(torch.randn(d, generator=gen))
+        x = (torch.randn(300, d, generator=gen) + 0.5).to(dtype)
+        dead = torch.rand(n, generator=gen) < 0.3
+        params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre]
+
+        def total(x_hat, terms, aux_lat):
+            aux = auxk_loss(sae.decode_residual(aux_lat), x - x_hat.detach())
+            return normalized_mse(x_hat, x, 1.0) + sum(terms.values()) + aux / 32
+
+        out = sae.family.forward_train(sae, x, mse_of(x), dead)
+        assert not out.pre_acts.requires_grad and out.take is not None  # no graph through all n latents
+        sparse = torch.autograd.grad(total(out.x_hat, out.terms, auxk_latents(out.pre_acts, dead, k_aux, out.take)),
+                                     params)
+
+        pre = sae.pre_acts(x)  # the reference: the same selections read from a graph over every latent
+        k_big = sae.family.params["multiple"] * k if arch == "multitopk" else k
+        values, indices = pre.topk(k_big, dim=-1, sorted=True)
+        values = torch.relu(values)
+        x_hat = sae.decode(Latents(values[:, :k], indices[:, :k]))
+        terms = {"multitopk": sae.family.params["coef"] * mse_of(x)(sae.decode(Latents(values, indices)))} \
+            if arch == "multitopk" else {}
+        dense = torch.autograd.grad(total(x_hat, terms, auxk_latents(pre, dead, k_aux)), params)
+
+        torch.testing.assert_close(out.x_hat, x_hat, **tol)
+        for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_pre"], sparse, dense):
+            assert b.abs().max() > 0, name
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_penalty_controller_moves_lambda_towards_the_target_and_freezes():

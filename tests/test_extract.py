@@ -185,3 +185,11 @@ def test_splicing_a_perfect_reconstruction_leaves_the_loss_unchanged(subject, st
     # a random model barely depends on its residual stream, but zeroing it must still change the output
     assert m["delta_ce_zero_ablation"] > 1e-4 and m["kl_zero_ablation"] > 1e-4
     assert m["tokens"] == 4 * 15 and m["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_builtin_lms_fused_gelu_is_gpt2s_tanh_gelu():
+    # the builtin subject uses activation_function="gelu_pytorch_tanh" for speed; it must be GPT-2's gelu_new
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-8, 8, 10001)
+    assert torch.allclose(ACT2FN["gelu_pytorch_tanh"](x), ACT2FN["gelu_new"](x), atol=1e-6)

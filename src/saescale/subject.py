@@ -182,8 +182,11 @@ def train_builtin_lm(tokens_store: str, tokenizer_dir: str, spec: dict, out_dir:
     val = torch.from_numpy(windows[store["eval_ids"][:]][:256]).long()
     tok = load_tokenizer(tokenizer_dir)
     ctx = windows.shape[1]
+    # GPT-2's tanh GELU as torch's fused kernel: the same function as "gelu_new" (to 2e-7), and a training
+    # step 10% faster on 2 CPU threads (batch 32, measured)
     config = GPT2Config(vocab_size=len(tok), n_positions=ctx, n_embd=spec["n_embd"], n_layer=spec["n_layer"],
-                        n_head=spec["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                        n_head=spec["n_head"], activation_function="gelu_pytorch_tanh",
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(config)
     device = pick_device("auto")
     model.to(device).train()

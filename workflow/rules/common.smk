@@ -179,7 +179,7 @@ def toy_curve_files(wildcards):
     return [paths.fmt(paths.TOY_CURVE, kind=kind, d=d, arch=arch) for kind, d, arch in study_curves(toy_spec("manifolds"))]
 
 
-def toy_outputs():
+def toy_outputs(wildcards=None):
     """The toy studies config.toy turns on."""
     return [path for study, path in TOY_OUTPUTS.items() if study in CFG["toy"] and CFG["toy"][study]["enabled"]]
 

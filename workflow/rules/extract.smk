@@ -2,6 +2,8 @@
 
 
 rule extract:
+    # the subject chain is the critical path: run it before the model-free toy studies
+    priority: 10
     input:
         unpack(lambda wc: {"tokens": paths.fmt(paths.TOKENS, subject=wc.subject), "model": model_input(wc)}),
     output:

@@ -2,6 +2,8 @@
 
 
 rule normalize:
+    # the subject chain is the critical path: run it before the model-free toy studies
+    priority: 10
     input:
         paths.ACTIVATIONS,
     output:

@@ -3,6 +3,8 @@
 
 
 rule corpus:
+    # the subject chain is the critical path: run it before the model-free toy studies
+    priority: 10
     output:
         jsonl=paths.CORPUS,
         info=paths.CORPUS_INFO,
@@ -19,6 +21,8 @@ rule corpus:
 
 
 rule tokenizer:
+    # the subject chain is the critical path: run it before the model-free toy studies
+    priority: 10
     input:
         paths.CORPUS,
     output:
@@ -37,6 +41,8 @@ rule tokenizer:
 
 
 rule lm:
+    # the subject chain is the critical path: run it before the model-free toy studies
+    priority: 10
     input:
         tokens=paths.TOKENS,
         tokenizer=paths.TOKENIZER,

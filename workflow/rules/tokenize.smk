@@ -2,6 +2,8 @@
 
 
 rule tokenize:
+    # the subject chain is the critical path: run it before the model-free toy studies
+    priority: 10
     input:
         unpack(tokenize_inputs),
     output:

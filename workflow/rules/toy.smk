@@ -83,3 +83,9 @@ rule groundtruth:
         code=code_version("toy", "toy/superposition.py", "sae", "normalize.py", "store.py"),
     shell:
         "saescale toy --study groundtruth --spec {params.spec:q} --out {output} --log {log}"
+
+
+rule toy:
+    """A target for the model-free studies alone: snakemake --cores all toy (no subject model is trained)."""
+    input:
+        toy_outputs,

@@ -72,11 +72,14 @@ def _short(v: float, _pos: object = None) -> str:
 
 
 def _log(ax, axis: str = "both") -> None:
-    """Log scale labelled at 1-2-5 steps; matplotlib's default minor labels collide on short ranges."""
+    """Log scale labelled at 1-2-5 steps (matplotlib's default minor labels collide on short ranges), or at
+    decades alone when the plotted data already span more than two decades (1-2-5 labels would collide)."""
     for name in ("x", "y") if axis == "both" else (axis,):
         getattr(ax, f"set_{name}scale")("log")
         a = getattr(ax, f"{name}axis")
-        a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=7))
+        lo, hi = getattr(ax, f"get_{name}lim")() if ax.has_data() else (1.0, 1.0)
+        wide = lo > 0 and hi / lo > 10**2.2
+        a.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0), numticks=7))
         a.set_major_formatter(FuncFormatter(_short))
         a.set_minor_formatter(NullFormatter())
 

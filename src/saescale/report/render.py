@@ -455,22 +455,26 @@ def _environment() -> jinja2.Environment:
                               lstrip_blocks=True)
 
 
-def write_figures(layers: list[dict], folder: str | Path) -> None:
+def write_figures(context: dict, folder: str | Path) -> None:
     """Each figure also as a PNG file, so `snakemake --report` can show them one by one."""
     import base64
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for layer in layers:
-        for name, png in layer["fig"].items():
-            if png:
-                (folder / f"{layer['id']}_{name}.png").write_bytes(base64.b64decode(png))
+    named = {f"{layer['id']}_{name}": png for layer in context["layers"] for name, png in layer["fig"].items()}
+    named["subject_size"] = context["subject_size"]["fig"]
+    for part in ("allocation", "toy", "groundtruth"):
+        named |= {f"manifolds_{part}_{name}": png
+                  for name, png in (context["manifolds"][part].get("fig") or {}).items()}
+    for name, png in named.items():
+        if png:
+            (folder / f"{name}.png").write_bytes(base64.b64decode(png))
 
 
 def render_report(config: dict, out: str, figures_dir: str | None = None) -> None:
     """Render the validated `config`'s run (files under the current directory) into one HTML file at `out`."""
     context = build_context(config, os.path.dirname(out) or ".")
     if figures_dir:
-        write_figures(context["layers"], figures_dir)
+        write_figures(context, figures_dir)
     html = _environment().get_template("report.html").render(**context)
     write_text_atomic(out, html)

@@ -31,6 +31,8 @@ class TrainOutput(NamedTuple):
     x_hat: torch.Tensor  # the reconstruction whose normalized MSE is the main loss
     pre_acts: torch.Tensor  # AuxK selects dead latents from these
     terms: dict[str, torch.Tensor]  # extra loss terms, already weighted
+    # with a graph-free pre_acts: the pre-activations at chosen latents, with gradients (SelectedPreActs)
+    take: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Arch(nn.Module):
@@ -87,6 +89,13 @@ class TopKArch(Arch):
     def activate(self, pre_acts: torch.Tensor) -> Latents:
         return topk(pre_acts, self.k)
 
+    def forward_train(self, sae: SparseAutoencoder, x: torch.Tensor, mse: Mse, dead: torch.Tensor) -> TrainOutput:
+        # select on graph-free pre-activations; only the k selected per token carry gradients (A.9)
+        pre, take = sae.selectable_pre_acts(x)
+        indices = pre.topk(self.k, dim=-1, sorted=False).indices
+        latents = Latents(torch.relu(take(indices)), indices)
+        return TrainOutput(latents, sae.decode(latents), pre, {}, take)
+
 
 class MultiTopKArch(TopKArch):
     """REFERENCE A.5: L(k) + L(4k)/8 from one top-4k selection, for a code that stays progressive at k' > k.
@@ -96,13 +105,14 @@ class MultiTopKArch(TopKArch):
     defaults = {"multiple": 4, "coef": 0.125}
 
     def forward_train(self, sae: SparseAutoencoder, x: torch.Tensor, mse: Mse, dead: torch.Tensor) -> TrainOutput:
-        pre = sae.pre_acts(x)
+        pre, take = sae.selectable_pre_acts(x)
         k_big = min(self.params["multiple"] * self.k, self.n)
-        values, indices = pre.topk(k_big, dim=-1, sorted=True)
-        values = torch.relu(values)
+        indices = pre.topk(k_big, dim=-1, sorted=True).indices
+        values = torch.relu(take(indices))
         latents = Latents(values[:, :self.k], indices[:, :self.k])
         x_hat_big = sae.decode(Latents(values, indices))
-        return TrainOutput(latents, sae.decode(latents), pre, {"multitopk": self.params["coef"] * mse(x_hat_big)})
+        return TrainOutput(latents, sae.decode(latents), pre, {"multitopk": self.params["coef"] * mse(x_hat_big)},
+                           take)
 
 
 class BatchTopKArch(Arch):

@@ -9,6 +9,7 @@ The arch (`sae.family`, sae/archs.py) supplies the activation and the sparsity o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from saescale.files import replace_when_done
-from saescale.sae.activations import Latents, topk
+from saescale.sae.activations import Latents, SelectedPreActs, topk
 from saescale.sae.archs import ARCHS
 
 ENCODER_RESCALE_SAMPLES = 256  # REFERENCE A.4: openai init_from_data_ uses 256 random unit inputs
@@ -40,6 +41,19 @@ class SparseAutoencoder(nn.Module):
     # ---- the forward pass, in the paper's words ---------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x - self.b_pre, self.W_enc, self.b_enc)  # [batch, n]
+
+    def selectable_pre_acts(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The pre-activations without a graph, and `take(idx)`: pre[b, idx[b]] with gradients to W_enc, b_enc
+        and b_pre through the selected latents only. For codes that keep a few latents per token (TopK), this
+        leaves the encoder forward as the one dense product of a training step (REFERENCE A.9)."""
+        xc = x - self.b_pre
+        with torch.no_grad():
+            pre = F.linear(xc, self.W_enc, self.b_enc)
+
+        def take(idx: torch.Tensor) -> torch.Tensor:
+            return SelectedPreActs.apply(pre.gather(1, idx), xc, self.W_enc, self.b_enc, idx)
+
+        return pre, take
 
     def encode(self, x: torch.Tensor) -> Latents:
         return self.family.encode(self, x)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,18 +88,23 @@ class Ema:
         return {k: v / correction for k, v in self.shadow.items()}
 
 
-def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int) -> Latents | None:
+def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int,
+                 take: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Latents | None:
     """REFERENCE A.5: the top-k_aux pre-activations among dead latents only, then ReLU.
 
     Selecting among the dead columns (not masking alive ones to 0 as the reference code does) means an alive
     latent is never picked, even when every dead pre-activation is negative, and costs O(batch * n_dead)
-    instead of a second top-k over all n latents.
+    instead of a second top-k over all n latents. With `take` (graph-free pre_acts) the selected values get
+    their gradients from it; otherwise they are read from pre_acts' own graph.
     """
     dead_idx = dead.nonzero().squeeze(1)
     if dead_idx.numel() == 0:
         return None
-    values, pos = pre_acts.index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False)
-    return Latents(torch.relu(values), dead_idx[pos])
+    pos = pre_acts.detach().index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=-1,
+                                                           sorted=False).indices
+    indices = dead_idx[pos]
+    values = take(indices) if take is not None else pre_acts.gather(1, indices)
+    return Latents(torch.relu(values), indices)
 
 
 def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, baseline_mse: float,
@@ -111,7 +117,7 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
         arch_loss = sum(out.terms.values(), torch.zeros((), device=x.device))
         aux = torch.zeros((), device=x.device)
         if family.auxk and spec.auxk and spec.auxk_coef > 0:
-            aux_lat = auxk_latents(out.pre_acts, dead, spec.k_aux)
+            aux_lat = auxk_latents(out.pre_acts, dead, spec.k_aux, out.take)
             if aux_lat is not None:
                 # the target is the main model's error with its graph cut: only dead latents learn from it
                 aux = auxk_loss(sae.decode_residual(aux_lat), x - out.x_hat.detach())
