@@ -41,12 +41,14 @@ def dead_mask(n: int, fraction: float, device: torch.device) -> torch.Tensor:
 def saescale_step(d: int, n: int, k: int, batch: int, dead: torch.Tensor, device: torch.device,
                   autocast) -> Callable[[torch.Tensor], None]:
     from saescale.sae.model import SparseAutoencoder
-    from saescale.sae.train import TrainSpec, training_step
+    from saescale.sae.train import TrainSpec, adam, retain_freed_memory, training_step
 
     sae = SparseAutoencoder(d, n, "topk", k)
     sae.init_from_data_(torch.zeros(d))
     sae.to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10)
+    opt = adam(sae.parameters(), 1e-4, eps=6.25e-10)  # as train_sae builds them
+    if device.type == "cpu":
+        retain_freed_memory()
     k_aux = min(n, 2 ** max(0, (d // 2).bit_length() - 1))  # REFERENCE A.5: k_aux a power of two near d/2
     spec = TrainSpec("topk", n, k, d, 1e-4, batch, batch, 6.25e-10, (0.9, 0.999), 1 / 32, k_aux, 10**9, 0.0,
                      1, 0, 0, str(device))

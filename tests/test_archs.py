@@ -173,28 +173,57 @@ def test_selected_latent_backward_equals_the_dense_backward(arch, dtype):
         dead = torch.rand(n, generator=gen) < 0.3
         params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre]
 
-        def total(x_hat, terms, aux_lat):
-            aux = auxk_loss(sae.decode_residual(aux_lat), x - x_hat.detach())
+        def total(x_hat, terms, aux_lat, residual):
+            aux = auxk_loss(residual(aux_lat), x - x_hat.detach())
             return normalized_mse(x_hat, x, 1.0) + sum(terms.values()) + aux / 32
 
         out = sae.family.forward_train(sae, x, mse_of(x), dead)
         assert not out.pre_acts.requires_grad and out.take is not None  # no graph through all n latents
-        sparse = torch.autograd.grad(total(out.x_hat, out.terms, auxk_latents(out.pre_acts, dead, k_aux, out.take)),
-                                     params)
+        sparse = torch.autograd.grad(total(out.x_hat, out.terms, auxk_latents(out.pre_acts, dead, k_aux, out.take),
+                                           sae.decode_residual), params)
 
-        pre = sae.pre_acts(x)  # the reference: the same selections read from a graph over every latent
+        # the reference: the same selections read from a graph over every latent, decoded by a dense matmul
+        def dense_residual(lat):
+            return lat.dense(n) @ sae.W_dec
+
+        pre = sae.pre_acts(x)
         k_big = sae.family.params["multiple"] * k if arch == "multitopk" else k
         values, indices = pre.topk(k_big, dim=-1, sorted=True)
         values = torch.relu(values)
-        x_hat = sae.decode(Latents(values[:, :k], indices[:, :k]))
-        terms = {"multitopk": sae.family.params["coef"] * mse_of(x)(sae.decode(Latents(values, indices)))} \
-            if arch == "multitopk" else {}
-        dense = torch.autograd.grad(total(x_hat, terms, auxk_latents(pre, dead, k_aux)), params)
+        x_hat = dense_residual(Latents(values[:, :k], indices[:, :k])) + sae.b_pre
+        terms = {"multitopk": sae.family.params["coef"] * mse_of(x)(dense_residual(Latents(values, indices))
+                                                                    + sae.b_pre)} if arch == "multitopk" else {}
+        dense = torch.autograd.grad(total(x_hat, terms, auxk_latents(pre, dead, k_aux), dense_residual), params)
 
         torch.testing.assert_close(out.x_hat, x_hat, **tol)
         for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_pre"], sparse, dense):
             assert b.abs().max() > 0, name
             torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_sparse_decode_and_its_products_equal_dense_ones():
+    """SparseDecode's gradients (REFERENCE A.9) against a dense matmul, with latents repeated across tokens and
+    within one token's slots (they must add), in float64; and scatter_rows_t against S^T @ dense."""
+    from saescale.sae.activations import SparseDecode, scatter_rows_t
+
+    gen = torch.Generator().manual_seed(0)
+    batch, n, k, d = 37, 11, 5, 7
+    idx = torch.randint(0, n, (batch, k), generator=gen)
+    idx[0] = 3  # every slot of token 0 on one latent
+    values = torch.rand(batch, k, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
+    g = torch.randn(batch, d, generator=gen, dtype=torch.float64)
+
+    dense_code = torch.zeros(batch, n, dtype=torch.float64).index_put((torch.arange(batch)[:, None].expand(-1, k),
+                                                                       idx), values, accumulate=True)
+    ref = torch.autograd.grad((dense_code @ weight * g).sum(), (values, weight))
+    out = SparseDecode.apply(values, idx, weight)
+    torch.testing.assert_close(out, dense_code @ weight)
+    got = torch.autograd.grad((out * g).sum(), (values, weight))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scatter_rows_t(idx, values.detach(), n, g), dense_code.detach().T @ g)
+    assert torch.autograd.gradcheck(lambda v, w: SparseDecode.apply(v, idx, w), (values, weight))
 
 
 def test_penalty_controller_moves_lambda_towards_the_target_and_freezes():

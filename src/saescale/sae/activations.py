@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+# torch warns once per process that CSR tensors are "beta"; scatter_rows_t uses only their matmul, which the
+# sparse-backward tests check against the dense backward
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 class Latents(NamedTuple):
@@ -47,13 +53,31 @@ def topk(pre_acts: torch.Tensor, k: int) -> Latents:
     return Latents(torch.relu(values), indices)
 
 
+def scatter_rows_t(idx: torch.Tensor, values: torch.Tensor, n: int, dense: torch.Tensor) -> torch.Tensor:
+    """S^T @ dense [n, d] for the [batch, n] matrix S with S[b, idx[b, j]] = values[b, j] (repeats add).
+
+    The weight gradients of a sparse code (REFERENCE A.9): only the rows of W that some token selected get a
+    nonzero row, at O(batch * k * d). S^T is built in CSR form (rows = latents, from one stable sort of the
+    indices; `searchsorted` rather than `bincount` so CUDA needs no host sync): on CPU that product is 1.6x
+    faster than the COO one and 2.4x faster than adding batch * k outer products with index_add (measured at
+    batch 4096, k = 32, d = 768, n = 32768).
+    """
+    flat = idx.flatten()
+    latent, order = flat.sort(stable=True)
+    crow = torch.searchsorted(latent, torch.arange(n + 1, device=idx.device))
+    token = torch.div(order, idx.shape[1], rounding_mode="floor")
+    s_t = torch.sparse_csr_tensor(crow, token, values.flatten()[order].to(dense.dtype), (n, idx.shape[0]),
+                                  check_invariants=False)
+    return s_t @ dense
+
+
 class SelectedPreActs(torch.autograd.Function):
     """pre[b, j] = x[b] . W[idx[b, j]] + bias[idx[b, j]] for the selected latents only (REFERENCE A.9).
 
     The forward takes the values from pre-activations already computed without a graph (so they are exactly
     the ones the selection saw); the backward touches only the selected rows: the input gradient gathers k
-    encoder rows per token (`embedding_bag`) and the weight gradient adds k outer products per token, O(batch
-    * k * d) instead of the two O(batch * n * d) products a dense backward through all n pre-activations costs.
+    encoder rows per token (`embedding_bag`) and the weight gradient is a sparse product, O(batch * k * d)
+    instead of the two O(batch * n * d) products a dense backward through all n pre-activations costs.
     """
 
     @staticmethod
@@ -69,16 +93,40 @@ class SelectedPreActs(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = F.embedding_bag(idx, weight, per_sample_weights=g, mode="sum").to(x.dtype)
         if ctx.needs_input_grad[2]:
-            # S^T x with S the [batch, n] sparse gradient of the pre-activations: a sparse matmul, 8x faster
-            # on CPU than adding batch * k outer products with index_add (measured at k = 64, n = 2048)
-            rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
-            s_t = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), g.flatten(),
-                                          (weight.shape[0], idx.shape[0]), check_invariants=False)
-            grad_w = torch.sparse.mm(s_t, x.to(weight.dtype))
+            grad_w = scatter_rows_t(idx, g, weight.shape[0], x.to(weight.dtype))
         if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
             grad_b.index_add_(0, idx.flatten(), g.flatten())
         return None, grad_x, grad_w, grad_b, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """x_hat[b] = sum_j values[b, j] * W_dec[idx[b, j]]: the decoder of a k-slot code (REFERENCE A.9).
+
+    The forward is `embedding_bag`; the backward replaces its decoder gradient (a dense, sort-based kernel
+    that cost more than the forward on CPU) with the sparse product S^T @ grad the encoder uses too. The
+    values' gradient (grad[b] . W[idx[b, j]]) is embedding_bag's own kernel, reached by differentiating a
+    recomputed forward with respect to the values only: 2x faster than gathering the [batch, k, d] rows.
+    """
+
+    @staticmethod
+    def forward(ctx, values, idx, weight):
+        ctx.save_for_backward(values, idx, weight)
+        return F.embedding_bag(idx, weight, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, idx, weight = ctx.saved_tensors
+        g = grad.to(weight.dtype)
+        grad_values = grad_w = None
+        if ctx.needs_input_grad[0]:
+            with torch.enable_grad():
+                v = values.detach().requires_grad_()
+                out = F.embedding_bag(idx, weight.detach(), per_sample_weights=v, mode="sum")
+                grad_values, = torch.autograd.grad(out, v, g)
+        if ctx.needs_input_grad[2]:
+            grad_w = scatter_rows_t(idx, values, weight.shape[0], g)
+        return grad_values, None, grad_w
 
 
 def batch_topk(acts: torch.Tensor, k: int) -> tuple[Latents, torch.Tensor]:

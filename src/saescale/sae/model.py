@@ -1,8 +1,8 @@
 """The sparse autoencoder (REFERENCE A.3): z = act(W_enc (x - b_pre) + b_enc), x_hat = W_dec^T z + b_pre.
 
 Decoder directions are the rows of W_dec [n, d] (SAELens' orientation), at unit norm unless the arch
-weights its penalty by their norms. A TopK code decodes by gathering only its k rows (`embedding_bag`),
-O(batch * k * d); codes of varying support (ReLU, JumpReLU, ...) are dense and decode with one matmul.
+weights its penalty by their norms. A TopK code decodes by gathering only its k rows (`embedding_bag`,
+with sparse gradients: `SparseDecode`), O(batch * k * d); codes of varying support (ReLU, JumpReLU, ...) are dense and decode with one matmul.
 The arch (`sae.family`, sae/archs.py) supplies the activation and the sparsity objective.
 """
 
@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from saescale.files import replace_when_done
-from saescale.sae.activations import Latents, SelectedPreActs, topk
+from saescale.sae.activations import Latents, SelectedPreActs, SparseDecode, topk
 from saescale.sae.archs import ARCHS
 
 ENCODER_RESCALE_SAMPLES = 256  # REFERENCE A.4: openai init_from_data_ uses 256 random unit inputs
@@ -65,8 +65,7 @@ class SparseAutoencoder(nn.Module):
         """W_dec^T z without the pre-bias (AuxK reconstructs the error with it)."""
         if latents.indices is None:
             return latents.values.to(self.W_dec.dtype) @ self.W_dec
-        return F.embedding_bag(latents.indices, self.W_dec, per_sample_weights=latents.values.to(self.W_dec.dtype),
-                               mode="sum")
+        return SparseDecode.apply(latents.values.to(self.W_dec.dtype), latents.indices, self.W_dec)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latents]:
         latents = self.encode(x)
@@ -104,8 +103,9 @@ class SparseAutoencoder(nn.Module):
         """Remove the gradient component parallel to each (unit) decoder row: Adam then only rotates rows."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        # row-wise dot products and one in-place update: no [n, d] temporaries (two fewer passes over memory)
+        parallel = torch.bmm(self.W_dec.grad.unsqueeze(1), self.W_dec.unsqueeze(2)).squeeze(2)  # [n, 1]
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     # ---- save / load ------------------------------------------------------------------------------
     def config(self) -> dict:

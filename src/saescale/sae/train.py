@@ -6,11 +6,13 @@ EMA -> dead-latent bookkeeping -> log/checkpoint. Every arch (sae/archs.py) shar
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,6 +136,34 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
             "arch_loss": arch_loss.detach()}, out.latents
 
 
+def adam(params, lr: float, **kwargs) -> torch.optim.Adam:
+    """Adam with the fused kernel where this torch has one (CUDA; CPU from torch 2.4): one pass over each
+    parameter instead of a dozen elementwise ops, 6x faster on CPU for n = 32768, d = 768 (34 vs 197 ms a
+    step, 2 threads), the same update to float rounding."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, **kwargs)
+
+
+def retain_freed_memory() -> None:
+    """Keep freed memory in the process heap (glibc): by default every block over 32 MB is mmap-ed and given
+    back on free, so a CPU training step page-faults its [batch, n] pre-activations and [n, d] gradients in
+    afresh each time (a 512 MB fresh product costs 170 ms more than one into reused memory at batch 4096, n =
+    32768). The step then runs 10-20% faster; the price is that the process keeps its peak size. A no-op
+    where glibc's mallopt is not there."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def param_groups(sae: SparseAutoencoder, lr: float) -> list[dict]:
     """One Adam group at `lr`, plus one per arch parameter with its own lr multiplier (JumpReLU thresholds)."""
     scales = sae.family.lr_scales()
@@ -189,7 +219,9 @@ def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
     sae = SparseAutoencoder(spec.d_model, spec.n, spec.arch, spec.k, spec.arch_params)
     sae.init_from_data_(torch.as_tensor(b_pre, dtype=torch.float32), generator=gen, tied=spec.tied_init)
     sae.to(device)
-    opt = torch.optim.Adam(param_groups(sae, spec.lr), lr=spec.lr, betas=tuple(spec.adam_betas), eps=spec.adam_eps)
+    opt = adam(param_groups(sae, spec.lr), spec.lr, betas=tuple(spec.adam_betas), eps=spec.adam_eps)
+    if device.type == "cpu":
+        retain_freed_memory()
     ema = Ema(sae, spec.ema_decay) if spec.ema_decay > 0 else None
     tokens_since_fired = torch.zeros(spec.n, dtype=torch.long, device=device)
     rows: list[dict] = []

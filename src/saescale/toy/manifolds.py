@@ -63,6 +63,7 @@ import torch
 
 from saescale.evaluate.geometry import nearest_neighbour_cosines
 from saescale.sae.model import SparseAutoencoder
+from saescale.sae.train import adam
 from saescale.scaling.fits import loglog_slope
 
 log = logging.getLogger("saescale.toy")
@@ -208,13 +209,6 @@ def _cpu_threads(device, threads: int = CPU_THREADS):
         torch.set_num_threads(before)
 
 
-def _adam(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
-    try:  # the fused kernel saves about a fifth of a small toy step, which is mostly per-op overhead
-        return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(sae.parameters(), lr=lr)
-
-
 def train_toy_sae(spec: ToySpec, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """Adam on fresh samples every step: loss = squared error + the arch's terms at the fixed lambda."""
     with _cpu_threads(device):
@@ -224,7 +218,7 @@ def train_toy_sae(spec: ToySpec, device: str | torch.device = "cpu") -> SparseAu
 def _train(spec: ToySpec, device: str | torch.device) -> SparseAutoencoder:
     sae = init_toy_sae(spec, device)
     gen = torch.Generator(device=device).manual_seed(_seed("data", spec.seed, spec.kind, spec.d, spec.n, spec.arch))
-    opt = _adam(sae, spec.lr)
+    opt = adam(sae.parameters(), spec.lr)  # fused: a fifth of a small toy step is per-op overhead
     decay_steps = round(spec.lr_decay * spec.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (spec.steps - step) / decay_steps) if decay_steps else 1.0)
