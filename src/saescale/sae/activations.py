@@ -9,14 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import warnings
-
 import torch
 import torch.nn.functional as F
-
-# torch warns once per process that CSR tensors are "beta"; scatter_rows_t uses only their matmul, which the
-# sparse-backward tests check against the dense backward
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 class Latents(NamedTuple):
@@ -57,18 +51,17 @@ def scatter_rows_t(idx: torch.Tensor, values: torch.Tensor, n: int, dense: torch
     """S^T @ dense [n, d] for the [batch, n] matrix S with S[b, idx[b, j]] = values[b, j] (repeats add).
 
     The weight gradients of a sparse code (REFERENCE A.9): only the rows of W that some token selected get a
-    nonzero row, at O(batch * k * d). S^T is built in CSR form (rows = latents, from one stable sort of the
-    indices; `searchsorted` rather than `bincount` so CUDA needs no host sync): on CPU that product is 1.6x
-    faster than the COO one and 2.4x faster than adding batch * k outer products with index_add (measured at
-    batch 4096, k = 32, d = 768, n = 32768).
+    nonzero row, at O(batch * k * d). Row i of the result is a weighted sum of the rows of `dense` of the
+    tokens that selected latent i, i.e. an `embedding_bag` over `dense` with one bag per latent (one stable
+    sort of the indices; `searchsorted` rather than `bincount` for the bag offsets, so CUDA needs no host
+    sync). On CPU that is 1.8x faster than the same product as a CSR matmul, 3x faster than COO and 4.7x
+    faster than adding batch * k outer products with index_add (batch 4096, k = 32, d = 768, n = 32768).
     """
-    flat = idx.flatten()
-    latent, order = flat.sort(stable=True)
-    crow = torch.searchsorted(latent, torch.arange(n + 1, device=idx.device))
+    latent, order = idx.flatten().sort(stable=True)
+    offsets = torch.searchsorted(latent, torch.arange(n + 1, device=idx.device))
     token = torch.div(order, idx.shape[1], rounding_mode="floor")
-    s_t = torch.sparse_csr_tensor(crow, token, values.flatten()[order].to(dense.dtype), (n, idx.shape[0]),
-                                  check_invariants=False)
-    return s_t @ dense
+    return F.embedding_bag(token, dense, offsets, per_sample_weights=values.flatten()[order].to(dense.dtype),
+                           mode="sum", include_last_offset=True)
 
 
 class SelectedPreActs(torch.autograd.Function):
