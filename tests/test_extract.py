@@ -193,3 +193,38 @@ def test_the_builtin_lms_fused_gelu_is_gpt2s_tanh_gelu():
 
     x = torch.linspace(-8, 8, 10001)
     assert torch.allclose(ACT2FN["gelu_pytorch_tanh"](x), ACT2FN["gelu_new"](x), atol=1e-6)
+
+
+def test_prefetch_keeps_order_raises_the_producers_error_and_stops_when_abandoned():
+    import threading
+
+    from saescale.store import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("chunk 7 unreadable")
+
+    got = prefetch(failing())
+    assert next(got) == 1
+    with pytest.raises(OSError, match="chunk 7"):
+        next(got)
+
+    pulled = []
+
+    def endless():
+        i = 0
+        while True:
+            pulled.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), depth=2)
+    assert next(it) == 0
+    it.close()
+    for t in threading.enumerate():
+        if t.name == "saescale-prefetch":
+            t.join(timeout=2)
+    assert not any(t.name == "saescale-prefetch" for t in threading.enumerate())
+    assert len(pulled) <= 5  # it ran at most `depth` (+ one in hand) ahead, then stopped
