@@ -50,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = load_model(a.model)
     tokens = open_token_store(a.tokens)
-    ids, n_train, n_eval = plan_windows(tokens, a.train_tokens)
+    ids, _, _ = plan_windows(tokens, a.train_tokens)
     windows = tokens["windows"].oindex[np.sort(ids), :]
     n_tok = windows.size
     bare, full = [], []

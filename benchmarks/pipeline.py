@@ -54,11 +54,11 @@ def dryrun(archs: int, n: int, k: int) -> dict:
                                                 "geometry": {"archs": None, "n": None}},
                                    "interpret": {"archs": None, "n": None}}))
         t0 = time.perf_counter()
-        proc = subprocess.run(["snakemake", "-n", "--configfile", str(cfg)], cwd=tmp, capture_output=True, text=True)
+        proc = subprocess.run(["snakemake", "-n", "--configfile", str(cfg)], cwd=tmp, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"snakemake -n failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    total = re.search(r"^total\s+(\d+)", proc.stdout, re.M)
+    total = re.search(r"^total\s+(\d+)", proc.stdout, re.MULTILINE)
     return {"archs": ARCHS[:archs], "n": grid_n, "k": grid_k, "saes": archs * n * k,
             "jobs": int(total.group(1)) if total else None, "seconds": seconds}
 

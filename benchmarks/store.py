@@ -24,7 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saescale.store import ChunkShuffledBatches, InMemoryBatches, iter_chunks, open_store, read_rows, split_rows
+from saescale.store import (
+    ChunkShuffledBatches,
+    InMemoryBatches,
+    iter_chunks,
+    open_store,
+    read_rows,
+    split_rows,
+)
 
 
 def disk_bytes(path: Path) -> int:

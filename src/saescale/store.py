@@ -252,7 +252,7 @@ def prefetch(items: Iterator[T], depth: int = 4) -> Iterator[T]:
                 if stop.is_set():
                     return
             buf.put(_DONE)
-        except BaseException as e:  # handed to the consumer, which raises it
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
             buf.put(e)
 
     thread = threading.Thread(target=produce, name="saescale-prefetch", daemon=True)
