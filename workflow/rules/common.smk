@@ -174,7 +174,7 @@ def toy_curve_spec(kind, panels=False):
 
 def toy_curve_files(wildcards):
     """One file per (kind, d, arch) curve of config.toy.manifolds."""
-    from saescale.toy.manifolds import study_curves
+    from saescale.toy.settings import study_curves  # torch-free: planning never imports torch
 
     return [paths.fmt(paths.TOY_CURVE, kind=kind, d=d, arch=arch) for kind, d, arch in study_curves(toy_spec("manifolds"))]
 

@@ -31,7 +31,7 @@ rule toy_curve:
         gpu=1 if HAS_CUDA else 0,
     params:
         spec=lambda wc: spec(toy_curve_spec(wc.kind)),
-        code=code_version("toy", "toy/manifolds.py", "sae"),
+        code=code_version("toy", "toy/manifolds.py", "toy/settings.py", "sae"),
     shell:
         "saescale toy --study curve --kind {wildcards.kind} --d {wildcards.d} --arch {wildcards.arch}"
         " --spec {params.spec:q} --out {output} --log {log}"
@@ -48,7 +48,7 @@ rule toy_panels:
         envs()
     params:
         spec=lambda wc: spec(toy_curve_spec("circle", panels=True)),
-        code=code_version("toy", "toy/manifolds.py", "sae"),
+        code=code_version("toy", "toy/manifolds.py", "toy/settings.py", "sae"),
     shell:
         "saescale toy --study panels --spec {params.spec:q} --out {output} --log {log}"
 
@@ -63,7 +63,7 @@ rule manifolds:
         log_path("toy", "manifolds"),
     params:
         spec=lambda wc: spec(toy_spec("manifolds")),
-        code=code_version("toy", "toy/manifolds.py"),
+        code=code_version("toy", "toy/manifolds.py", "toy/settings.py"),
     shell:
         "saescale toy --study manifolds --curves {input.curves} --panels {input.panels} --spec {params.spec:q}"
         " --out {output} --log {log}"

@@ -66,11 +66,19 @@ from saescale.sae.model import SparseAutoencoder
 from saescale.sae.train import adam
 from saescale.scaling.fits import loglog_slope
 
+# re-exported: the settings live in a torch-free module so Snakemake can plan without importing torch
+from saescale.toy.settings import (  # noqa: F401
+    DEFAULTS,
+    KINDS,
+    RADII,
+    TOY_ARCHS,
+    check,
+    study_curves,
+    validate_settings,
+)
+
 log = logging.getLogger("saescale.toy")
 
-KINDS = ("circle", "sphere", "shell")
-TOY_ARCHS = ("relu_dn", "jumprelu_tanh")
-RADII = ("uniform", "volume")
 SHELL_RADII = (0.5, 2.0)  # REFERENCE F.1: {x : 0.5 < |x| < 2}
 PAPER_BETA_RANGE = (100, 10_000)  # REFERENCE F.1: slope of log L vs log n for n in [10^2, 10^4]
 JUMPRELU_THETA_INIT = 0.1  # [I], see the module docstring
@@ -81,28 +89,6 @@ DEAD_WINDOW_STEPS = 500  # jumprelu_tanh: silent this long => its pre-activation
 ARC_GRID = 3600  # angles at which circle latents are tested for firing (0.1 degree cells)
 PANEL_POINTS = 200  # data / reconstruction points drawn per circle panel
 
-DEFAULTS: dict = {  # the reduced study (module docstring); the paper's recipe is ToySpec's defaults
-    "kinds": ["circle", "sphere", "shell"],
-    "dims": {"sphere": [3, 6], "shell": [2, 3]},  # the circle is d = 2 by definition
-    "archs": ["relu_dn"],
-    "n": {"circle": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64], "sphere": [2, 4, 8, 16, 32, 64, 128, 256],
-          "shell": [1, 2, 3, 4, 6, 8, 12, 16, 24]},
-    "steps": 2000,
-    "batch": 512,
-    "lr": 2e-2,
-    "lr_decay": 0.5,
-    "l1": 0.1,
-    "tanh_c": 0.1,
-    "tanh_lambda": 1.0,
-    "seeds": 1,
-    "seed": 0,
-    "eval_samples": 1 << 16,
-    "beta_range": [16, 256],  # the paper's [100, 10^4] (PAPER_BETA_RANGE) needs n up to 10^4
-    "circle_panels": [4, 8, 24],
-    "device": "auto",
-    "shell_radius": "uniform",
-    "plateau_tol": 0.05,
-}
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -399,9 +385,9 @@ def toy_curve(settings: dict, saes_out: dict | None = None) -> list[dict]:
     receives {n: the best seed's SAE}."""
     kind, arch = settings.get("kind"), settings.get("arch", "relu_dn")
     d = 2 if kind == "circle" else settings.get("d")
-    _check(kind in KINDS, "kind", f"unknown manifold kind {kind!r}; known: {list(KINDS)}")
-    _check(isinstance(d, int) and not isinstance(d, bool) and d >= 2, "d", f"needs an integer >= 2, got {d!r}")
-    _check(arch in TOY_ARCHS, "arch", f"unknown toy arch {arch!r}; known: {list(TOY_ARCHS)}")
+    check(kind in KINDS, "kind", f"unknown manifold kind {kind!r}; known: {list(KINDS)}")
+    check(isinstance(d, int) and not isinstance(d, bool) and d >= 2, "d", f"needs an integer >= 2, got {d!r}")
+    check(arch in TOY_ARCHS, "arch", f"unknown toy arch {arch!r}; known: {list(TOY_ARCHS)}")
     rest = {k: v for k, v in settings.items() if k not in ("kind", "d", "arch")}
     s = validate_settings({**rest, "kinds": [kind], "dims": {} if kind == "circle" else {kind: [d]},
                            "archs": [arch]})
@@ -449,63 +435,6 @@ def circle_panels(ns=(4, 8, 24), settings: dict | None = None, saes: dict | None
 
 # ---- the study --------------------------------------------------------------------------------------
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"toy.{key}: {message}")
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _positive_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-def _key(s: dict, key: str, kind: str) -> str:
-    return f"{key}.{kind}" if isinstance(s[key], dict) else key
-
-
-def validate_settings(settings: dict) -> dict:
-    """Settings merged over DEFAULTS, checked; a ValueError names the offending key."""
-    unknown = set(settings) - set(DEFAULTS)
-    _check(not unknown, min(unknown) if unknown else "", f"unknown setting(s); known: {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **settings}
-    kinds = s["kinds"]
-    _check(isinstance(kinds, (list, tuple)) and all(k in KINDS for k in kinds), "kinds",
-           f"each kind must be one of {list(KINDS)}, got {kinds!r}")
-    dims = s["dims"]
-    _check(isinstance(dims, dict) and set(dims) <= set(KINDS), "dims", f"a mapping kind -> [d, ...], got {dims!r}")
-    for kind in kinds:
-        ds = [2] if kind == "circle" else dims.get(kind)
-        _check(isinstance(ds, (list, tuple)) and len(ds) > 0, f"dims.{kind}", "needs a non-empty list of d")
-        _check(all(isinstance(d, int) and d >= 2 for d in ds), f"dims.{kind}", f"every d must be an integer >= 2, "
-               f"got {list(ds)}")
-        _check(kind != "circle" or list(dims.get("circle", [2])) == [2], "dims.circle", "the circle is d = 2")
-    archs = s["archs"]
-    _check(isinstance(archs, (list, tuple)) and len(archs) > 0 and all(a in TOY_ARCHS for a in archs), "archs",
-           f"a non-empty list of {list(TOY_ARCHS)}, got {archs!r}")
-    for kind in kinds:
-        grid, key = s["n"].get(kind) if isinstance(s["n"], dict) else s["n"], _key(s, "n", kind)
-        _check(isinstance(grid, (list, tuple)) and len(grid) > 0, key, "the n grid is empty")
-        _check(all(_positive_int(n) for n in grid), key, f"every n must be a positive integer, got {list(grid)}")
-        seeds = s["seeds"].get(kind) if isinstance(s["seeds"], dict) else s["seeds"]
-        _check(_positive_int(seeds), _key(s, "seeds", kind), f"must be a positive integer, got {seeds!r}")
-    for key in ("steps", "batch", "eval_samples"):
-        _check(_positive_int(s[key]), key, f"must be a positive integer, got {s[key]!r}")
-    for key in ("lr", "l1", "tanh_c", "tanh_lambda", "plateau_tol"):
-        _check(_positive_num(s[key]), key, f"must be a positive number, got {s[key]!r}")
-    _check(isinstance(s["seed"], int) and not isinstance(s["seed"], bool), "seed", f"an integer, got {s['seed']!r}")
-    br = s["beta_range"]
-    _check(isinstance(br, (list, tuple)) and len(br) == 2 and all(_positive_num(v) for v in br) and br[0] < br[1],
-           "beta_range", f"needs [n_min, n_max] with 0 < n_min < n_max, got {br!r}")
-    cp = s["circle_panels"]
-    _check(isinstance(cp, (list, tuple)) and all(_positive_int(n) for n in cp), "circle_panels",
-           f"a list of positive n, got {cp!r}")
-    _check(s["shell_radius"] in RADII, "shell_radius", f"one of {list(RADII)}, got {s['shell_radius']!r}")
-    _check(s["device"] == "auto" or isinstance(s["device"], str), "device", f"'auto', 'cpu' or 'cuda[:i]', "
-           f"got {s['device']!r}")
-    return s
 
 
 def resolve_device(device: str) -> torch.device:
@@ -541,13 +470,6 @@ def toy_curve_entry(settings: dict, kind: str, d: int, arch: str) -> dict:
     if kind == "shell":
         curve["plateau"] = plateau(ns, losses, d, s["plateau_tol"])
     return _json_ready(curve)
-
-
-def study_curves(settings: dict) -> list[tuple[str, int, str]]:
-    """Every (kind, d, arch) curve the settings ask for."""
-    s = validate_settings(settings)
-    return [(kind, d, arch) for arch in s["archs"] for kind in s["kinds"]
-            for d in ([2] if kind == "circle" else s["dims"][kind])]
 
 
 def assemble_study(settings: dict, curves: list[dict], panels: list[dict], elapsed_s: float | None = None) -> dict:
