@@ -103,8 +103,8 @@ def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype
             root.attrs["chunks_done"] = c + 1
 
         t0 = time.time()
-        # one writer thread, one chunk behind: chunk c is compressed and written while chunk c + 1 runs through
-        # the model (a write error surfaces at the next chunk or at the end)
+        # one writer thread, one chunk behind: chunk c is cast, checked and written while chunk c + 1 runs
+        # through the model (a write error surfaces at the next chunk or at the end)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saescale-extract-writer") as writer:
             pending = None
             for c in range(start_chunk, n_chunks):
@@ -276,13 +276,13 @@ class ChunkShuffledBatches(InMemoryBatches):
 
     in_memory = False
 
-    def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
-        return prefetch(super().batches(start_step))
-
     def __init__(self, array: zarr.Array, rows: slice, batch_size: int, seed: int, shuffle_chunks: int):
         self.array, self.rows, self.batch_size, self.seed = array, rows, batch_size, seed
         self.shuffle_chunks = shuffle_chunks
         self.steps_per_epoch = _steps_per_epoch(rows.stop - rows.start, batch_size)
+
+    def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
+        return prefetch(super().batches(start_step))
 
     def _epoch(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
         """Chunks are cast into one float32 buffer as they are read (no concatenate, no second copy); a batch

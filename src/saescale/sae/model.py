@@ -1,8 +1,9 @@
 """The sparse autoencoder (REFERENCE A.3): z = act(W_enc (x - b_pre) + b_enc), x_hat = W_dec^T z + b_pre.
 
 Decoder directions are the rows of W_dec [n, d] (SAELens' orientation), at unit norm unless the arch
-weights its penalty by their norms. A TopK code decodes by gathering only its k rows (`embedding_bag`,
-with sparse gradients: `SparseDecode`), O(batch * k * d); codes of varying support (ReLU, JumpReLU, ...) are dense and decode with one matmul.
+weights its penalty by their norms. A TopK code decodes by gathering only its k rows (`embedding_bag`, with
+sparse gradients: `SparseDecode`), O(batch * k * d); codes of varying support (ReLU, JumpReLU, ...) are dense
+and decode with one matmul.
 The arch (`sae.family`, sae/archs.py) supplies the activation and the sparsity objective.
 """
 
