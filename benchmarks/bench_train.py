@@ -10,37 +10,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
 
 import torch
-
-from saescale.sae.model import SparseAutoencoder
-from saescale.sae.train import TrainSpec, training_step
+from throughput_worker import dead_mask, saescale_step, time_steps
 
 
 def bench(d: int, n: int, k: int, batch: int, steps: int, device: torch.device, dead_fraction: float = 0.0) -> dict:
-    sae = SparseAutoencoder(d, n, "topk", k)
-    sae.init_from_data_(torch.zeros(d))
-    sae.to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10)
-    spec = TrainSpec("topk", n, k, d, 1e-3, batch, batch * steps, 6.25e-10, (0.9, 0.999), 1 / 32,
-                     min(n, 2 ** max(0, (d // 2).bit_length() - 1)), 10**9, 0.0, 1, 0, 0, str(device))
-    dead = torch.arange(n, device=device) < int(dead_fraction * n)  # AuxK runs on these (REFERENCE A.5)
+    """The step `train_sae` runs (its Adam and allocator settings included), on one fixed unit-norm batch."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    step = saescale_step(d, n, k, batch, dead_mask(n, dead_fraction, device), device, autocast)  # AuxK on dead
     x = torch.randn(batch, d, device=device)
     x = x / x.norm(dim=1, keepdim=True)
-    for _ in range(3):  # warm-up
-        training_step(sae, opt, x, 1.0, dead, spec, autocast)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        training_step(sae, opt, x, 1.0, dead, spec, autocast)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    time_steps(step, [x], 3, 0.0, device)  # warm-up
+    done, dt = time_steps(step, [x], steps, 0.0, device)
     return {"d": d, "n": n, "k": k, "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
-            "dead_fraction": dead_fraction, "tokens_per_s": batch * steps / dt, "ms_per_step": 1000 * dt / steps}
+            "dead_fraction": dead_fraction, "tokens_per_s": batch * done / dt, "ms_per_step": 1000 * dt / done}
 
 
 def main() -> None:

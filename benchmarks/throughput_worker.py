@@ -40,6 +40,7 @@ def dead_mask(n: int, fraction: float, device: torch.device) -> torch.Tensor:
 # ---- one step function per tool: build(d, n, k, batch, dead, device) -> step(x) ---------------------------
 def saescale_step(d: int, n: int, k: int, batch: int, dead: torch.Tensor, device: torch.device,
                   autocast) -> Callable[[torch.Tensor], None]:
+    from saescale.config import k_aux_for
     from saescale.sae.model import SparseAutoencoder
     from saescale.sae.train import TrainSpec, adam, retain_freed_memory, training_step
 
@@ -49,7 +50,7 @@ def saescale_step(d: int, n: int, k: int, batch: int, dead: torch.Tensor, device
     opt = adam(sae.parameters(), 1e-4, eps=6.25e-10)  # as train_sae builds them
     if device.type == "cpu":
         retain_freed_memory()
-    k_aux = min(n, 2 ** max(0, (d // 2).bit_length() - 1))  # REFERENCE A.5: k_aux a power of two near d/2
+    k_aux = min(k_aux_for({"k_aux": None}, d), n)  # as cmd_train derives it (REFERENCE A.5)
     spec = TrainSpec("topk", n, k, d, 1e-4, batch, batch, 6.25e-10, (0.9, 0.999), 1 / 32, k_aux, 10**9, 0.0,
                      1, 0, 0, str(device))
 
@@ -130,21 +131,20 @@ def version(tool: str) -> str:
 def serve(tool: str, threads: int, device: torch.device) -> None:
     torch.set_num_threads(threads)
     build = TOOLS[tool]
-    built: dict[tuple, tuple] = {}
+    built_for, step, bank = None, None, None
     print(json.dumps({"ready": tool, "version": version(tool), "torch": torch.__version__}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
-        key = (req["d"], req["n"], req["k"], req["batch"], req["dead"], req["bf16"])
+        key = (req["d"], req["n"], req["k"], req["batch"], req["dead"], req["bf16"], req["seed"])
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if req["bf16"] and device.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
-        if key not in built:
-            built.clear()  # one size resident at a time: the largest SAE and its Adam state are ~1 GB
+        if key != built_for:
+            step = bank = None  # free the previous size first: the largest SAE and its Adam state are ~1 GB
             bank = data_bank(req["d"], req["batch"], req["seed"], device)
             step = build(req["d"], req["n"], req["k"], req["batch"], dead_mask(req["n"], req["dead"], device),
                          device, autocast)
             time_steps(step, bank, req["warmup"], 0.0, device)
-            built[key] = (step, bank)
-        step, bank = built[key]
+            built_for = key
         steps, seconds = time_steps(step, bank, req["steps"], req["seconds"], device)
         print(json.dumps({"tool": tool, "steps": steps, "seconds": seconds,
                           "tokens_per_s": req["batch"] * steps / seconds}), flush=True)

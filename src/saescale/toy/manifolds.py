@@ -90,7 +90,6 @@ ARC_GRID = 3600  # angles at which circle latents are tested for firing (0.1 deg
 PANEL_POINTS = 200  # data / reconstruction points drawn per circle panel
 
 
-
 # ---- data ------------------------------------------------------------------------------------------
 
 def sample(kind: str, d: int, batch: int, generator: torch.Generator, radius: str = "uniform") -> torch.Tensor:
@@ -434,7 +433,6 @@ def circle_panels(ns=(4, 8, 24), settings: dict | None = None, saes: dict | None
 
 
 # ---- the study --------------------------------------------------------------------------------------
-
 
 
 def resolve_device(device: str) -> torch.device:

@@ -9,7 +9,7 @@ KINDS = ("circle", "sphere", "shell")
 TOY_ARCHS = ("relu_dn", "jumprelu_tanh")
 RADII = ("uniform", "volume")
 
-DEFAULTS: dict = {  # the reduced study (module docstring); the paper's recipe is ToySpec's defaults
+DEFAULTS: dict = {  # the reduced study (toy/manifolds.py docstring); the paper's recipe is ToySpec's defaults
     "kinds": ["circle", "sphere", "shell"],
     "dims": {"sphere": [3, 6], "shell": [2, 3]},  # the circle is d = 2 by definition
     "archs": ["relu_dn"],
@@ -25,7 +25,7 @@ DEFAULTS: dict = {  # the reduced study (module docstring); the paper's recipe i
     "seeds": 1,
     "seed": 0,
     "eval_samples": 1 << 16,
-    "beta_range": [16, 256],  # the paper's [100, 10^4] (PAPER_BETA_RANGE) needs n up to 10^4
+    "beta_range": [16, 256],  # the paper's [100, 10^4] (manifolds.PAPER_BETA_RANGE) needs n up to 10^4
     "circle_panels": [4, 8, 24],
     "device": "auto",
     "shell_radius": "uniform",
@@ -57,18 +57,18 @@ def validate_settings(settings: dict) -> dict:
     s = {**DEFAULTS, **settings}
     kinds = s["kinds"]
     check(isinstance(kinds, (list, tuple)) and all(k in KINDS for k in kinds), "kinds",
-           f"each kind must be one of {list(KINDS)}, got {kinds!r}")
+          f"each kind must be one of {list(KINDS)}, got {kinds!r}")
     dims = s["dims"]
     check(isinstance(dims, dict) and set(dims) <= set(KINDS), "dims", f"a mapping kind -> [d, ...], got {dims!r}")
     for kind in kinds:
         ds = [2] if kind == "circle" else dims.get(kind)
         check(isinstance(ds, (list, tuple)) and len(ds) > 0, f"dims.{kind}", "needs a non-empty list of d")
         check(all(isinstance(d, int) and d >= 2 for d in ds), f"dims.{kind}", f"every d must be an integer >= 2, "
-               f"got {list(ds)}")
+              f"got {list(ds)}")
         check(kind != "circle" or list(dims.get("circle", [2])) == [2], "dims.circle", "the circle is d = 2")
     archs = s["archs"]
     check(isinstance(archs, (list, tuple)) and len(archs) > 0 and all(a in TOY_ARCHS for a in archs), "archs",
-           f"a non-empty list of {list(TOY_ARCHS)}, got {archs!r}")
+          f"a non-empty list of {list(TOY_ARCHS)}, got {archs!r}")
     for kind in kinds:
         grid, key = s["n"].get(kind) if isinstance(s["n"], dict) else s["n"], _key(s, "n", kind)
         check(isinstance(grid, (list, tuple)) and len(grid) > 0, key, "the n grid is empty")
@@ -82,13 +82,13 @@ def validate_settings(settings: dict) -> dict:
     check(isinstance(s["seed"], int) and not isinstance(s["seed"], bool), "seed", f"an integer, got {s['seed']!r}")
     br = s["beta_range"]
     check(isinstance(br, (list, tuple)) and len(br) == 2 and all(_positive_num(v) for v in br) and br[0] < br[1],
-           "beta_range", f"needs [n_min, n_max] with 0 < n_min < n_max, got {br!r}")
+          "beta_range", f"needs [n_min, n_max] with 0 < n_min < n_max, got {br!r}")
     cp = s["circle_panels"]
     check(isinstance(cp, (list, tuple)) and all(_positive_int(n) for n in cp), "circle_panels",
-           f"a list of positive n, got {cp!r}")
+          f"a list of positive n, got {cp!r}")
     check(s["shell_radius"] in RADII, "shell_radius", f"one of {list(RADII)}, got {s['shell_radius']!r}")
     check(s["device"] == "auto" or isinstance(s["device"], str), "device", f"'auto', 'cpu' or 'cuda[:i]', "
-           f"got {s['device']!r}")
+          f"got {s['device']!r}")
     return s
 
 
