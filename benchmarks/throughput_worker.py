@@ -7,8 +7,9 @@ each package's import time again, and builds every model once per size.
 
 Every tool trains the same thing: a TopK SAE with AuxK on the same inputs (a bank of unit-norm Gaussian
 batches drawn from one seed, identical across processes because the torch build is the same), with
-torch.optim.Adam, decoder rows kept at unit norm the way the tool itself does it, in fp32 (or bf16 autocast
-on CUDA when asked). The request says how many latents to mark dead, so the AuxK path runs in every tool.
+torch.optim.Adam, decoder rows kept at unit norm the way the tool itself does it, in fp32 (or under bf16
+autocast when asked, on CPU or CUDA). The request says how many latents to mark dead, so the AuxK path runs
+in every tool.
 """
 
 from __future__ import annotations
@@ -136,8 +137,7 @@ def serve(tool: str, threads: int, device: torch.device) -> None:
     for line in sys.stdin:
         req = json.loads(line)
         key = (req["d"], req["n"], req["k"], req["batch"], req["dead"], req["bf16"], req["seed"])
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if req["bf16"] and device.type == "cuda"
-                    else torch.autocast("cpu", enabled=False))
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=req["bf16"])
         if key != built_for:
             step = bank = None  # free the previous size first: the largest SAE and its Adam state are ~1 GB
             bank = data_bank(req["d"], req["batch"], req["seed"], device)

@@ -58,12 +58,14 @@ class Worker:
         self.proc.wait()
 
 
-def gemm_peak(batch: int, d: int, n: int, device: torch.device, seconds: float = 2.0) -> float:
-    """GFLOP/s of the encoder's forward product x @ W^T at this shape, best of repeated timings, written into
-    one reused output (a fresh [batch, n] output costs page faults that are not the GEMM's)."""
-    x = torch.randn(batch, d, device=device)
-    w = torch.randn(n, d, device=device)
-    out = torch.empty(batch, n, device=device)
+def gemm_peak(batch: int, d: int, n: int, device: torch.device, seconds: float = 2.0,
+              dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of the encoder's forward product x @ W^T at this shape and dtype (bf16 for autocast runs), best
+    of repeated timings, written into one reused output (a fresh [batch, n] output costs page faults that are
+    not the GEMM's)."""
+    x = torch.randn(batch, d, device=device, dtype=dtype)
+    w = torch.randn(n, d, device=device, dtype=dtype)
+    out = torch.empty(batch, n, device=device, dtype=dtype)
     best = float("inf")
     torch.mm(x, w.T, out=out)  # warm-up
     t_end = time.perf_counter() + seconds
@@ -121,7 +123,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0, help="... and at least this long")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dead", type=float, default=0.0, help="fraction of latents marked dead, so AuxK runs")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (on CPU too: fast where the CPU has AMX)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tools", nargs="+", default=["saescale", "sparsify", "sae-lens"])
     p.add_argument("--peer-python", default=str(DEFAULT_PEERS),
@@ -152,7 +154,8 @@ def main() -> None:
             flops = model_flops(a.batch, d, n, a.k)
             rows.append({"d": d, "n": n, "k": a.k, "batch": a.batch, "runs": runs, "median": median,
                          "ratio": median["saescale"] / max(peers) if peers and "saescale" in median else None,
-                         "gemm_peak_gflops": gemm_peak(a.batch, d, n, device),
+                         "gemm_peak_gflops": gemm_peak(a.batch, d, n, device,
+                                                       dtype=torch.bfloat16 if a.bf16 else torch.float32),
                          "gflops": {t: m * flops / a.batch / 1e9 for t, m in median.items()}})
     finally:
         for w in workers.values():

@@ -155,14 +155,23 @@ def test_smooth_parts_match_finite_differences(arch):
     assert torch.autograd.gradcheck(loss, (W_enc, W_dec), eps=1e-7, atol=1e-5)
 
 
+PRECISIONS = {  # parameter dtype, autocast, tolerance of the sparse path against the dense one
+    "float64": (torch.float64, None, {"rtol": 1e-9, "atol": 1e-12}),
+    "float32": (torch.float32, None, {"rtol": 2e-4, "atol": 1e-6}),
+    # train.precision: bf16 (CPU autocast here, CUDA's in training): both paths round to bf16, in different orders
+    "bf16-autocast": (torch.float32, torch.bfloat16, None),
+}
+
+
 @pytest.mark.parametrize("arch", ["topk", "multitopk"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_selected_latent_backward_equals_the_dense_backward(arch, dtype):
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_selected_latent_backward_equals_the_dense_backward(arch, precision):
     """REFERENCE A.9: the TopK family backpropagates through the selected latents only. On fresh random inputs
     every parameter's gradient of the whole loss (main, Multi-TopK and AuxK terms) equals autograd through
-    all n pre-activations, and the forward is unchanged."""
+    all n pre-activations, and the forward is unchanged; under bf16 autocast too, to bf16's precision."""
+    dtype, autocast_dtype, tol = PRECISIONS[precision]
+    autocast = torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
     d, n, k, k_aux = 24, 200, 6, 16
-    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 1e-6}
     for seed in range(3):
         sae = make(arch, d=d, n=n, k=k, dtype=dtype)
         gen = torch.Generator().manual_seed(seed)
@@ -177,28 +186,36 @@ def test_selected_latent_backward_equals_the_dense_backward(arch, dtype):
             aux = auxk_loss(residual(aux_lat), x - x_hat.detach())
             return normalized_mse(x_hat, x, 1.0) + sum(terms.values()) + aux / 32
 
-        out = sae.family.forward_train(sae, x, mse_of(x), dead)
-        assert not out.pre_acts.requires_grad and out.take is not None  # no graph through all n latents
-        sparse = torch.autograd.grad(total(out.x_hat, out.terms, auxk_latents(out.pre_acts, dead, k_aux, out.take),
-                                           sae.decode_residual), params)
+        with autocast:
+            out = sae.family.forward_train(sae, x, mse_of(x), dead)
+            assert not out.pre_acts.requires_grad and out.take is not None  # no graph through all n latents
+            sparse_loss = total(out.x_hat, out.terms, auxk_latents(out.pre_acts, dead, k_aux, out.take),
+                                sae.decode_residual)
+        sparse = torch.autograd.grad(sparse_loss, params)
 
         # the reference: the same selections read from a graph over every latent, decoded by a dense matmul
         def dense_residual(lat):
             return lat.dense(n) @ sae.W_dec
 
-        pre = sae.pre_acts(x)
-        k_big = sae.family.params["multiple"] * k if arch == "multitopk" else k
-        values, indices = pre.topk(k_big, dim=-1, sorted=True)
-        values = torch.relu(values)
-        x_hat = dense_residual(Latents(values[:, :k], indices[:, :k])) + sae.b_pre
-        terms = {"multitopk": sae.family.params["coef"] * mse_of(x)(dense_residual(Latents(values, indices))
-                                                                    + sae.b_pre)} if arch == "multitopk" else {}
-        dense = torch.autograd.grad(total(x_hat, terms, auxk_latents(pre, dead, k_aux), dense_residual), params)
+        with autocast:
+            pre = sae.pre_acts(x)
+            k_big = sae.family.params["multiple"] * k if arch == "multitopk" else k
+            values, indices = pre.topk(k_big, dim=-1, sorted=True)
+            values = torch.relu(values)
+            x_hat = dense_residual(Latents(values[:, :k], indices[:, :k])) + sae.b_pre
+            terms = {"multitopk": sae.family.params["coef"] * mse_of(x)(dense_residual(Latents(values, indices))
+                                                                        + sae.b_pre)} if arch == "multitopk" else {}
+            dense_loss = total(x_hat, terms, auxk_latents(pre, dead, k_aux), dense_residual)
+        dense = torch.autograd.grad(dense_loss, params)
 
-        torch.testing.assert_close(out.x_hat, x_hat, **tol)
-        for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_pre"], sparse, dense):
+        assert torch.equal(out.latents.indices.sort(-1).values, indices[:, :k].sort(-1).values)  # same selection
+        for name, a, b in zip(["x_hat", "W_enc", "b_enc", "W_dec", "b_pre"], [out.x_hat, *sparse], [x_hat, *dense]):
             assert b.abs().max() > 0, name
-            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+            if tol is None:  # bf16: elementwise closeness fails on tiny entries; the error relative to the norm
+                a, b = a.detach().float(), b.detach().float()
+                assert float((a - b).norm() / b.norm()) < 1e-2, name  # measured 0.1-0.35%
+            else:
+                torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_sparse_decode_and_its_products_equal_dense_ones():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from saescale.config import ConfigError, load_config, validate
+from saescale.config import ConfigError, load_config, train_packs, validate
 
 MINIMAL = {"subjects": {"tiny": {"model": "builtin", "layers": [2]}}}
 
@@ -25,6 +25,8 @@ def test_defaults_are_filled_from_the_schema():
         ({"subjects": {"tiny": {"model": "builtin", "layers": [9]}}}, "config.subjects.tiny.layers[0]"),
         ({"subjects": {"tiny": {"model": "builtin"}}}, "config.subjects.tiny: 'layers' is a required property"),
         ({"subjects": {"tiny": {"model": "gpt2", "layers": [8], "ctx_len": 1}}}, "config.subjects.tiny.ctx_len"),
+        ({"train": {"pack": ["layer"]}}, "config.train.pack[0]"),
+        ({"sweep": {"variants": {"v": {"arch": "topk", "train": {"pack": ["k"]}}}}}, "config.sweep.variants.v.train.pack"),
     ],
 )
 def test_malformed_config_names_the_key(patch, key):
@@ -88,3 +90,21 @@ def test_grid_is_the_union_of_grids_and_variants_merge_their_train_overrides():
     assert arch == "topk" and train["auxk"] is False and train["calibration"] == {"fraction": 0.5, "rate": None}
     assert recipe(cfg, "relu") == ("relu", cfg["train"])
     assert analysed(cfg, "progressive", {"arch": "relu", "n": 128}) and not analysed(cfg, "refinement", {"arch": "gated", "n": 128})
+
+
+def pack_members(cfg):
+    return {p["name"]: sorted((m["arch"], m["n"], m["k"]) for m in p["members"]) for p in train_packs(validate(cfg))}
+
+
+def test_packs_span_the_grid_keys_train_pack_names_and_never_mix_batch_streams():
+    grid = {"archs": ["topk", "relu", "big_batch"], "n": [64, 128], "k": [4, 8],
+            "variants": {"big_batch": {"arch": "topk", "train": {"batch_size": 8192}}}}
+    base = {**MINIMAL, "sweep": grid, "scaling": {"lr_sweep": {"enabled": False}}}
+    assert pack_members(base) == {}  # the default: one SAE per job
+    by_k = pack_members({**base, "train": {"pack": ["k"]}})
+    assert len(by_k) == 6 and by_k["tiny_L2_relu_n64_kall"] == [("relu", 64, 4), ("relu", 64, 8)]
+    by_layer = pack_members({**base, "train": {"pack": ["arch", "n", "k"]}})
+    # the variant's batch size makes another stream: its 4 SAEs get a pack of their own
+    assert sorted(len(m) for m in by_layer.values()) == [4, 8]
+    assert all(len({a == "big_batch" for a, _, _ in m}) == 1 for m in by_layer.values())
+    assert len(set(by_layer)) == 2

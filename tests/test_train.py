@@ -1,4 +1,4 @@
-"""The training loop: resuming a killed job, logging, and the lr / k_aux rules."""
+"""The training loop: resuming a killed job, several SAEs on one stream, logging, and the lr / k_aux rules."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from saescale.config import k_aux_for, lr_for
 from saescale.normalize import layer_stats
-from saescale.sae.train import TrainSpec, train_sae
+from saescale.sae.train import Trainer, TrainSpec, train_sae, train_together
 from saescale.store import InMemoryBatches
 
 from test_ground_truth import synthetic
@@ -65,6 +65,53 @@ def test_checkpoint_of_a_different_spec_is_ignored(tmp_path):
     assert rows[0]["step"] == 4  # started from scratch
 
 
+def pack_specs(spec):
+    """Three SAEs one stream can feed: another arch (a penalty one), another n and k, a shorter budget."""
+    return [spec, TrainSpec(**{**spec.__dict__, "arch": "relu", "n": 32, "k": 4}),
+            TrainSpec(**{**spec.__dict__, "n": 48, "k": 2, "tokens": 30 * 256, "lr": 1e-3})]
+
+
+def assert_same_weights(a, b):
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
+
+
+def test_saes_trained_together_equal_saes_trained_alone(tmp_path):
+    x, stats, spec, sel = setup()
+    specs = pack_specs(spec)
+    alone = [run(InMemoryBatches(x, 256, 0), stats, s, tmp_path / f"alone{i}.pt", sel) for i, s in enumerate(specs)]
+    trainers = [Trainer(np.asarray(stats["geometric_median"]), stats["baseline_mse"], s, tmp_path / f"pack{i}.pt", sel)
+                for i, s in enumerate(specs)]
+    order = []
+    train_together(InMemoryBatches(x, 256, 0), trainers, lambda t: order.append(trainers.index(t)))
+    assert order == [2, 0, 1]  # reported as each finishes: the short budget first
+    for (sae, rows, summary), trainer in zip(alone, trainers):
+        packed, packed_rows, packed_summary = trainer.finish()
+        assert_same_weights(sae, packed)
+        assert [r["loss"] for r in rows] == [r["loss"] for r in packed_rows]
+        assert packed_summary["steps"] == summary["steps"] and packed_summary["weights"] == summary["weights"]
+    assert trainers[2].step == 30 and trainers[0].step == 64
+
+
+def test_a_killed_pack_resumes_every_member_to_the_uninterrupted_weights(tmp_path):
+    """Killed at step 40: the short member (30 steps) had finished and kept its final checkpoint, as
+    `saescale train --members` does; the others resume from their timed checkpoints."""
+    x, stats, spec, sel = setup()
+    specs = pack_specs(spec)
+    make = lambda: [Trainer(np.asarray(stats["geometric_median"]), stats["baseline_mse"], s, tmp_path / f"m{i}.pt", sel)
+                    for i, s in enumerate(specs)]
+    with pytest.raises(Killed):
+        train_together(DiesAt(InMemoryBatches(x, 256, 0), 40), make(), lambda t: t.save_checkpoint())
+    resumed = make()
+    assert [t.step for t in resumed] == [40, 40, 30]
+    finished = []
+    train_together(InMemoryBatches(x, 256, 0), resumed, finished.append)
+    assert finished[0] is resumed[2]  # already complete: finished without a step
+    for s, trainer in zip(specs, resumed):
+        ref, _, _ = run(InMemoryBatches(x, 256, 0), stats, s, tmp_path / f"ref{trainer.spec.n}.pt", sel)
+        assert_same_weights(ref, trainer.finish()[0])
+
+
 def test_log_rows_and_loss_decrease(tmp_path):
     x, stats, spec, sel = setup()
     _, rows, summary = run(InMemoryBatches(x, 256, 0), stats, spec, tmp_path / "d.pt", sel)
@@ -72,6 +119,20 @@ def test_log_rows_and_loss_decrease(tmp_path):
     assert rows[-1]["fvu"] < rows[0]["fvu"]
     assert all(r["l0"] <= 3 for r in rows)
     assert summary["device"] == "cpu" and summary["weights"] in ("ema", "raw")
+
+
+def test_bf16_precision_trains_on_cpu_as_well_as_float32(tmp_path):
+    """train.precision: bf16 runs the forward under bf16 autocast on CPU too; the weights stay float32 and
+    the run ends within a few percent of float32's FVU."""
+    x, stats, spec, sel = setup()
+    _, ref_rows, ref = run(InMemoryBatches(x, 256, 0), stats, spec, tmp_path / "f.pt", sel)
+    bf16 = TrainSpec(**{**spec.__dict__, "precision": "bf16"})
+    sae, rows, summary = run(InMemoryBatches(x, 256, 0), stats, bf16, tmp_path / "b.pt", sel)
+    assert summary["dtype"] == "bf16-autocast" and ref["dtype"] == "float32"
+    assert sae.W_enc.dtype == torch.float32
+    assert rows[-1]["fvu"] < 0.7 * rows[0]["fvu"]
+    assert rows[-1]["fvu"] == pytest.approx(ref_rows[-1]["fvu"], rel=0.05)
+    assert rows[-1]["fvu"] != ref_rows[-1]["fvu"]  # it did run in another precision
 
 
 def test_lr_follows_inverse_sqrt_n_unless_fixed():

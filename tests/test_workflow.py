@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,28 @@ def test_autointerp_through_an_http_endpoint_adds_only_its_jobs_and_never_writes
     written = [p for p in quick_run.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".html", ".log")]
     assert not [p for p in written if "sk-sentinel-0123" in p.read_text(errors="ignore")]
     snakemake(quick_run, config=QUICK)  # back to the preset for the tests that follow
+
+
+def test_packed_saes_train_in_one_job_to_the_weights_of_lone_jobs(quick_run, tmp_path):
+    """train.pack: [k] trains both k of each TopK n in one job that reads the store once; each SAE's weights
+    equal the quick run's, where every SAE had its own job."""
+    from safetensors.torch import load_file
+
+    wdir = tmp_path / "packed"
+    shutil.copytree(quick_run, wdir, symlinks=True)  # keeps mtimes: only the SAEs packing moves are redone
+    cfg = {**QUICK, "train": {**QUICK["train"], "pack": ["k"]}}
+    saes = [f"data/saes/tiny/L1/topk/n{n}_k{k}" for n in (64, 128) for k in (4, 8)]
+    targets = [f"{sae}/cfg.json" for sae in saes]
+    jobs = planned_jobs(snakemake(wdir, "-n", *targets, config=cfg))
+    assert jobs == {"train_pack_tiny_L1_topk_n64_kall": 1, "train_pack_tiny_L1_topk_n128_kall": 1}
+    snakemake(wdir, *targets, config=cfg)
+    for sae in saes:
+        packed, alone = load_file(wdir / sae / "sae.safetensors"), load_file(quick_run / sae / "sae.safetensors")
+        assert packed.keys() == alone.keys() and all(packed[key].equal(alone[key]) for key in alone), sae
+        assert json.loads((wdir / sae / "cfg.json").read_text())["train"]["pack_size"] == 2
+    assert (wdir / "logs/train/pack_tiny_L1_topk_n64_kall.log").is_file()
+    assert not list(wdir.glob("data/saes/**/checkpoint.pt"))
+    assert planned_jobs(snakemake(wdir, "-n", *targets, config=cfg)) == {}
 
 
 def test_snakemake_report_bundles_the_html(quick_run):

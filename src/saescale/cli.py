@@ -99,55 +99,100 @@ def cmd_normalize(a) -> None:
 
 
 def cmd_train(a) -> None:
+    """Train one SAE, or with --members several on one activation stream (train.pack): the store is read
+    and each batch normalized once for all of them, and each ends with the weights it would reach alone."""
     import numpy as np
-    import pandas as pd
     import torch
 
-    from saescale.config import k_aux_for, lr_for
-    from saescale.files import write_text_atomic
+    from saescale.config import STREAM_KEYS
     from saescale.normalize import normalize
-    from saescale.sae.train import LOG_COLUMNS, SELECTION_ROWS, TrainSpec, train_sae
+    from saescale.sae.train import SELECTION_ROWS, Trainer, train_together
     from saescale.store import batch_stream, open_store, read_rows
     from saescale.subject import pick_device
 
-    if a.k > a.n:
-        raise SystemExit(f"k={a.k} is larger than n={a.n}: an SAE needs k <= n latents")
-    t = a.spec
+    members = a.members if a.members is not None else [
+        {"arch": a.arch, "name": a.name or a.arch, "n": a.n, "k": a.k, "spec": a.spec, "out_dir": a.out_dir}]
+    if a.members is None and None in (a.arch, a.n, a.k, a.spec, a.out_dir):
+        raise SystemExit("saescale train: give --arch, --n, --k, --spec and --out-dir, or --members")
+    for m in members:
+        if m["k"] > m["n"]:
+            raise SystemExit(f"{m['name']}: k={m['k']} is larger than n={m['n']}: an SAE needs k <= n latents")
+    streams = {json.dumps([m["spec"][key] for key in STREAM_KEYS]) for m in members}
+    if len(streams) > 1:
+        raise SystemExit(f"saescale train --members: the SAEs must share one batch stream (train.{STREAM_KEYS}); "
+                         f"got {sorted(streams)}")
     torch.set_num_threads(a.threads)
     root = open_store(a.activations)
     stats = read_json(a.norm)["layers"][str(a.layer)]
-    d = stats["d_model"]
-    device = pick_device(t["device"])
-    spec = TrainSpec(arch=a.arch, n=a.n, k=a.k, d_model=d, lr=lr_for(t, a.n), batch_size=t["batch_size"],
-                     tokens=t["tokens"], adam_eps=t["adam_eps"], adam_betas=tuple(t["adam_betas"]),
-                     auxk_coef=t["auxk_coef"], k_aux=min(k_aux_for(t, d), a.n), dead_tokens=t["dead_tokens"],
-                     ema_decay=t["ema_decay"], log_every=t["log_every"], checkpoint_seconds=t["checkpoint_seconds"],
-                     seed=t["seed"], device=str(device),
-                     data=f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}",
-                     auxk=t["auxk"], tied_init=t["tied_init"], arch_params=t["arch_params"].get(a.arch, {}),
+    first = members[0]["spec"]
+    device = pick_device(first["device"])
+    stream = batch_stream(root, a.layer, first["batch_size"], first["seed"], first["in_memory_max_gb"],
+                          first["shuffle_chunks"])
+    rows_cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def rows(split: str, count: int) -> np.ndarray:  # normalized, read once per pack
+        if (split, count) not in rows_cache:
+            raw = torch.from_numpy(read_rows(root, a.layer, split, count).astype(np.float32))
+            rows_cache[split, count] = normalize(raw)[0].numpy()
+        return rows_cache[split, count]
+
+    data = f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}"
+    trainers, member_of = [], {}
+    for m in members:
+        spec = _train_spec(m, stats["d_model"], str(device), data)
+        out = Path(m["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        heldout = rows("eval", m["spec"]["heldout_rows"]) if m["spec"]["heldout_rows"] else None
+        tag = f"{m['name']} n={m['n']} k={m['k']}" if len(members) > 1 else ""
+        trainer = Trainer(np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec, out / "checkpoint.pt",
+                          rows("train", SELECTION_ROWS), heldout, name=tag)
+        trainers.append(trainer)
+        member_of[id(trainer)] = m
+
+    def finished(trainer) -> None:
+        if len(members) > 1:  # a later member's failure deletes this job's outputs: its rerun resumes from here
+            trainer.save_checkpoint()
+        _write_trained_sae(a, member_of[id(trainer)], trainer, root, stream.in_memory, len(members))
+
+    train_together(stream, trainers, finished)
+    for m in members:
+        (Path(m["out_dir"]) / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def _train_spec(member: dict, d_model: int, device: str, data: str):
+    from saescale.config import k_aux_for, lr_for
+    from saescale.sae.train import TrainSpec
+
+    t, n = member["spec"], member["n"]
+    return TrainSpec(arch=member["arch"], n=n, k=member["k"], d_model=d_model, lr=lr_for(t, n),
+                     batch_size=t["batch_size"], tokens=t["tokens"], adam_eps=t["adam_eps"],
+                     adam_betas=tuple(t["adam_betas"]), auxk_coef=t["auxk_coef"],
+                     k_aux=min(k_aux_for(t, d_model), n), dead_tokens=t["dead_tokens"], ema_decay=t["ema_decay"],
+                     log_every=t["log_every"], checkpoint_seconds=t["checkpoint_seconds"], seed=t["seed"],
+                     device=device, data=data, auxk=t["auxk"], tied_init=t["tied_init"],
+                     arch_params=t["arch_params"].get(member["arch"], {}),
                      calibrate_fraction=t["calibration"]["fraction"], calibrate_rate=t["calibration"]["rate"],
                      convergence_tolerance=t["convergence"]["tolerance"],
-                     convergence_smoothing=t["convergence"]["smoothing"])
-    stream = batch_stream(root, a.layer, spec.batch_size, spec.seed, t["in_memory_max_gb"], t["shuffle_chunks"])
-    selection = normalize(torch.from_numpy(read_rows(root, a.layer, "train", SELECTION_ROWS).astype(np.float32)))[0]
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "checkpoint.pt"
-    heldout = None
-    if t["heldout_rows"]:
-        heldout = normalize(torch.from_numpy(read_rows(root, a.layer, "eval", t["heldout_rows"]).astype(np.float32)))[0]
-        heldout = heldout.numpy()
-    sae, rows, summary = train_sae(stream, np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec,
-                                   checkpoint, selection.numpy(), heldout)
+                     convergence_smoothing=t["convergence"]["smoothing"], precision=t["precision"])
+
+
+def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_size: int) -> None:
+    import pandas as pd
+
+    from saescale.files import write_text_atomic
+    from saescale.sae.train import LOG_COLUMNS
+
+    sae, rows, summary = trainer.finish()
+    out = Path(member["out_dir"])
     sae.save(out / "sae.safetensors")
     write_text_atomic(out / "train_log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(index=False))
-    cfg = {**sae.config(), "name": a.name or a.arch, "subject": a.subject, "layer": a.layer,
+    cfg = {**sae.config(), "name": member["name"], "subject": a.subject, "layer": a.layer,
            "site": root.attrs["site"],
            "normalization": "per-token: subtract mean over d, scale to unit L2 norm (REFERENCE A.2)",
-           "train_spec": {**spec.__dict__, "data_in_memory": stream.in_memory}, "train": summary,
-           "versions": versions()}
+           "train_spec": {**trainer.spec.__dict__, "data_in_memory": in_memory},
+           # a packed SAE's seconds are its job's wall time, shared with the pack_size - 1 others
+           "train": {**summary, "pack_size": pack_size}, "versions": versions()}
     write_json_atomic(out / "cfg.json", cfg)  # written last: its presence marks a finished SAE
-    checkpoint.unlink(missing_ok=True)
 
 
 def _trained_sae(a):
@@ -406,13 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True)
 
-    sp = stage("train", cmd_train, "train one SAE")
+    sp = stage("train", cmd_train, "train one SAE, or several sharing one activation stream", spec=False)
     sp.add_argument("--threads", type=int, default=1)
-    for name in ("activations", "norm", "subject", "arch", "out-dir"):
+    for name in ("activations", "norm", "subject"):
         sp.add_argument(f"--{name}", required=True)
+    sp.add_argument("--layer", type=int, required=True)
+    sp.add_argument("--arch")
+    sp.add_argument("--out-dir")
+    sp.add_argument("--spec", type=_json_arg, help="train settings as JSON")
     sp.add_argument("--name", help="the arch wildcard when it names a variant of --arch (sweep.variants)")
-    for name in ("layer", "n", "k"):
-        sp.add_argument(f"--{name}", type=int, required=True)
+    for name in ("n", "k"):
+        sp.add_argument(f"--{name}", type=int)
+    sp.add_argument("--members", type=_json_arg,
+                    help="instead of one SAE's flags: a JSON list of {arch, name, n, k, spec, out_dir} to train "
+                         "together on one activation stream (train.pack)")
 
     sp = stage("evaluate", cmd_evaluate, "evaluate one SAE on the held-out split")
     for name in ("sae-dir", "activations", "model", "out"):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from importlib import resources
@@ -78,6 +79,9 @@ def _check_semantics(cfg: dict) -> None:
         if name in archs:
             raise ConfigError(f"config.sweep.variants.{name}: the name of a builtin arch; choose another name")
         _validate_train(deep_merge(cfg["train"], variant["train"]), f"config.sweep.variants.{name}.train")
+        if "pack" in variant["train"]:
+            raise ConfigError(f"config.sweep.variants.{name}.train.pack: packing is a workflow setting; "
+                              "set it in the top-level train.pack")
     grids = [("config.sweep", sweep)] + [(f"config.sweep.extra[{i}]", g) for i, g in enumerate(sweep["extra"])]
     for where, grid in grids:
         for i, name in enumerate(grid["archs"]):
@@ -223,6 +227,47 @@ def lr_sweep_jobs(cfg: dict) -> list[dict]:
                     arch = sw["arch"] if m == 1 and (name, layer, sw["arch"], n, k) in grid else lr_variant(sw["arch"], m)
                     jobs.append(dict(subject=name, layer=layer, arch=arch, n=n, k=k, multiple=m))
     return jobs
+
+
+STREAM_KEYS = ("batch_size", "seed", "device", "in_memory_max_gb", "shuffle_chunks")  # decide the batch stream
+PACK_KEYS = ("arch", "n", "k")
+
+
+def trained_saes(cfg: dict) -> list[dict]:
+    """Every (subject, layer, arch, n, k) the workflow trains: the grid and the lr sweep's extra SAEs."""
+    jobs = {tuple(job.values()): job for job in sae_jobs(cfg)}
+    for job in lr_sweep_jobs(cfg):
+        job = {key: v for key, v in job.items() if key != "multiple"}
+        jobs.setdefault(tuple(job.values()), job)
+    return list(jobs.values())
+
+
+def train_packs(cfg: dict) -> list[dict]:
+    """The SAEs train.pack trains together, each pack {"name", "subject", "layer", "members"}: those of one
+    (subject, layer) whose batch stream agrees (STREAM_KEYS) and which differ only in the grid keys
+    train.pack spans. Packs are a function of the config alone, never of what exists on disk, so a pack's
+    rule and its rerun triggers stay the same between runs. Only packs of two or more SAEs."""
+    spans = cfg["train"]["pack"]
+    if not spans:
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for job in trained_saes(cfg):
+        train = recipe(cfg, job["arch"])[1]
+        stream = tuple(json.dumps(train[key]) for key in STREAM_KEYS)
+        fixed = tuple(job[key] for key in PACK_KEYS if key not in spans)
+        groups.setdefault((job["subject"], job["layer"], fixed, stream), []).append(job)
+    packs, names = [], set()
+    for (subject, layer, _, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        label = "_".join(f"{'' if key == 'arch' else key}{'all' if key in spans else first[key]}" for key in PACK_KEYS)
+        name = base = f"{subject}_L{layer}_{label}"
+        while name in names:  # the same grid keys under another batch stream (a variant's batch_size)
+            name = f"{base}_{len(names)}"
+        names.add(name)
+        packs.append({"name": name, "subject": subject, "layer": layer, "members": members})
+    return packs
 
 
 def selected(stage: dict, job: dict) -> bool:

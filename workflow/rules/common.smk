@@ -1,11 +1,11 @@
 # Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
 from pathlib import Path
 
-import torch
-
+from saescale.hardware import gpu_present
 from saescale.provenance import code_version
 
-HAS_CUDA = torch.cuda.is_available()
+HAS_CUDA = gpu_present()  # without importing torch: ~1 s of every snakemake start
+TRAIN_GPUS = 1 if HAS_CUDA or CFG["train"]["device"] == "cuda" else 0
 
 
 def spec(obj):
@@ -38,6 +38,20 @@ def sae_grid():
 def train_recipe(wc):
     """(arch, train settings) of the arch wildcard, which may name a variant (sweep.variants)."""
     return recipe(CFG, wc.arch)
+
+
+def sae_train_spec(arch):
+    """One SAE's train settings as its job's param: not threads or packing, which change no weight."""
+    return spec({key: v for key, v in recipe(CFG, arch)[1].items() if key not in ("threads", "pack")})
+
+
+def pack_members(pack):
+    """What `saescale train --members` reads for each SAE of a pack (config.train_packs)."""
+    return [
+        {"arch": recipe(CFG, job["arch"])[0], "name": job["arch"], "n": job["n"], "k": job["k"],
+         "spec": json.loads(sae_train_spec(job["arch"])), "out_dir": str(Path(paths.fmt(paths.SAE_CFG, **job)).parent)}
+        for job in pack["members"]
+    ]
 
 
 def analysis_spec(experiment):

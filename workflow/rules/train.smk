@@ -18,9 +18,9 @@ rule train:
         envs()
     threads: CFG["train"]["threads"]
     resources:
-        gpu=1 if HAS_CUDA or CFG["train"]["device"] == "cuda" else 0,
+        gpu=TRAIN_GPUS,
     params:
-        spec=lambda wc: spec({key: v for key, v in train_recipe(wc)[1].items() if key != "threads"}),
+        spec=lambda wc: sae_train_spec(wc.arch),
         arch=lambda wc: train_recipe(wc)[0],
         out_dir=lambda wc, output: str(Path(output.cfg).parent),
         code=code_version("train", "sae", "store.py", "normalize.py"),
@@ -28,3 +28,35 @@ rule train:
         "saescale train --activations {input.activations} --norm {input.norm} --subject {wildcards.subject}"
         " --layer {wildcards.layer} --arch {params.arch} --name {wildcards.arch} --n {wildcards.n} --k {wildcards.k}"
         " --threads {threads} --spec {params.spec:q} --out-dir {params.out_dir} --log {log}"
+
+
+# train.pack: several SAEs sharing one activation stream train in one job that reads it once. A pack's rule
+# names its outputs without wildcards, so Snakemake prefers it to `train` for those SAEs (no ruleorder
+# needed); the same command runs, with --members instead of one SAE's flags.
+for pack in train_packs(CFG):
+
+    rule:
+        name:
+            f"train_pack_{pack['name']}"
+        input:
+            activations=paths.fmt(paths.ACTIVATIONS, subject=pack["subject"]),
+            norm=paths.fmt(paths.NORM, subject=pack["subject"]),
+        output:
+            [paths.fmt(p, **job) for job in pack["members"] for p in (paths.SAE_WEIGHTS, paths.SAE_CFG, paths.SAE_LOG)],
+        log:
+            log_path("train", f"pack_{pack['name']}"),
+        benchmark:
+            bench_path("train", f"pack_{pack['name']}")
+        conda:
+            envs()
+        threads: max(recipe(CFG, job["arch"])[1]["threads"] for job in pack["members"])
+        resources:
+            gpu=TRAIN_GPUS,
+        params:
+            members=spec(pack_members(pack)),
+            subject=pack["subject"],
+            layer=pack["layer"],
+            code=code_version("train", "sae", "store.py", "normalize.py"),
+        shell:
+            "saescale train --activations {input.activations} --norm {input.norm} --subject {params.subject}"
+            " --layer {params.layer} --threads {threads} --members {params.members:q} --log {log}"

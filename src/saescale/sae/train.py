@@ -66,6 +66,8 @@ class TrainSpec:
     # last doubling of tokens; `tokens` is then a cap. 0: train the whole budget.
     convergence_tolerance: float = 0.0
     convergence_smoothing: float = 0.0  # EMA decay over log points of the held-out FVU the rule reads
+    # bf16 autocast of the forward (weights, Adam state and losses stay float32); auto: on CUDA only
+    precision: str = "auto"
 
     def fingerprint(self) -> str:
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("log_every", "checkpoint_seconds")}
@@ -200,107 +202,187 @@ def update_dead(tokens_since_fired: torch.Tensor, latents: Latents) -> None:
     tokens_since_fired.add_(latents.values.shape[0]).masked_fill_(firings > 0, 0)
 
 
+class Trainer:
+    """One SAE's training state, advanced a batch at a time, so that one loop can feed a single SAE
+    (`train_sae`) or several on one shared batch stream (`train_together`, the train.pack option).
+
+    Resumes from `checkpoint_path` when it holds a run of the same spec; `selection_rows` are normalized
+    training rows; `heldout_rows` (normalized rows of the eval split) give the held-out FVU at every log step,
+    which convergence mode stops on.
+    """
+
+    def __init__(self, b_pre: np.ndarray, baseline_mse: float, spec: TrainSpec, checkpoint_path: str | Path,
+                 selection_rows: np.ndarray, heldout_rows: np.ndarray | None = None, name: str = ""):
+        if spec.convergence_tolerance > 0 and heldout_rows is None:
+            raise ValueError("convergence mode needs held-out rows (train.heldout_rows > 0)")
+        self.spec, self.baseline_mse, self.name = spec, baseline_mse, name
+        self.device = device = torch.device(spec.device)
+        torch.manual_seed(spec.seed)
+        gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+        self.sae = sae = SparseAutoencoder(spec.d_model, spec.n, spec.arch, spec.k, spec.arch_params)
+        sae.init_from_data_(torch.as_tensor(b_pre, dtype=torch.float32), generator=gen, tied=spec.tied_init)
+        sae.to(device)
+        self.opt = adam(param_groups(sae, spec.lr), spec.lr, betas=tuple(spec.adam_betas), eps=spec.adam_eps)
+        if device.type == "cpu":
+            retain_freed_memory()
+        self.ema = Ema(sae, spec.ema_decay) if spec.ema_decay > 0 else None
+        self.tokens_since_fired = torch.zeros(spec.n, dtype=torch.long, device=device)
+        self.rows: list[dict] = []
+        self.step, self.elapsed_before = 0, 0.0
+        self.steps = max(1, spec.tokens // spec.batch_size)
+        self.controller = PenaltyController(sae, self.steps, spec.calibrate_fraction, spec.calibrate_rate)
+        self.checkpoint_path = Path(checkpoint_path)
+        self._resume()
+        use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
+                         else contextlib.nullcontext())
+        self.dtype = "bf16-autocast" if use_bf16 else "float32"
+        self.selection_rows = selection_rows
+        self.heldout = torch.from_numpy(heldout_rows).to(device) if heldout_rows is not None else None
+        self.converged = _converged(self.rows, spec)
+        self.t_start = self.last_ck = time.time()
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            return
+        ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if ck.get("fingerprint") != self.spec.fingerprint():
+            log.info("ignoring checkpoint of a different configuration: %s", self.checkpoint_path)
+            return
+        self.sae.load_state_dict(ck["sae"])
+        self.opt.load_state_dict(ck["opt"])
+        if self.ema is not None:
+            self.ema.shadow, self.ema.t = ck["ema_shadow"], ck["ema_t"]
+        self.tokens_since_fired = ck["tokens_since_fired"]
+        self.rows, self.step, self.elapsed_before = ck["rows"], ck["step"], ck["elapsed_s"]
+        log.info("%sresumed from %s at step %d/%d", self._tag, self.checkpoint_path, self.step, self.steps)
+
+    @property
+    def _tag(self) -> str:
+        return f"{self.name}: " if self.name else ""
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps or self.converged is not None
+
+    def start_clock(self) -> None:
+        self.t_start = self.last_ck = time.time()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
+
+    def train_step(self, x: torch.Tensor) -> None:
+        """One optimizer step on a normalized batch x, then the bookkeeping: penalty, EMA, dead latents,
+        the log row and the timed checkpoint."""
+        spec, sae = self.spec, self.sae
+        dead = self.tokens_since_fired >= spec.dead_tokens
+        metrics, latents = training_step(sae, self.opt, x, self.baseline_mse, dead, spec, self.autocast)
+        self.controller.update(self.step, latents)
+        if self.ema is not None and self.controller.active and self.step + 1 == self.controller.freeze_step:
+            self.ema = Ema(sae, spec.ema_decay)  # the evaluated average covers only the fixed-lambda phase
+        if self.ema is not None:
+            self.ema.update(sae)
+        update_dead(self.tokens_since_fired, latents)
+        self.step += 1
+        step = self.step
+        if step % spec.log_every == 0 or step == self.steps:
+            self._log_row(metrics, latents)
+        if spec.checkpoint_seconds and time.time() - self.last_ck >= spec.checkpoint_seconds and not self.done:
+            self.save_checkpoint()
+            self.last_ck = time.time()
+
+    def _log_row(self, metrics: dict, latents: Latents) -> None:
+        spec, sae, step = self.spec, self.sae, self.step
+        tokens = step * spec.batch_size
+        flops_per_token = 6 * spec.n * spec.d_model  # REFERENCE D.1: compute ~ 6 * tokens * n * d
+        row = {"step": step, "tokens": tokens, **{key: float(v) for key, v in metrics.items()},
+               "penalty": float(sae.family.penalty) if sae.family.penalized else float("nan"),
+               "l0": float(latents.l0().float().mean()),
+               "dead_fraction": float((self.tokens_since_fired >= spec.dead_tokens).float().mean()),
+               "lr": spec.lr, "elapsed_s": self.elapsed(), "flops": float(flops_per_token) * tokens,
+               "heldout_fvu": (_fvu_in_batches(sae, self.heldout, self.baseline_mse) if self.heldout is not None
+                               else math.nan)}
+        if not np.isfinite(row["loss"]):
+            raise FloatingPointError(f"{self._tag}training diverged at step {step} (loss {row['loss']}); "
+                                     "lower train.lr")
+        self.rows.append(row)
+        log.info("%sstep %d/%d  fvu %.4f  held-out %.4f  auxk %.3f  l0 %.1f  dead %.3f  %.0f tok/s", self._tag,
+                 step, self.steps, row["fvu"], row["heldout_fvu"], row["auxk_loss"], row["l0"], row["dead_fraction"],
+                 tokens / max(row["elapsed_s"], 1e-9))
+        # a penalty arch stops only once lambda is frozen: before that it optimizes a moving objective
+        if not self.controller.active or step >= self.controller.freeze_step:
+            self.converged = _converged(self.rows, spec)
+
+    def save_checkpoint(self) -> None:
+        ema = self.ema
+        with replace_when_done(self.checkpoint_path) as tmp:
+            torch.save({"fingerprint": self.spec.fingerprint(), "sae": self.sae.state_dict(),
+                        "opt": self.opt.state_dict(), "ema_shadow": ema.shadow if ema else None,
+                        "ema_t": ema.t if ema else 0, "tokens_since_fired": self.tokens_since_fired,
+                        "rows": self.rows, "step": self.step, "elapsed_s": self.elapsed()}, tmp)
+        log.info("%scheckpoint at step %d -> %s", self._tag, self.step, self.checkpoint_path)
+
+    def finish(self) -> tuple[SparseAutoencoder, list[dict], dict]:
+        """The SAE with the weights chosen for evaluation, the log rows, and a summary for cfg.json."""
+        spec, sae, rows, step = self.spec, self.sae, self.rows, self.step
+        elapsed = self.elapsed()
+        sae_eval, chosen, sel = choose_weights(sae, self.ema, self.selection_rows, self.baseline_mse, self.device)
+        if self.converged is not None:
+            log.info("%sconverged at %d tokens (held-out FVU gained < %g over the last doubling)", self._tag,
+                     self.converged, spec.convergence_tolerance)
+        controller = self.controller
+        summary = {"steps": step, "tokens": step * spec.batch_size, "train_seconds": elapsed,
+                   "tokens_per_s": step * spec.batch_size / max(elapsed, 1e-9), "device": str(self.device),
+                   "dtype": self.dtype, "max_tokens": self.steps * spec.batch_size,
+                   "converged_at_tokens": self.converged,
+                   "final_heldout_fvu": rows[-1]["heldout_fvu"] if rows else None,
+                   "weights": chosen, "selection_fvu": sel,
+                   "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None,
+                   "final_train_l0": rows[-1]["l0"] if rows else None,
+                   "penalty": float(sae_eval.family.penalty) if sae.family.penalized else None,
+                   "penalty_frozen_at_step": controller.freeze_step if controller.active else None}
+        return sae_eval, rows, summary
+
+
+def train_together(batch_source, trainers: list[Trainer],
+                   on_finished: Callable[[Trainer], None] = lambda trainer: None) -> None:
+    """Train several SAEs on one stream: each batch is read and normalized once and stepped by every SAE
+    at that step, so an SAE trains on exactly the batches it would see alone and its weights equal a lone
+    run's. SAEs may sit at different steps (resumed from checkpoints, or finished early in convergence
+    mode); the stream starts at the earliest. `on_finished` is called for each SAE as it completes.
+
+    `batch_source.batches(start_step)` yields raw float32 activations [batch, d], normalized here on the
+    fly (REFERENCE A.2).
+    """
+    pending = []
+    for trainer in trainers:
+        (on_finished(trainer) if trainer.done else pending.append(trainer))
+    if not pending:
+        return
+    device = pending[0].device
+    step = min(trainer.step for trainer in pending)
+    for trainer in pending:
+        trainer.start_clock()
+    batches = batch_source.batches(step)
+    while pending:
+        x = normalize(torch.from_numpy(next(batches)).to(device, non_blocking=True))[0]
+        for trainer in pending:
+            if trainer.step == step:
+                trainer.train_step(x)
+        step += 1
+        for trainer in [t for t in pending if t.done]:
+            pending.remove(trainer)
+            on_finished(trainer)
+
+
 def train_sae(batch_source, b_pre: np.ndarray, baseline_mse: float,
               spec: TrainSpec, checkpoint_path: str | Path,
               selection_rows: np.ndarray, heldout_rows: np.ndarray | None = None
               ) -> tuple[SparseAutoencoder, list[dict], dict]:
-    """Train one SAE; resumes from `checkpoint_path` when it holds a run of the same spec.
-
-    `batch_source.batches(start_step)` yields raw float32 activations [batch, d], normalized here on the
-    fly (REFERENCE A.2); `selection_rows` are normalized training rows; `heldout_rows` (normalized rows of
-    the eval split) give the held-out FVU at every log step, which convergence mode stops on. Returns the SAE
-    with the weights chosen for evaluation, the log rows, and a summary for cfg.json.
-    """
-    if spec.convergence_tolerance > 0 and heldout_rows is None:
-        raise ValueError("convergence mode needs held-out rows (train.heldout_rows > 0)")
-    device = torch.device(spec.device)
-    torch.manual_seed(spec.seed)
-    gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-    sae = SparseAutoencoder(spec.d_model, spec.n, spec.arch, spec.k, spec.arch_params)
-    sae.init_from_data_(torch.as_tensor(b_pre, dtype=torch.float32), generator=gen, tied=spec.tied_init)
-    sae.to(device)
-    opt = adam(param_groups(sae, spec.lr), spec.lr, betas=tuple(spec.adam_betas), eps=spec.adam_eps)
-    if device.type == "cpu":
-        retain_freed_memory()
-    ema = Ema(sae, spec.ema_decay) if spec.ema_decay > 0 else None
-    tokens_since_fired = torch.zeros(spec.n, dtype=torch.long, device=device)
-    rows: list[dict] = []
-    step, elapsed_before = 0, 0.0
-    steps = max(1, spec.tokens // spec.batch_size)
-    controller = PenaltyController(sae, steps, spec.calibrate_fraction, spec.calibrate_rate)
-
-    checkpoint_path = Path(checkpoint_path)
-    if checkpoint_path.exists():
-        ck = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if ck.get("fingerprint") == spec.fingerprint():
-            sae.load_state_dict(ck["sae"])
-            opt.load_state_dict(ck["opt"])
-            if ema is not None:
-                ema.shadow, ema.t = ck["ema_shadow"], ck["ema_t"]
-            tokens_since_fired = ck["tokens_since_fired"]
-            rows, step, elapsed_before = ck["rows"], ck["step"], ck["elapsed_s"]
-            log.info("resumed from %s at step %d/%d", checkpoint_path, step, steps)
-        else:
-            log.info("ignoring checkpoint of a different configuration: %s", checkpoint_path)
-
-    use_bf16 = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    dtype = "bf16-autocast" if use_bf16 else "float32"
-    t_start = time.time()
-    last_ck = time.time()
-    flops_per_token = 6 * spec.n * spec.d_model  # REFERENCE D.1: compute ~ 6 * tokens * n * d
-    heldout = torch.from_numpy(heldout_rows).to(device) if heldout_rows is not None else None
-    converged = _converged(rows, spec)
-    it = batch_source.batches(step)
-    while step < steps and converged is None:
-        x = normalize(torch.from_numpy(next(it)).to(device, non_blocking=True))[0]
-        dead = tokens_since_fired >= spec.dead_tokens
-        metrics, latents = training_step(sae, opt, x, baseline_mse, dead, spec, autocast)
-        controller.update(step, latents)
-        if ema is not None and controller.active and step + 1 == controller.freeze_step:
-            ema = Ema(sae, spec.ema_decay)  # the evaluated average covers only the fixed-lambda phase
-        if ema is not None:
-            ema.update(sae)
-        update_dead(tokens_since_fired, latents)
-        step += 1
-        if step % spec.log_every == 0 or step == steps:
-            tokens = step * spec.batch_size
-            row = {"step": step, "tokens": tokens, **{key: float(v) for key, v in metrics.items()},
-                   "penalty": float(sae.family.penalty) if sae.family.penalized else float("nan"),
-                   "l0": float(latents.l0().float().mean()),
-                   "dead_fraction": float((tokens_since_fired >= spec.dead_tokens).float().mean()),
-                   "lr": spec.lr, "elapsed_s": elapsed_before + time.time() - t_start,
-                   "flops": float(flops_per_token) * tokens,
-                   "heldout_fvu": _fvu_in_batches(sae, heldout, baseline_mse) if heldout is not None else math.nan}
-            if not np.isfinite(row["loss"]):
-                raise FloatingPointError(f"training diverged at step {step} (loss {row['loss']}); lower train.lr")
-            rows.append(row)
-            log.info("step %d/%d  fvu %.4f  held-out %.4f  auxk %.3f  l0 %.1f  dead %.3f  %.0f tok/s", step, steps,
-                     row["fvu"], row["heldout_fvu"], row["auxk_loss"], row["l0"], row["dead_fraction"],
-                     tokens / max(row["elapsed_s"], 1e-9))
-            # a penalty arch stops only once lambda is frozen: before that it optimizes a moving objective
-            if not controller.active or step >= controller.freeze_step:
-                converged = _converged(rows, spec)
-        if spec.checkpoint_seconds and time.time() - last_ck >= spec.checkpoint_seconds and step < steps:
-            _save_checkpoint(checkpoint_path, sae, opt, ema, tokens_since_fired, rows, step,
-                             elapsed_before + time.time() - t_start, spec)
-            last_ck = time.time()
-
-    elapsed = elapsed_before + time.time() - t_start
-    sae_eval, chosen, sel = choose_weights(sae, ema, selection_rows, baseline_mse, device)
-    if converged is not None:
-        log.info("converged at %d tokens (held-out FVU gained < %g over the last doubling)", converged,
-                 spec.convergence_tolerance)
-    summary = {"steps": step, "tokens": step * spec.batch_size, "train_seconds": elapsed,
-               "tokens_per_s": step * spec.batch_size / max(elapsed, 1e-9), "device": str(device), "dtype": dtype,
-               "max_tokens": steps * spec.batch_size, "converged_at_tokens": converged,
-               "final_heldout_fvu": rows[-1]["heldout_fvu"] if rows else None,
-               "weights": chosen, "selection_fvu": sel,
-               "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None,
-               "final_train_l0": rows[-1]["l0"] if rows else None,
-               "penalty": float(sae_eval.family.penalty) if sae.family.penalized else None,
-               "penalty_frozen_at_step": controller.freeze_step if controller.active else None}
-    return sae_eval, rows, summary
+    """Train one SAE (see Trainer and train_together); returns Trainer.finish()'s weights, log and summary."""
+    trainer = Trainer(b_pre, baseline_mse, spec, checkpoint_path, selection_rows, heldout_rows)
+    train_together(batch_source, [trainer])
+    return trainer.finish()
 
 
 def _converged(rows: list[dict], spec: TrainSpec) -> float | None:
@@ -335,12 +417,3 @@ def _fvu_in_batches(sae: SparseAutoencoder, x: torch.Tensor, baseline_mse: float
     not fit in GPU memory at once."""
     total = sum(float(normalized_mse(sae(xb)[0], xb, baseline_mse)) * len(xb) for xb in x.split(batch))
     return total / len(x)
-
-
-def _save_checkpoint(path: Path, sae, opt, ema, tokens_since_fired, rows, step, elapsed, spec) -> None:
-    with replace_when_done(path) as tmp:
-        torch.save({"fingerprint": spec.fingerprint(), "sae": sae.state_dict(), "opt": opt.state_dict(),
-                    "ema_shadow": ema.shadow if ema else None, "ema_t": ema.t if ema else 0,
-                    "tokens_since_fired": tokens_since_fired, "rows": rows, "step": step, "elapsed_s": elapsed},
-                   tmp)
-    log.info("checkpoint at step %d -> %s", step, path)
