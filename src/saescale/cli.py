@@ -195,6 +195,27 @@ def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_siz
     write_json_atomic(out / "cfg.json", cfg)  # written last: its presence marks a finished SAE
 
 
+def cmd_export(a) -> None:
+    from saescale.interop import InteropError, export_sae
+
+    try:
+        out = export_sae(Path(a.sae_dir), a.format, Path(a.out))
+    except InteropError as exc:
+        raise SystemExit(f"saescale export: {exc}") from None
+    print(out)
+
+
+def cmd_import(a) -> None:
+    from saescale.interop import InteropError, import_sae, write_imported
+
+    try:
+        sae = import_sae(Path(a.src), a.format, a.inputs_normalized)
+    except InteropError as exc:
+        raise SystemExit(f"saescale import {a.src}: {exc}") from None
+    write_imported(sae, Path(a.out), str(a.src), a.format, a.layer, a.subject)
+    print(a.out)
+
+
 def _trained_sae(a):
     """(device, cfg, sae, store) for the stages that read one trained SAE and the activation store."""
     import torch
@@ -465,6 +486,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--members", type=_json_arg,
                     help="instead of one SAE's flags: a JSON list of {arch, name, n, k, spec, out_dir} to train "
                          "together on one activation stream (train.pack)")
+
+    sp = stage("export", cmd_export, "write a trained SAE in SAELens or sparsify layout", spec=False)
+    sp.add_argument("--sae-dir", required=True, help="a saescale SAE folder (sae.safetensors, cfg.json)")
+    sp.add_argument("--format", choices=("saelens", "sparsify"), required=True)
+    sp.add_argument("--out", required=True, help="the folder to write (SAELens: one sae_id folder; sparsify: "
+                                                   "one hookpoint folder)")
+
+    sp = stage("import", cmd_import, "read a SAELens, sparsify or openai SAE into a saescale SAE folder", spec=False)
+    sp.add_argument("--src", required=True, help="a SAELens or sparsify SAE folder, or an openai .pt state dict")
+    sp.add_argument("--format", choices=("saelens", "sparsify", "openai"), required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--layer", type=int, help="recorded in cfg.json")
+    sp.add_argument("--subject", help="recorded in cfg.json")
+    sp.add_argument("--inputs-normalized", action="store_true",
+                    help="sparsify: the SAE was trained on saescale-normalized activations (sparsify cannot say)")
 
     sp = stage("evaluate", cmd_evaluate, "evaluate one SAE on the held-out split")
     for name in ("sae-dir", "activations", "model", "out"):

@@ -245,7 +245,8 @@ class Trainer:
     def _resume(self) -> None:
         if not self.checkpoint_path.exists():
             return
-        ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        # plain tensors and numbers: never unpickle code, even from our own checkpoint path
+        ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
         if ck.get("fingerprint") != self.spec.fingerprint():
             log.info("ignoring checkpoint of a different configuration: %s", self.checkpoint_path)
             return
