@@ -179,6 +179,7 @@ def _train_spec(member: dict, d_model: int, device: str, data: str):
 def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_size: int) -> None:
     import pandas as pd
 
+    from saescale import normalize as normalization
     from saescale.files import write_text_atomic
     from saescale.sae.train import LOG_COLUMNS
 
@@ -188,7 +189,7 @@ def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_siz
     write_text_atomic(out / "train_log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(index=False))
     cfg = {**sae.config(), "name": member["name"], "subject": a.subject, "layer": a.layer,
            "site": root.attrs["site"],
-           "normalization": "per-token: subtract mean over d, scale to unit L2 norm (REFERENCE A.2)",
+           "normalization": normalization.DESCRIPTION,
            "train_spec": {**trainer.spec.__dict__, "data_in_memory": in_memory},
            # a packed SAE's seconds are its job's wall time, shared with the pack_size - 1 others
            "train": {**summary, "pack_size": pack_size}, "versions": versions()}

@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from saescale import normalize
 from saescale.files import replace_when_done, write_json_atomic
 from saescale.sae.model import SparseAutoencoder
 
 EXPORTS = ("saelens", "sparsify")
 IMPORTS = ("saelens", "sparsify", "openai")
-NORMALIZATION = "per-token: subtract mean over d, scale to unit L2 norm (REFERENCE A.2)"
+NORMALIZATION = normalize.DESCRIPTION
 
 # saescale arch -> SAELens architecture with the same inference-time code (training-only terms drop out)
 SAELENS_ARCH = {"topk": "topk", "multitopk": "topk", "relu": "standard", "relu_dn": "standard",

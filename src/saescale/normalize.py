@@ -17,6 +17,7 @@ log = logging.getLogger("saescale.normalize")
 
 GEOMETRIC_MEDIAN_SAMPLES = 32768  # REFERENCE A.4: b_pre from the geometric median of 32,768 activations
 EPS = 1e-8
+DESCRIPTION = "per-token: subtract mean over d, scale to unit L2 norm (REFERENCE A.2)"  # recorded in cfg.json
 
 
 
