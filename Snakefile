@@ -6,8 +6,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from saescale import paths
-from saescale.config import (ConfigError, analysed, evaluated, lr_sweep_jobs, recipe, sae_jobs, train_packs,
-                             validate)
+from saescale.config import (ConfigError, analysed, evaluated, lr_sweep_jobs, recipe, sae_jobs, sae_settings,
+                             train_packs, validate)
 
 min_version("9.0")
 

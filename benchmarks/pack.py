@@ -22,7 +22,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from saescale.config import load_config, recipe
+from saescale.config import load_config, sae_settings
 
 
 def train(args: list[str], threads: int, log: Path) -> float:
@@ -49,8 +49,7 @@ def main() -> None:
     a = p.parse_args()
 
     cfg = load_config(a.run / "config.yaml")
-    base, settings = recipe(cfg, a.arch)
-    spec = {key: v for key, v in settings.items() if key not in ("threads", "pack")}
+    base, spec = sae_settings(cfg, a.arch)
     if a.stream:
         spec["in_memory_max_gb"] = 0
     common = ["--activations", str(a.run / f"data/activations/{a.subject}.zarr"),

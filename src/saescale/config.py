@@ -230,6 +230,13 @@ def lr_sweep_jobs(cfg: dict) -> list[dict]:
 
 
 STREAM_KEYS = ("batch_size", "seed", "device", "in_memory_max_gb", "shuffle_chunks")  # decide the batch stream
+RUN_ONLY_KEYS = ("threads", "pack")  # train settings that change how a job runs, never a weight
+
+
+def sae_settings(cfg: dict, name: str) -> tuple[str, dict]:
+    """(arch, train settings) one SAE's weights depend on: its recipe without RUN_ONLY_KEYS."""
+    arch, train = recipe(cfg, name)
+    return arch, {key: v for key, v in train.items() if key not in RUN_ONLY_KEYS}
 PACK_KEYS = ("arch", "n", "k")
 
 

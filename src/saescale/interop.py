@@ -28,7 +28,6 @@ from saescale.sae.model import SparseAutoencoder
 
 EXPORTS = ("saelens", "sparsify")
 IMPORTS = ("saelens", "sparsify", "openai")
-NORMALIZATION = normalize.DESCRIPTION
 
 # saescale arch -> SAELens architecture with the same inference-time code (training-only terms drop out)
 SAELENS_ARCH = {"topk": "topk", "multitopk": "topk", "relu": "standard", "relu_dn": "standard",
@@ -76,7 +75,7 @@ def to_sparsify(sae: SparseAutoencoder) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg = {"activation": "topk", "expansion_factor": max(1, sae.n_latents // sae.d_model),
            "normalize_decoder": sae.family.unit_norm_decoder, "num_latents": sae.n_latents, "k": sae.k,
            "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": sae.d_model,
-           "saescale_input_normalization": NORMALIZATION, "saescale_arch": sae.arch}
+           "saescale_input_normalization": normalize.DESCRIPTION, "saescale_arch": sae.arch}
     tensors = {"encoder.weight": sae.W_enc.detach(), "encoder.bias": sae.b_enc.detach(),
                "W_dec": sae.W_dec.detach(), "b_dec": sae.b_pre.detach()}
     return cfg, {k: v.float().cpu().contiguous() for k, v in tensors.items()}
@@ -196,6 +195,6 @@ def write_imported(sae: SparseAutoencoder, out: Path, source: str, fmt: str, lay
     """A saescale SAE folder (sae.safetensors, then cfg.json last, which marks it complete)."""
     out.mkdir(parents=True, exist_ok=True)
     sae.save(out / "sae.safetensors")
-    cfg = {**sae.config(), "name": sae.arch, "subject": subject, "layer": layer, "normalization": NORMALIZATION,
+    cfg = {**sae.config(), "name": sae.arch, "subject": subject, "layer": layer, "normalization": normalize.DESCRIPTION,
            "imported_from": {"format": fmt, "path": source}}
     write_json_atomic(out / "cfg.json", cfg)

@@ -40,17 +40,13 @@ def train_recipe(wc):
     return recipe(CFG, wc.arch)
 
 
-def sae_train_spec(arch):
-    """One SAE's train settings as its job's param: not threads or packing, which change no weight."""
-    return spec({key: v for key, v in recipe(CFG, arch)[1].items() if key not in ("threads", "pack")})
-
-
 def pack_members(pack):
     """What `saescale train --members` reads for each SAE of a pack (config.train_packs)."""
     return [
-        {"arch": recipe(CFG, job["arch"])[0], "name": job["arch"], "n": job["n"], "k": job["k"],
-         "spec": json.loads(sae_train_spec(job["arch"])), "out_dir": str(Path(paths.fmt(paths.SAE_CFG, **job)).parent)}
+        {"arch": arch, "name": job["arch"], "n": job["n"], "k": job["k"], "spec": settings,
+         "out_dir": str(Path(paths.fmt(paths.SAE_CFG, **job)).parent)}
         for job in pack["members"]
+        for arch, settings in [sae_settings(CFG, job["arch"])]
     ]
 
 

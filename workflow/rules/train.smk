@@ -1,6 +1,8 @@
 # Train one SAE per (subject, layer, arch, n, k) with the paper's recipe (REFERENCE A.3-A.7); `arch` is an
 # arch of sae/archs.py or a named variant (sweep.variants), whose train overrides only rerun its own jobs.
 
+TRAIN_CODE = code_version("train", "sae", "store.py", "normalize.py")
+
 
 rule train:
     input:
@@ -20,10 +22,10 @@ rule train:
     resources:
         gpu=TRAIN_GPUS,
     params:
-        spec=lambda wc: sae_train_spec(wc.arch),
+        spec=lambda wc: spec(sae_settings(CFG, wc.arch)[1]),
         arch=lambda wc: train_recipe(wc)[0],
         out_dir=lambda wc, output: str(Path(output.cfg).parent),
-        code=code_version("train", "sae", "store.py", "normalize.py"),
+        code=TRAIN_CODE,
     shell:
         "saescale train --activations {input.activations} --norm {input.norm} --subject {wildcards.subject}"
         " --layer {wildcards.layer} --arch {params.arch} --name {wildcards.arch} --n {wildcards.n} --k {wildcards.k}"
@@ -56,7 +58,7 @@ for pack in train_packs(CFG):
             members=spec(pack_members(pack)),
             subject=pack["subject"],
             layer=pack["layer"],
-            code=code_version("train", "sae", "store.py", "normalize.py"),
+            code=TRAIN_CODE,
         shell:
             "saescale train --activations {input.activations} --norm {input.norm} --subject {params.subject}"
             " --layer {params.layer} --threads {threads} --members {params.members:q} --log {log}"

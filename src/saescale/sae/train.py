@@ -240,7 +240,7 @@ class Trainer:
         self.selection_rows = selection_rows
         self.heldout = torch.from_numpy(heldout_rows).to(device) if heldout_rows is not None else None
         self.converged = _converged(self.rows, spec)
-        self.t_start = self.last_ck = time.time()
+        self.start_clock()
 
     def _resume(self) -> None:
         if not self.checkpoint_path.exists():
