@@ -27,6 +27,50 @@ def test_defaults_are_filled_from_the_schema():
         ({"subjects": {"tiny": {"model": "gpt2", "layers": [8], "ctx_len": 1}}}, "config.subjects.tiny.ctx_len"),
         ({"train": {"pack": ["layer"]}}, "config.train.pack[0]"),
         ({"sweep": {"variants": {"v": {"arch": "topk", "train": {"pack": ["k"]}}}}}, "config.sweep.variants.v.train.pack"),
+        # k <= 0, empty grids, wrong types
+        ({"sweep": {"k": [0]}}, "config.sweep.k[0]: 0 is less than the minimum of 1"),
+        ({"sweep": {"k": [-4]}}, "config.sweep.k[0]: -4 is less than the minimum of 1"),
+        ({"sweep": {"n": []}}, "config.sweep.n: [] should be non-empty"),
+        ({"sweep": {"archs": []}}, "config.sweep.archs: [] should be non-empty"),
+        ({"sweep": {"n": [64.5]}}, "config.sweep.n[0]: 64.5 is not of type 'integer'"),
+        ({"sweep": {"k": [True]}}, "config.sweep.k[0]: True is not of type 'integer'"),
+        ({"train": {"tokens": "1e6"}}, "config.train.tokens: '1e6' is not of type 'integer' (YAML reads 1e6 as text"),
+        ({"train": {"lr": "auto"}}, "config.train.lr: 'auto' is not of type"),
+        ({"train": {"precision": "fp8"}}, "config.train.precision: 'fp8' is not one of"),
+        ({"train": {"tokens": 2048, "batch_size": 4096}}, "config.train.batch_size: 4096 exceeds the token budget"),
+        # subjects
+        ({"subjects": {}}, "config.subjects: {} should be non-empty"),
+        ({"subjects": {"a/b": {"model": "builtin", "layers": [1]}}}, "config.subjects: 'a/b' does not match"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [2], "ctxlen": 64}}},
+         "config.subjects.tiny: Additional properties are not allowed ('ctxlen' was unexpected) (check the spelling"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": "2"}}}, "config.subjects.tiny.layers: '2' is not of type"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [-1]}}}, "config.subjects.tiny.layers[0]: -1 is less"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [1, 1]}}}, "config.subjects.tiny.layers: [1, 1] has non-unique"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [1], "dtype": "bfloat16"}}}, "config.subjects.tiny.dtype"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [1], "ctx_len": 128, "eval_tokens": 64}}},
+         "config.subjects.tiny.eval_tokens: 64 is less than one window"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [1], "builtin": {"n_embd": 64, "n_head": 5}}}},
+         "config.subjects.tiny.builtin.n_head: 5 does not divide n_embd=64"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [1], "dataset": {"split": "train"}}}},
+         "config.subjects.tiny.dataset: 'path' is a required property"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [1], "dataset": {"path": "builtin", "max_tokens": 0}}}},
+         "config.subjects.tiny.dataset.max_tokens: 0 is less than the minimum of 1"),
+        # files that must exist on this machine
+        ({"subjects": {"tiny": {"model": "./models/not-here", "layers": [0]}}},
+         "config.subjects.tiny.model: the local model folder ./models/not-here does not exist"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [1],
+                                "dataset": {"path": "text", "data_files": ["/no/such/dir/*.txt"]}}}},
+         "config.subjects.tiny.dataset.data_files: no file matches '/no/such/dir/*.txt'"),
+        ({"subjects": {"tiny": {"model": "builtin", "layers": [1], "dataset": {"path": "/no/such/folder"}}}},
+         "config.subjects.tiny.dataset.path: /no/such/folder does not exist"),
+        # selectors and stages
+        ({"evaluate": {"probes": {"archs": ["topkk"]}}}, "config.evaluate.probes.archs[0]: 'topkk' is neither an arch"),
+        ({"analysis": {"progressive": {"archs": ["zzz"]}}}, "config.analysis.progressive.archs[0]: 'zzz'"),
+        ({"scaling": {"lr_sweep": {"enabled": True, "arch": "nope"}}}, "config.scaling.lr_sweep.arch: 'nope'"),
+        ({"interpret": {"autointerp": {"backend": "openai", "model": "m"}}},
+         "config.interpret.autointerp.base_url: required for backend openai"),
+        ({"interpret": {"autointerp": {"backend": "transformers"}}},
+         "config.interpret.autointerp.model: required for backend transformers"),
     ],
 )
 def test_malformed_config_names_the_key(patch, key):
@@ -108,3 +152,17 @@ def test_packs_span_the_grid_keys_train_pack_names_and_never_mix_batch_streams()
     assert sorted(len(m) for m in by_layer.values()) == [4, 8]
     assert all(len({a == "big_batch" for a, _, _ in m}) == 1 for m in by_layer.values())
     assert len(set(by_layer)) == 2
+
+
+def test_local_files_that_exist_pass_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """The file checks raise no false alarm: relative paths are taken from the run's working directory."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    subject = {"model": "./model", "layers": [0], "dataset": {"path": "text", "data_files": {"train": "texts/*.txt"}}}
+    validate({"subjects": {"tiny": subject}})
+    (tmp_path / "model" / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.subjects.tiny.model: the local model folder ./model has no config"):
+        validate({"subjects": {"tiny": subject}})

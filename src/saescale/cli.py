@@ -58,7 +58,8 @@ def cmd_tokenize(a) -> None:
     from saescale.corpus import tokenize
 
     s = a.spec
-    tokenize(s["dataset"], a.tokenizer, s["ctx_len"], s["eval_tokens"], a.out, a.corpus)
+    tokenize(s["dataset"], a.tokenizer, s["ctx_len"], s["eval_tokens"], a.out, a.corpus,
+             where=f"config.subjects.{a.subject}")
 
 
 def model_digest(path: str, model, revision: str | None) -> str:
@@ -80,7 +81,7 @@ def cmd_extract(a) -> None:
     torch.set_num_threads(a.threads)
     s = a.spec
     device = pick_device("auto")
-    model = load_model(a.model, s.get("revision"), device)
+    model = load_model(a.model, s.get("revision"), device, where=f"config.subjects.{a.subject}")
     extract(model, a.tokens, s["layers"], s["train_tokens"], s["dtype"], s["batch_windows"], s["chunk_windows"],
             a.out, model_name=s["model"], device=device, model_digest=model_digest(a.model, model, s.get("revision")),
             where=f"config.subjects.{a.subject}")
@@ -459,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("tokenize", cmd_tokenize, "tokenize a dataset into fixed windows (Zarr)")
     sp.add_argument("--tokenizer", required=True, help="HF id or local path")
     sp.add_argument("--corpus", help="builtin corpus JSONL (dataset path 'builtin')")
+    sp.add_argument("--subject", default="subject", help="config name, for error messages")
     sp.add_argument("--out", required=True)
 
     sp = stage("extract", cmd_extract, "record resid_post activations into a Zarr store")

@@ -1,13 +1,15 @@
 """The validated configuration: one schema (schema/config.schema.yaml) holds every key and default.
 
 `load_config` fills defaults, validates types against the schema, then checks what a schema cannot
-(k <= n, layers inside the model, ...). Every error names the key, e.g.
-`config.sweep.k[2]: 900 is larger than the smallest n (512)`.
+(k <= n, layers inside the model, selectors naming known archs, local files that exist, ...). Every error
+names the key, e.g. `config.sweep.k[2]: 900 is larger than the smallest n (512)`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import glob
 import json
 import math
 import re
@@ -26,7 +28,13 @@ class ConfigError(ValueError):
 
 
 def schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """A fresh copy of the schema: parsed once per process (it is read on every snakemake start)."""
+    return copy.deepcopy(_parsed_schema())
+
+
+@functools.cache
+def _parsed_schema() -> dict:
+    return yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _fill_defaults(node: Any, sch: dict) -> None:
@@ -65,10 +73,23 @@ def validate(cfg: dict) -> dict:
             msg = err.message
             if err.validator == "additionalProperties":
                 msg += " (check the spelling; allowed keys are listed in workflow/schemas/config.schema.yaml)"
+            elif err.validator == "type" and _number_as_text(err.instance):
+                msg += f" (YAML reads {err.instance} as text: write the number out in full, e.g. 1000000 for 1e6)"
             lines.append(f"{_key_path(err.absolute_path)}: {msg}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     _check_semantics(cfg)
+    _check_local_paths(cfg)
     return cfg
+
+
+def _number_as_text(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_semantics(cfg: dict) -> None:
@@ -119,6 +140,65 @@ def _check_semantics(cfg: dict) -> None:
         raise ConfigError(
             f"config.train.batch_size: {cfg['train']['batch_size']} exceeds the token budget train.tokens"
         )
+    _check_selectors(cfg, archs | set(sweep["variants"]) | {job["arch"] for job in lr_sweep_jobs(cfg)})
+    auto = cfg["interpret"]["autointerp"]
+    needed = {"openai": ("base_url", "model"), "transformers": ("model",)}.get(auto["backend"], ())
+    for key in needed:
+        if not auto.get(key):
+            raise ConfigError(f"config.interpret.autointerp.{key}: required for backend {auto['backend']}")
+
+
+def _selector_stages(cfg: dict) -> list[tuple[str, dict]]:
+    """The per-SAE stages whose `archs` select SAEs by arch wildcard (see `selected`)."""
+    return ([(f"config.evaluate.{m}", cfg["evaluate"][m]) for m in ("probes", "ablation", "geometry")]
+            + [("config.interpret", cfg["interpret"])]
+            + [(f"config.analysis.{e}", cfg["analysis"][e]) for e in ("progressive", "refinement")])
+
+
+def _check_selectors(cfg: dict, known: set[str]) -> None:
+    """A misspelt arch in a selector would silently select nothing."""
+    for where, stage in _selector_stages(cfg):
+        for i, name in enumerate(stage["archs"] or []):
+            if name not in known:
+                raise ConfigError(f"{where}.archs[{i}]: '{name}' is neither an arch nor a name under "
+                                  "config.sweep.variants (or a scaling.lr_sweep variant)")
+
+
+def _looks_local(path: str) -> bool:
+    """Paths the user means as files here; anything else may be a hub id ('gpt2', 'org/name')."""
+    return path.startswith(("/", "./", "../", "~"))
+
+
+def _check_local_paths(cfg: dict) -> None:
+    """Local models and data files must exist when the run starts, not fail an hour in. Relative paths are
+    relative to the working directory (snakemake's --directory), as the jobs see them."""
+    for name, subj in cfg["subjects"].items():
+        where = f"config.subjects.{name}"
+        model = subj["model"]
+        if _looks_local(model) and not (Path(model).expanduser() / "config.json").is_file():
+            what = "has no config.json" if Path(model).expanduser().is_dir() else "does not exist"
+            raise ConfigError(f"{where}.model: the local model folder {model} {what}; give a folder written by "
+                              "save_pretrained, a hub id, or 'builtin'")
+        dataset = subj["dataset"]
+        if _looks_local(dataset["path"]) and not Path(dataset["path"]).expanduser().exists():
+            raise ConfigError(f"{where}.dataset.path: {dataset['path']} does not exist")
+        for i, pattern in enumerate(_data_file_patterns(dataset["data_files"])):
+            if "://" in pattern:
+                continue  # remote files are datasets' business
+            if not glob.glob(str(Path(pattern).expanduser()), recursive=True):
+                raise ConfigError(f"{where}.dataset.data_files: no file matches {pattern!r} (relative paths are "
+                                  f"taken from the working directory {Path.cwd()})")
+
+
+def _data_file_patterns(data_files: Any) -> list[str]:
+    """datasets' data_files as a flat list: a string, a list, or a {split: string | list} mapping."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [p for v in data_files.values() for p in _data_file_patterns(v)]
+    return [p for v in data_files for p in _data_file_patterns(v)]
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -16,8 +16,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from saescale.files import atomic_dir, replace_when_done, write_json_atomic
+from saescale.integrity import CHECKSUM, open_checked, writing_every_chunk
 
 log = logging.getLogger("saescale.corpus")
 
@@ -67,7 +69,8 @@ def build_builtin_corpus(out_jsonl: str | Path, out_info: str | Path) -> dict:
     return info
 
 
-def load_texts(dataset: dict, builtin_jsonl: str | None = None) -> Iterable[str]:
+def load_texts(dataset: dict, builtin_jsonl: str | None = None, where: str = "config.subjects.<name>"
+               ) -> Iterable[str]:
     """Documents of the configured dataset, through `datasets.load_dataset` in every case."""
     import datasets
 
@@ -81,11 +84,19 @@ def load_texts(dataset: dict, builtin_jsonl: str | None = None) -> Iterable[str]
             kwargs["data_files"] = dataset["data_files"]
         if dataset.get("streaming"):
             kwargs["streaming"] = True
-        ds = datasets.load_dataset(dataset["path"], **kwargs)
+        try:
+            ds = datasets.load_dataset(dataset["path"], **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- datasets raises many types; all mean the same to a user
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"{where}.dataset: load_dataset({dataset['path']!r}, ...) failed ({type(exc).__name__}: {reason}). "
+                "Offline, a hub dataset loads only from the local cache (HF_HOME); local files go in "
+                "dataset.data_files with path 'text', 'json' or 'parquet'"
+            ) from exc
     field = dataset.get("text_field", "text")
     cols = ds.column_names if not dataset.get("streaming") else None
     if cols is not None and field not in cols:
-        raise ValueError(f"dataset.text_field: column '{field}' not in the dataset (columns: {cols})")
+        raise ValueError(f"{where}.dataset.text_field: column '{field}' not in the dataset (columns: {cols})")
     return (row[field] for row in ds)
 
 
@@ -101,21 +112,26 @@ def _batched(it: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def token_stream_windows(
-    texts: Iterable[str], tokenizer, ctx_len: int, max_tokens: int | None = None
+    texts: Iterable[str], tokenizer, ctx_len: int, max_tokens: int | None = None,
+    where: str = "config.subjects.<name>",
 ) -> np.ndarray:
     """Concatenate documents separated by EOS and cut the stream into [n_windows, ctx_len] int32 windows."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token; it is needed to separate documents")
+        raise ValueError(f"{where}.model: the tokenizer has no eos_token; it is needed to separate documents")
     pieces: list[np.ndarray] = []
-    total = 0
+    total = text_tokens = 0
     for batch in _batched(texts, 256):
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer([t or "" for t in batch], add_special_tokens=False)["input_ids"]:
             arr = np.asarray(ids + [eos], dtype=np.int32)
             pieces.append(arr)
             total += len(arr)
+            text_tokens += len(ids)
         if max_tokens is not None and total >= max_tokens:
             break
+    if text_tokens == 0:
+        raise ValueError(f"{where}.dataset: the dataset holds no text ({len(pieces)} documents, all empty); check "
+                         "its data_files, split and text_field")
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     if max_tokens is not None:
         stream = stream[:max_tokens]
@@ -134,29 +150,49 @@ def split_windows(n_windows: int, n_eval: int, seed: int) -> tuple[np.ndarray, n
 
 def write_token_store(out: str | Path, windows: np.ndarray, train_ids: np.ndarray, eval_ids: np.ndarray,
                       attrs: dict) -> None:
-    with atomic_dir(out) as tmp:
+    codecs = (ZstdCodec(level=0), *CHECKSUM)  # zarr's default compression, plus a checksum per chunk
+    with atomic_dir(out) as tmp, writing_every_chunk():
         root = zarr.open_group(str(tmp), mode="w")
-        root.create_array("windows", data=windows, chunks=(min(len(windows), 4096), windows.shape[1]))
-        root.create_array("train_ids", data=train_ids)
-        root.create_array("eval_ids", data=eval_ids)
+        root.create_array("windows", data=windows, chunks=(min(len(windows), 4096), windows.shape[1]),
+                          compressors=codecs)
+        root.create_array("train_ids", data=train_ids, compressors=codecs)
+        root.create_array("eval_ids", data=eval_ids, compressors=codecs)
         root.attrs.update({**attrs, "windows_sha256": hashlib.sha256(windows.tobytes()).hexdigest(),
                            "n_windows": int(len(windows)), "n_train": int(len(train_ids)),
                            "n_eval": int(len(eval_ids)), "ctx_len": int(windows.shape[1]), "complete": True})
 
 
+def context_limit(model_path: str) -> int | None:
+    """The longest input the model at `model_path` takes (n_positions / max_position_embeddings), or None
+    where there is no model config to read (the builtin tokenizer folder: its LM is trained at ctx_len)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
 def open_token_store(path: str | Path) -> zarr.Group:
-    root = zarr.open_group(str(path), mode="r")
-    if not root.attrs.get("complete"):
-        raise RuntimeError(f"{path} is not a complete token store; rerun the tokenize rule")
-    return root
+    """A complete token store whose reads are checked for damage (`saescale.integrity.Checked`)."""
+    return open_checked(path, "tokenize", "token store")
 
 
 def tokenize(dataset: dict, tokenizer_path: str, ctx_len: int, eval_tokens: int, out: str,
-             builtin_jsonl: str | None = None) -> dict:
-    from transformers import AutoTokenizer
+             builtin_jsonl: str | None = None, where: str = "config.subjects.<name>") -> dict:
+    from saescale.subject import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    windows = token_stream_windows(load_texts(dataset, builtin_jsonl), tok, ctx_len, dataset.get("max_tokens"))
+    tok = load_tokenizer(tokenizer_path, where=where)
+    limit = context_limit(tokenizer_path)
+    if limit is not None and ctx_len > limit:
+        raise ValueError(f"{where}.ctx_len: {ctx_len} tokens per window, but the model {tokenizer_path} takes at "
+                         f"most {limit} positions; lower ctx_len")
+    windows = token_stream_windows(load_texts(dataset, builtin_jsonl, where), tok, ctx_len,
+                                   dataset.get("max_tokens"), where)
     n_eval = -(-eval_tokens // ctx_len)
     train_ids, eval_ids = split_windows(len(windows), n_eval, dataset.get("seed", 0))
     attrs = {"tokenizer": str(tokenizer_path), "dataset": dataset, "vocab_size": len(tok),

@@ -7,7 +7,9 @@ Layout of data/activations/{subject}.zarr (one group per subject, rows aligned a
 
 Rows are written a whole chunk at a time (concurrent or partial chunk writes lose data in zarr 3), to
 `<store>.partial`; `chunks_done` records progress so a killed job resumes, and only a finished store is
-renamed into place with complete=True.
+renamed into place with complete=True. Every chunk carries a CRC32C checksum and readers check that
+every chunk is present and every value finite (`saescale.integrity`), so a damaged store is reported by
+name, never trained on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import zarr
 
 from saescale.corpus import open_token_store
 from saescale.files import atomic_dir
+from saescale.integrity import CHECKSUM, open_checked, writing_every_chunk
 
 log = logging.getLogger("saescale.store")
 
@@ -55,6 +58,29 @@ def plan_windows(tokens: zarr.Group, train_tokens: int, where: str = "config.sub
     return ids, n_train_windows * ctx, len(eval_ids) * ctx
 
 
+def check_model_fits(model, tokens: zarr.Group, where: str) -> None:
+    """Token ids past the embedding table or windows past the position table would fail (or, on GPU, read
+    garbage) deep inside the forward pass: say which config key is wrong before extracting anything."""
+    n_vocab = model.get_input_embeddings().num_embeddings
+    if tokens.attrs.get("vocab_size", 0) > n_vocab:  # a tokenizer larger than the model: are ids out of range?
+        top = max(int(chunk.max()) for chunk in _row_blocks(tokens["windows"]))
+        if top >= n_vocab:
+            raise ValueError(
+                f"{where}.model: the token store holds token ids up to {top}, but the model has embeddings for "
+                f"{n_vocab} tokens: the tokenizer ({tokens.attrs.get('tokenizer')}) does not belong to this model. "
+                "Give the model folder its own tokenizer files (save_pretrained of both)"
+            )
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and tokens.attrs["ctx_len"] > limit:
+        raise ValueError(f"{where}.ctx_len: {tokens.attrs['ctx_len']} tokens per window, but the model takes at "
+                         f"most {limit} positions; lower ctx_len")
+
+
+def _row_blocks(array, rows: int = 1 << 16) -> Iterator[np.ndarray]:
+    for i in range(0, array.shape[0], rows):
+        yield array[i:i + rows]
+
+
 def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype: str, batch_windows: int,
             chunk_windows: int, out: str, model_name: str, device: torch.device, model_digest: str = "",
             where: str = "config.subjects.<name>") -> dict:
@@ -67,6 +93,7 @@ def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype
 
     tokens = open_token_store(tokens_path)
     ctx = tokens.attrs["ctx_len"]
+    check_model_fits(model, tokens, where)
     window_ids, n_train, n_eval = plan_windows(tokens, train_tokens, where)
     n_rows = n_train + n_eval
     d = model.config.hidden_size
@@ -75,7 +102,7 @@ def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype
               "dtype": dtype, "n_train": n_train, "n_eval": n_eval, "chunk_rows": chunk_rows, "d": d}
     fp = _fingerprint(params)
 
-    with atomic_dir(out, keep_partial=True) as partial:  # renamed into place only when complete
+    with atomic_dir(out, keep_partial=True) as partial, writing_every_chunk():  # renamed into place when complete
         root = _open_partial(partial, fp)
         if root is None:
             root = _create_store(partial, params, fp, layers, n_rows, d, chunk_rows, dtype)
@@ -150,11 +177,11 @@ def _create_store(partial: Path, params: dict, fp: str, layers: list[int], n_row
                   chunk_rows: int, dtype: str) -> zarr.Group:
     root = zarr.open_group(str(partial), mode="w")
     for name, dt in (("token", "int32"), ("window", "int32"), ("position", "int16")):
-        root.create_array(name, shape=(n_rows,), chunks=(chunk_rows,), dtype=dt)
+        root.create_array(name, shape=(n_rows,), chunks=(chunk_rows,), dtype=dt, compressors=CHECKSUM)
     for layer in layers:
-        # activations barely compress (notes/snakemake.md section 8): store raw for fast reads
+        # activations barely compress (notes/snakemake.md section 8): stored raw, with a checksum per chunk
         g = root.create_group(f"L{layer}")
-        g.create_array("x", shape=(n_rows, d), chunks=(chunk_rows, d), dtype=dtype, compressors=None,
+        g.create_array("x", shape=(n_rows, d), chunks=(chunk_rows, d), dtype=dtype, compressors=CHECKSUM,
                        dimension_names=("token", "d_model"))
         g.attrs.update({"layer": layer, "site": SITE})
     root.attrs.update({"model": params["model"], "layers": layers, "site": SITE, "dtype": dtype,
@@ -169,10 +196,8 @@ def _create_store(partial: Path, params: dict, fp: str, layers: list[int], n_row
 
 
 def open_store(path: str | Path) -> zarr.Group:
-    root = zarr.open_group(str(path), mode="r")
-    if not root.attrs.get("complete"):
-        raise RuntimeError(f"{path} is not a complete activation store; rerun the extract rule")
-    return root
+    """A complete activation store whose reads are checked for damage (`saescale.integrity.Checked`)."""
+    return open_checked(path, "extract", "activation store")
 
 
 def split_rows(root: zarr.Group, split: str) -> slice:

@@ -33,18 +33,42 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def load_model(path: str, revision: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
+def load_model(path: str, revision: str | None = None, device: torch.device | str = "cpu",
+               where: str | None = None) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained, in eval mode: the same call for 'gpt2' and the builtin model."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision)
+    with _explained_load_errors(path, where):
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision)
     return model.to(device).eval()
 
 
-def load_tokenizer(path: str, revision: str | None = None):
+def load_tokenizer(path: str, revision: str | None = None, where: str | None = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, revision=revision)
+    with _explained_load_errors(path, where):
+        return AutoTokenizer.from_pretrained(path, revision=revision)
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer from_pretrained cannot load, with what to do about it."""
+
+
+@contextlib.contextmanager
+def _explained_load_errors(path: str, where: str | None) -> Iterator[None]:
+    """transformers' OSError for an unreachable hub id or a bad folder, said in terms of the config key."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
+        key = f"{where}.model: " if where else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{key}cannot load '{path}' with from_pretrained ({reason}). A hub id loads from the hub or, offline, "
+            "from the local cache (HF_HOME): download it where the hub is reachable "
+            f"(`huggingface-cli download {path}`) or point the model at a folder written by save_pretrained"
+        ) from exc
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

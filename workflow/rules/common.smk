@@ -1,6 +1,8 @@
 # Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
+
 from saescale.hardware import gpu_present
 from saescale.provenance import code_version
 
@@ -77,6 +79,15 @@ def bench_path(rule, name):
 
 def envs():
     return "../../envs/saescale.yaml"
+
+
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    # envs/saescale.yaml holds the dependencies only: a path to this checkout inside it would be resolved from
+    # the copy snakemake makes under .snakemake/conda/. So jobs run the `saescale` of this checkout, by path.
+    shell.prefix(
+        f'set -euo pipefail; export PYTHONPATH="{Path(workflow.basedir) / "src"}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; '
+        'saescale() {{ python -m saescale.cli "$@"; }}; '
+    )
 
 
 def tokenize_inputs(wc):

@@ -61,6 +61,8 @@ rule manifolds:
         paths.TOY_MANIFOLDS,
     log:
         log_path("toy", "manifolds"),
+    conda:
+        envs()
     params:
         spec=lambda wc: spec(toy_spec("manifolds")),
         code=code_version("toy", "toy/manifolds.py", "toy/settings.py"),

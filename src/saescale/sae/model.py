@@ -134,5 +134,24 @@ class SparseAutoencoder(nn.Module):
                     device: str | torch.device = "cpu") -> "SparseAutoencoder":
         """The SAE a cfg.json describes, with weights from `weights_path`."""
         sae = cls(cfg["d_model"], cfg["n_latents"], cfg["arch"], cfg["k"], cfg.get("arch_params"))
-        sae.load_state_dict(load_file(str(weights_path)))
+        sae.load_state_dict(read_weights(weights_path, sae.state_dict()))
         return sae.to(device)
+
+
+def read_weights(weights_path: str | Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked against the names and shapes its cfg.json implies, so a
+    damaged file or one from another SAE is refused by name instead of failing inside load_state_dict."""
+    from safetensors import SafetensorError
+
+    redo = "delete the SAE folder and rerun snakemake to train it again (or re-import it)"
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({exc}); {redo}") from exc
+    problems = [f"{name}: missing" for name in expected if name not in tensors]
+    problems += [f"{name}: not expected" for name in tensors if name not in expected]
+    problems += [f"{name}: shape {tuple(t.shape)}, cfg.json implies {tuple(expected[name].shape)}"
+                 for name, t in tensors.items() if name in expected and t.shape != expected[name].shape]
+    if problems:
+        raise ValueError(f"{weights_path} does not match its cfg.json ({'; '.join(problems)}); {redo}")
+    return tensors
