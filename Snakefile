@@ -34,6 +34,7 @@ wildcard_constraints:
     metric=r"probes|ablation|geometry",
     kind=r"circle|sphere|shell",
     d=r"\d+",
+    name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
 
 
 include: "workflow/rules/common.smk"
@@ -43,6 +44,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/normalize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/imported.smk"
 include: "workflow/rules/analyze.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/interpret.smk"

@@ -71,6 +71,15 @@ def test_defaults_are_filled_from_the_schema():
          "config.interpret.autointerp.base_url: required for backend openai"),
         ({"interpret": {"autointerp": {"backend": "transformers"}}},
          "config.interpret.autointerp.model: required for backend transformers"),
+        # SAEs trained elsewhere
+        ({"imported": {"x": {"path": "/tmp", "format": "saelens", "subject": "other", "layer": 2}}},
+         "config.imported.x.subject: 'other' is not a subject of this config"),
+        ({"imported": {"x": {"path": "/tmp", "format": "saelens", "subject": "tiny", "layer": 1}}},
+         "config.imported.x.layer: 1 is not one of subjects.tiny.layers [2]"),
+        ({"imported": {"x": {"path": "/no/such/sae", "format": "saelens", "subject": "tiny", "layer": 2}}},
+         "config.imported.x.path: /no/such/sae does not exist"),
+        ({"imported": {"x": {"path": "/tmp", "format": "safetensors", "subject": "tiny", "layer": 2}}},
+         "config.imported.x.format: 'safetensors' is not one of"),
     ],
 )
 def test_malformed_config_names_the_key(patch, key):

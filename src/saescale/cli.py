@@ -231,7 +231,11 @@ def _trained_sae(a):
     sae_dir = Path(a.sae_dir)
     cfg = read_json(sae_dir / "cfg.json")
     sae = SparseAutoencoder.from_config(cfg, sae_dir / "sae.safetensors", device).eval()
-    return device, cfg, sae, open_store(a.activations)
+    root = open_store(a.activations)
+    if root.attrs["d_model"] != cfg["d_model"]:
+        raise ValueError(f"{sae_dir}: an SAE of d_model {cfg['d_model']}, but {a.activations} holds activations of "
+                         f"width {root.attrs['d_model']}: it was trained on another model (check its subject)")
+    return device, cfg, sae, root
 
 
 def cmd_evaluate(a) -> None:
@@ -246,8 +250,10 @@ def cmd_evaluate(a) -> None:
     model = load_model(a.model, a.revision, device)
     down = downstream_metrics(model, a.layer, sae, eval_windows(root, s["downstream_windows"]),
                               s["downstream_batch"], device)
+    # an imported SAE (config.imported) has no training record here; where it came from instead
+    origin = {"imported_from": cfg["imported_from"]} if "imported_from" in cfg else {}
     write_json_atomic(a.out, _result(cfg, a.layer, device, d_model=cfg["d_model"], **recon, downstream=down,
-                                     train=cfg["train"], lr=cfg["train_spec"]["lr"]))
+                                     train=cfg.get("train"), lr=cfg.get("train_spec", {}).get("lr"), **origin))
 
 
 def _sae_identity(cfg: dict, layer: int) -> dict:

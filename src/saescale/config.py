@@ -79,6 +79,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     _check_semantics(cfg)
     _check_local_paths(cfg)
+    _check_imported_paths(cfg)
     return cfg
 
 
@@ -141,6 +142,14 @@ def _check_semantics(cfg: dict) -> None:
             f"config.train.batch_size: {cfg['train']['batch_size']} exceeds the token budget train.tokens"
         )
     _check_selectors(cfg, archs | set(sweep["variants"]) | {job["arch"] for job in lr_sweep_jobs(cfg)})
+    for name, imp in cfg["imported"].items():
+        where = f"config.imported.{name}"
+        if imp["subject"] not in cfg["subjects"]:
+            raise ConfigError(f"{where}.subject: '{imp['subject']}' is not a subject of this config "
+                              f"({', '.join(cfg['subjects'])})")
+        if imp["layer"] not in cfg["subjects"][imp["subject"]]["layers"]:
+            raise ConfigError(f"{where}.layer: {imp['layer']} is not one of subjects.{imp['subject']}.layers "
+                              f"{cfg['subjects'][imp['subject']]['layers']}: add it there so its activations are recorded")
     auto = cfg["interpret"]["autointerp"]
     needed = {"openai": ("base_url", "model"), "transformers": ("model",)}.get(auto["backend"], ())
     for key in needed:
@@ -188,6 +197,13 @@ def _check_local_paths(cfg: dict) -> None:
             if not glob.glob(str(Path(pattern).expanduser()), recursive=True):
                 raise ConfigError(f"{where}.dataset.data_files: no file matches {pattern!r} (relative paths are "
                                   f"taken from the working directory {Path.cwd()})")
+
+
+def _check_imported_paths(cfg: dict) -> None:
+    for name, imp in cfg["imported"].items():
+        if not Path(imp["path"]).expanduser().exists():
+            raise ConfigError(f"config.imported.{name}.path: {imp['path']} does not exist (relative paths are taken "
+                              f"from the working directory {Path.cwd()})")
 
 
 def _data_file_patterns(data_files: Any) -> list[str]:

@@ -1,5 +1,6 @@
 # Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.settings.types import DeploymentMethod
 
@@ -220,4 +221,5 @@ def report_inputs(wildcards):
         if evaluated(CFG, "interpret", job):
             files.append(paths.fmt(paths.DASHBOARD, **job))
     files += [paths.fmt(paths.ANALYSIS, **job) for job in analyses()]
+    files += [paths.fmt(paths.IMPORTED_EVAL, name=name) for name in CFG["imported"]]
     return sorted(set(files))

@@ -1,0 +1,73 @@
+"""config.imported: an SAE trained elsewhere is imported and evaluated by the pipeline like its own SAEs.
+
+The known answer: one of this run's SAEs, exported to SAELens' format and imported back, must evaluate to the
+metrics the pipeline computed for the original (the normalization is folded on export and unfolded on import).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import random_gpt2, write_text_files
+from test_workflow import planned_jobs, snakemake
+
+pytestmark = pytest.mark.slow
+
+SAE = "data/saes/rand/L1/topk/n32_k4"
+
+
+def tiny_config(model: str, files: list[str]) -> dict:
+    return {
+        "subjects": {"rand": {"model": model, "layers": [1], "ctx_len": 16, "train_tokens": 4096, "eval_tokens": 512,
+                              "chunk_windows": 32, "dataset": {"path": "text", "data_files": files}}},
+        "sweep": {"n": [32], "k": [4]},
+        "train": {"tokens": 8192, "batch_size": 512, "dead_tokens": 2048},
+        "evaluate": {"downstream_windows": 16},
+    }
+
+
+def test_an_exported_then_imported_sae_evaluates_to_the_original(tmp_path):
+    files = write_text_files(tmp_path / "text", copies=200)
+    cfg = tiny_config(random_gpt2(tmp_path / "model", files), files)
+    original = "data/eval/rand/L1/topk/n32_k4.json"
+    snakemake(tmp_path, original, config=cfg)
+    subprocess.run([sys.executable, "-m", "saescale.cli", "export", "--sae-dir", str(tmp_path / SAE),
+                    "--format", "saelens", "--out", str(tmp_path / "elsewhere/topk")], check=True)
+
+    cfg["imported"] = {"roundtrip": {"path": "elsewhere/topk", "format": "saelens", "subject": "rand", "layer": 1}}
+    target = "data/imported/roundtrip/eval.json"
+    assert planned_jobs(snakemake(tmp_path, "-n", target, config=cfg)) == {"import_sae": 1, "evaluate_imported": 1}
+    snakemake(tmp_path, target, config=cfg)
+
+    mine, theirs = (json.loads((tmp_path / f).read_text()) for f in (original, target))
+    assert theirs["imported_from"] == {"format": "saelens", "path": "elsewhere/topk"}
+    assert theirs["n"] == 32 and theirs["k"] == 4 and theirs["l0"] == mine["l0"]
+    assert theirs["fvu"] == pytest.approx(mine["fvu"], rel=1e-4)
+    assert theirs["dead_fraction"] == mine["dead_fraction"]
+    for key in ("delta_ce", "kl"):
+        assert theirs["downstream"][key] == pytest.approx(mine["downstream"][key], rel=1e-3, abs=1e-5), key
+    assert planned_jobs(snakemake(tmp_path, "-n", target, config=cfg)) == {}
+
+
+def test_an_imported_sae_of_another_width_is_refused_by_name(tmp_path):
+    """An SAE for another model's residual stream cannot be evaluated on this subject's activations."""
+    from saescale.interop import export_sae
+    from saescale.sae.model import SparseAutoencoder
+
+    files = write_text_files(tmp_path / "text", copies=200)
+    cfg = tiny_config(random_gpt2(tmp_path / "model", files), files)
+    folder = tmp_path / "wide"
+    sae = SparseAutoencoder(48, 64, "topk", 4)  # the subject is 32 wide
+    folder.mkdir()
+    sae.save(folder / "sae.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({**sae.config(), "name": "topk", "subject": "rand", "layer": 1}))
+    export_sae(folder, "saelens", tmp_path / "wide_saelens")
+    cfg["imported"] = {"wide": {"path": "wide_saelens", "format": "saelens", "subject": "rand", "layer": 1}}
+    res = snakemake(tmp_path, "data/imported/wide/eval.json", config=cfg, check=False)
+    assert res.returncode != 0
+    log = Path(tmp_path / "logs/evaluate/imported_wide.log").read_text()
+    assert "an SAE of d_model 48" in log and "width 32" in log
+    assert not (tmp_path / "data/imported/wide/eval.json").exists()

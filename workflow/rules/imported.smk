@@ -1,0 +1,64 @@
+# SAEs trained elsewhere (config.imported): read into saescale's format, then evaluated on their subject's
+# held-out activations by the same command as the sweep's SAEs. They are compared in the report, never fitted.
+
+
+def imported(wc):
+    return CFG["imported"][wc.name]
+
+
+def imported_subject(wc):
+    """The imported SAE's subject, as the wildcards object the subject helpers (model_path, ...) expect."""
+    return SimpleNamespace(subject=imported(wc)["subject"])
+
+
+rule import_sae:
+    input:
+        lambda wc: imported(wc)["path"],
+    output:
+        weights=paths.IMPORTED_DIR + "/sae.safetensors",
+        cfg=paths.IMPORTED_CFG,
+    log:
+        log_path("import", "{name}"),
+    conda:
+        envs()
+    params:
+        out=lambda wc: paths.fmt(paths.IMPORTED_DIR, name=wc.name),
+        format=lambda wc: imported(wc)["format"],
+        where=lambda wc: f"--subject {imported(wc)['subject']} --layer {imported(wc)['layer']}",
+        normalized=lambda wc: "--inputs-normalized" if imported(wc)["inputs_normalized"] else "",
+        code=code_version("import", "interop.py", "sae", "normalize.py"),
+    shell:
+        "saescale import --src {input} --format {params.format} {params.where} {params.normalized}"
+        " --out {params.out} --log {log}"
+
+
+rule evaluate_imported:
+    input:
+        unpack(
+            lambda wc: {
+                "weights": paths.fmt(paths.IMPORTED_DIR + "/sae.safetensors", name=wc.name),
+                "cfg": paths.fmt(paths.IMPORTED_CFG, name=wc.name),
+                "activations": paths.fmt(paths.ACTIVATIONS, subject=imported(wc)["subject"]),
+                "model": model_input(imported_subject(wc)),
+            }
+        ),
+    output:
+        paths.IMPORTED_EVAL,
+    log:
+        log_path("evaluate", "imported_{name}"),
+    conda:
+        envs()
+    resources:
+        gpu=1 if HAS_CUDA else 0,
+    params:
+        model=lambda wc: model_path(imported_subject(wc)),
+        revision=lambda wc: f"--revision {subject(imported_subject(wc))['revision']}"
+        if subject(imported_subject(wc))["revision"] else "",
+        sae_dir=lambda wc, input: str(Path(input.cfg).parent),
+        layer=lambda wc: imported(wc)["layer"],
+        spec=spec({key: v for key, v in CFG["evaluate"].items() if key not in paths.METRIC_NAMES}),
+        code=code_version("evaluate", "evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"),
+    shell:
+        "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations}"
+        " --model {params.model} {params.revision} --layer {params.layer} --spec {params.spec:q}"
+        " --out {output} --log {log}"
