@@ -68,6 +68,9 @@ class DiesAfter(torch.nn.Module):
         self.model, self.calls, self.config = model, calls, model.config
         self.transformer = model.transformer
 
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
     def forward(self, **kw):
         self.calls -= 1
         if self.calls < 0:

@@ -75,6 +75,7 @@ def model_digest(path: str, model, revision: str | None) -> str:
 def cmd_extract(a) -> None:
     import torch
 
+    from saescale.provenance import code_version
     from saescale.store import extract
     from saescale.subject import load_model, pick_device
 
@@ -84,7 +85,7 @@ def cmd_extract(a) -> None:
     model = load_model(a.model, s.get("revision"), device, where=f"config.subjects.{a.subject}")
     extract(model, a.tokens, s["layers"], s["train_tokens"], s["dtype"], s["batch_windows"], s["chunk_windows"],
             a.out, model_name=s["model"], device=device, model_digest=model_digest(a.model, model, s.get("revision")),
-            where=f"config.subjects.{a.subject}")
+            where=f"config.subjects.{a.subject}", code=code_version("extract", "store.py", "subject.py"))
 
 
 def cmd_normalize(a) -> None:
@@ -107,6 +108,7 @@ def cmd_train(a) -> None:
 
     from saescale.config import STREAM_KEYS
     from saescale.normalize import normalize
+    from saescale.provenance import code_version
     from saescale.sae.train import SELECTION_ROWS, Trainer, train_together
     from saescale.store import batch_stream, open_store, read_rows
     from saescale.subject import pick_device
@@ -138,9 +140,10 @@ def cmd_train(a) -> None:
         return rows_cache[split, count]
 
     data = f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}"
+    code = code_version("train", "sae", "store.py", "normalize.py")  # train.smk's TRAIN_CODE
     trainers, member_of = [], {}
     for m in members:
-        spec = _train_spec(m, stats["d_model"], str(device), data)
+        spec = _train_spec(m, stats["d_model"], str(device), data, code)
         out = Path(m["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
         heldout = rows("eval", m["spec"]["heldout_rows"]) if m["spec"]["heldout_rows"] else None
@@ -160,7 +163,7 @@ def cmd_train(a) -> None:
         (Path(m["out_dir"]) / "checkpoint.pt").unlink(missing_ok=True)
 
 
-def _train_spec(member: dict, d_model: int, device: str, data: str):
+def _train_spec(member: dict, d_model: int, device: str, data: str, code: str = ""):
     from saescale.config import k_aux_for, lr_for
     from saescale.sae.train import TrainSpec
 
@@ -170,7 +173,7 @@ def _train_spec(member: dict, d_model: int, device: str, data: str):
                      adam_betas=tuple(t["adam_betas"]), auxk_coef=t["auxk_coef"],
                      k_aux=min(k_aux_for(t, d_model), n), dead_tokens=t["dead_tokens"], ema_decay=t["ema_decay"],
                      log_every=t["log_every"], checkpoint_seconds=t["checkpoint_seconds"], seed=t["seed"],
-                     device=device, data=data, auxk=t["auxk"], tied_init=t["tied_init"],
+                     device=device, data=data, code=code, auxk=t["auxk"], tied_init=t["tied_init"],
                      arch_params=t["arch_params"].get(member["arch"], {}),
                      calibrate_fraction=t["calibration"]["fraction"], calibrate_rate=t["calibration"]["rate"],
                      convergence_tolerance=t["convergence"]["tolerance"],

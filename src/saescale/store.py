@@ -83,12 +83,13 @@ def _row_blocks(array, rows: int = 1 << 16) -> Iterator[np.ndarray]:
 
 def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype: str, batch_windows: int,
             chunk_windows: int, out: str, model_name: str, device: torch.device, model_digest: str = "",
-            where: str = "config.subjects.<name>") -> dict:
+            where: str = "config.subjects.<name>", code: str = "") -> dict:
     """Record resid_post of every configured layer for the planned windows: one forward pass per batch, with
     a writer thread storing each chunk while the next one runs through the model.
 
-    A `.partial` store is resumed only when model weights (`model_digest`), token windows and settings all
-    match, so a resumed store never mixes chunks of two models or datasets."""
+    A `.partial` store is resumed only when model weights (`model_digest`), token windows, settings and the
+    extraction `code` version all match, so a resumed store never mixes chunks of two models, datasets or
+    versions of the code."""
     from saescale.subject import record_resid, run_until_recorded
 
     tokens = open_token_store(tokens_path)
@@ -98,8 +99,8 @@ def extract(model, tokens_path: str, layers: list[int], train_tokens: int, dtype
     n_rows = n_train + n_eval
     d = model.config.hidden_size
     chunk_rows = chunk_windows * ctx
-    params = {"model": model_name, "model_digest": model_digest, "tokens": dict(tokens.attrs), "layers": layers,
-              "dtype": dtype, "n_train": n_train, "n_eval": n_eval, "chunk_rows": chunk_rows, "d": d}
+    params = {"model": model_name, "model_digest": model_digest, "code": code, "tokens": dict(tokens.attrs),
+              "layers": layers, "dtype": dtype, "n_train": n_train, "n_eval": n_eval, "chunk_rows": chunk_rows, "d": d}
     fp = _fingerprint(params)
 
     with atomic_dir(out, keep_partial=True) as partial, writing_every_chunk():  # renamed into place when complete

@@ -57,6 +57,7 @@ class TrainSpec:
     seed: int
     device: str
     data: str = ""  # digest of the activations and statistics trained on: a checkpoint never crosses datasets
+    code: str = ""  # version of the training code (provenance.code_version): nor versions of the code
     auxk: bool = True  # the A.8 ablation switches AuxK off ...
     tied_init: bool = True  # ... and the tied encoder/decoder init
     arch_params: dict = field(default_factory=dict)  # constants of the arch (sae/archs.py defaults)
