@@ -139,7 +139,8 @@ def cmd_train(a) -> None:
             rows_cache[split, count] = normalize(raw)[0].numpy()
         return rows_cache[split, count]
 
-    data = f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}"
+    # what a checkpoint may resume from: the same activations, statistics and batch stream (batch order)
+    data = f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}:{next(iter(streams))}"
     code = code_version("train", "sae", "store.py", "normalize.py")  # train.smk's TRAIN_CODE
     trainers, member_of = [], {}
     for m in members:
