@@ -41,3 +41,30 @@ def random_gpt2(folder: Path, text_files: list[str], n_layer: int = 2, n_embd: i
     torch.manual_seed(0)
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     return str(folder)
+
+
+def write_texts(folder: Path, texts: list[str], copies: int = 40) -> list[str]:
+    """One file per text, the text repeated `copies` times: a local corpus for the `text` loader."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, t in enumerate(texts):
+        p = folder / f"doc{i}.txt"
+        p.write_text((t + "\n") * copies)
+        files.append(str(p))
+    return files
+
+
+def record_authorization(server) -> list[str | None]:
+    """Makes a `saescale.interpret.server` ChatServer note the Authorization header of every POST, so a test
+    can tell that a key was sent; returns the list it appends to."""
+    from saescale.interpret.server import ChatHandler
+
+    seen: list[str | None] = []
+
+    class RecordingHandler(ChatHandler):
+        def do_POST(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            super().do_POST()
+
+    server.RequestHandlerClass = RecordingHandler
+    return seen

@@ -175,3 +175,13 @@ def test_local_files_that_exist_pass_relative_to_the_working_directory(tmp_path,
     (tmp_path / "model" / "config.json").unlink()
     with pytest.raises(ConfigError, match="config.subjects.tiny.model: the local model folder ./model has no config"):
         validate({"subjects": {"tiny": subject}})
+
+
+def test_yaml_anchors_shared_between_sections_are_filled_separately(tmp_path):
+    """`&defaults` reused by two probes sections: each gets its own defaults, not the other's keys."""
+    (tmp_path / "c.yaml").write_text(
+        "subjects: {tiny: {model: builtin, layers: [2]}}\n"
+        "evaluate:\n  probes: &sel {archs: [topk], n: [64]}\n  ablation: *sel\n  geometry: *sel\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg["evaluate"]["probes"]["archs"] == cfg["evaluate"]["ablation"]["archs"] == ["topk"]
+    assert "pairs" in cfg["evaluate"]["ablation"] and "pairs" not in cfg["evaluate"]["probes"]

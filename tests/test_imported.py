@@ -25,7 +25,10 @@ def tiny_config(model: str, files: list[str]) -> dict:
                               "chunk_windows": 32, "dataset": {"path": "text", "data_files": files}}},
         "sweep": {"n": [32], "k": [4]},
         "train": {"tokens": 8192, "batch_size": 512, "dead_tokens": 2048},
-        "evaluate": {"downstream_windows": 16},
+        "evaluate": {"downstream_windows": 16, **{m: {"enabled": False} for m in ("probes", "ablation", "geometry")}},
+        "interpret": {"enabled": False},
+        "analysis": {"progressive": {"archs": []}, "refinement": {"archs": []}},
+        "toy": {study: {"enabled": False} for study in ("allocation", "manifolds", "groundtruth")},
     }
 
 
@@ -50,6 +53,13 @@ def test_an_exported_then_imported_sae_evaluates_to_the_original(tmp_path):
     for key in ("delta_ce", "kl"):
         assert theirs["downstream"][key] == pytest.approx(mine["downstream"][key], rel=1e-3, abs=1e-5), key
     assert planned_jobs(snakemake(tmp_path, "-n", target, config=cfg)) == {}
+
+    snakemake(tmp_path, config=cfg)  # the report lists it beside the run's own SAE, outside the fits
+    report = (tmp_path / "reports/report.html").read_text()
+    section = report.split('id="grid-imported"')[1].split("</section>")[0]
+    assert "roundtrip" in section and "saelens: elsewhere/topk" in section and "topk n=32 k=4: FVU" in section
+    metrics = (tmp_path / "data/scaling/rand/L1/metrics.csv").read_text()
+    assert "roundtrip" not in metrics
 
 
 def test_an_imported_sae_of_another_width_is_refused_by_name(tmp_path):

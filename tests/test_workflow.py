@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import random_gpt2, write_text_files
+from browser import broken_anchors, chromium, inspect, local_targets, screenshot  # noqa: F401 (a fixture)
+from helpers import random_gpt2, record_authorization, write_text_files
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = yaml.safe_load((ROOT / "workflow/configs/quick.yaml").read_text())
@@ -67,6 +68,45 @@ def test_quick_preset_produces_the_report(quick_run):
     for exp, archs in (("progressive", ["topk", "multitopk", "relu"]), ("refinement", ["topk", "relu"])):
         for arch in archs:
             assert (quick_run / f"data/analysis/tiny/L1/{arch}/n128_k8/{exp}.json").is_file()
+
+
+# JS counts read in the page: figures with neither an image nor a note, latent cards without a histogram
+FIGURES_BLANK = "[...document.querySelectorAll('figure')].filter(f => !f.querySelector('img, .empty')).length"
+CARDS_WITHOUT_HISTOGRAM = ("[...document.querySelectorAll('section.card')]"
+                           ".filter(c => !c.querySelector('svg.hist rect')).length")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_report_and_dashboards_render_in_headless_chromium(quick_run, chromium):  # noqa: F811
+    """What a reader sees: no console errors, every figure decoded, every #anchor and every link to a
+    dashboard resolves, and each dashboard renders the same way. A full-page screenshot is a CI artifact."""
+    report = inspect(chromium, quick_run / "reports/report.html", {"figures_blank": FIGURES_BLANK})
+    assert report.errors == [] and report.dialogs == [], report.errors + report.dialogs
+    html = (quick_run / "reports/report.html").read_text()
+    assert len(report.images) == html.count("<img ") >= 20
+    assert [img["src"] for img in report.images if not img["ok"]] == [], "figures that did not decode"
+    assert report.probes["figures_blank"] == 0  # every <figure> shows an image or says why it has none
+    assert broken_anchors(report) == [] and len([h for h in report.hrefs if h.startswith("#")]) >= 20
+    shot = screenshot(chromium, "report.png")
+    height = chromium.execute_script("return document.documentElement.scrollHeight")
+    assert png_size(shot)[1] == height > 5000, "the screenshot is not of the whole page"
+    links = local_targets(report)
+    assert set(links.values()) == {p.resolve() for p in (quick_run / "reports/latents").rglob("*.html")}
+    assert len(links) == 3  # topk k = 4, 8 and relu at n = 128 (interpret.archs, interpret.n)
+    for href, path in links.items():
+        page = inspect(chromium, path, {"cards_without_histogram": CARDS_WITHOUT_HISTOGRAM})
+        assert page.errors == [] and page.dialogs == [], (href, page.errors + page.dialogs)
+        assert page.svgs == 8 and page.probes["cards_without_histogram"] == 0, href  # one per latent card
+        assert broken_anchors(page) == [], href
+        assert [p for p in local_targets(page).values() if not p.is_file()] == [], href  # the back link
+        assert (quick_run / "reports/report.html").resolve() in local_targets(page).values()
+    screenshot(chromium, "dashboard.png")
 
 
 def test_quick_preset_runs_every_scaling_and_manifold_study(quick_run):
@@ -193,6 +233,7 @@ def test_autointerp_through_an_http_endpoint_adds_only_its_jobs_and_never_writes
 
     monkeypatch.setenv("SAESCALE_TEST_KEY", "sk-sentinel-0123")
     with serving(ScriptedModel("perfect")) as server:
+        authorizations = record_authorization(server)
         auto = {"backend": "openai", "model": "test-model", "base_url": server.base_url,
                 "api_key_env": "SAESCALE_TEST_KEY", "latents": 3, "max_retries": 1}
         cfg = {**QUICK, "interpret": {**QUICK["interpret"], "autointerp": auto}}
@@ -204,8 +245,10 @@ def test_autointerp_through_an_http_endpoint_adds_only_its_jobs_and_never_writes
         assert server.request_count == served > 0
     summary = json.loads((quick_run / "data/interpret/tiny/L1/topk/n128_k8.autointerp.json").read_text())
     assert summary["n_latents"] == 3 and summary["n_ok"] + summary["n_failed"] == 3
-    written = [p for p in quick_run.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".html", ".log")]
-    assert not [p for p in written if "sk-sentinel-0123" in p.read_text(errors="ignore")]
+    assert authorizations and set(authorizations) == {"Bearer sk-sentinel-0123"}  # read from the environment
+    # every file of the run: data/, logs/, reports/, benchmarks/ and Snakemake's own .snakemake/ metadata
+    leaked = [p for p in quick_run.rglob("*") if p.is_file() and b"sk-sentinel-0123" in p.read_bytes()]
+    assert not leaked, f"the API key was written to {leaked}"
     snakemake(quick_run, config=QUICK)  # back to the preset for the tests that follow
 
 

@@ -62,7 +62,7 @@ def _key_path(path: Any) -> str:
 
 def validate(cfg: dict) -> dict:
     """Return a copy of `cfg` with defaults filled, or raise ConfigError naming the offending key."""
-    cfg = copy.deepcopy(cfg) if cfg is not None else {}
+    cfg = _unshared(cfg) if cfg is not None else {}
     sch = schema()
     _fill_defaults(cfg, sch)
     validator = jsonschema.Draft202012Validator(sch)
@@ -81,6 +81,16 @@ def validate(cfg: dict) -> dict:
     _check_local_paths(cfg)
     _check_imported_paths(cfg)
     return cfg
+
+
+def _unshared(node: Any) -> Any:
+    """A copy in which no two places share a dict or list. YAML anchors (`&a` ... `*a`) make sections share one
+    mapping, and deepcopy keeps that sharing, so filling one section's defaults would fill the other's."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return copy.deepcopy(node)
 
 
 def _number_as_text(value: Any) -> bool:

@@ -23,8 +23,8 @@ rule analyze:
     resources:
         gpu=1 if HAS_CUDA else 0,
     params:
-        model=lambda wc: f"--model {model_path(wc)}" if wc.experiment == "refinement" else "",
-        revision=lambda wc: f"--revision {subject(wc)['revision']}" if subject(wc)["revision"] else "",
+        model=lambda wc: option("--model", model_path(wc)) if wc.experiment == "refinement" else "",
+        revision=revision_option,
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
         spec=lambda wc: spec(analysis_spec(wc.experiment)),
         code=code_version("analyze", "evaluate", "sae", "normalize.py", "subject.py", "store.py"),

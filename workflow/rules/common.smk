@@ -1,4 +1,5 @@
 # Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,6 +77,15 @@ def log_path(rule, name):
 
 def bench_path(rule, name):
     return paths.fmt(paths.BENCH, rule=rule, name=name)
+
+
+def option(flag, value):
+    """`flag value` for a shell command, the value quoted (model paths and revisions are user text); "" for none."""
+    return f"{flag} {shlex.quote(str(value))}" if value not in (None, "") else ""
+
+
+def revision_option(wc):
+    return option("--revision", subject(wc)["revision"])
 
 
 def envs():

@@ -23,11 +23,11 @@ rule evaluate:
         gpu=1 if HAS_CUDA else 0,
     params:
         model=model_path,
-        revision=lambda wc: f"--revision {subject(wc)['revision']}" if subject(wc)["revision"] else "",
+        revision=revision_option,
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
         spec=spec({key: v for key, v in CFG["evaluate"].items() if key not in paths.METRIC_NAMES}),
         code=code_version("evaluate", "evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
         "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations}"
-        " --model {params.model} {params.revision} --layer {wildcards.layer} --spec {params.spec:q}"
+        " --model {params.model:q} {params.revision} --layer {wildcards.layer} --spec {params.spec:q}"
         " --out {output} --log {log}"

@@ -27,5 +27,5 @@ rule extract:
         ),
         code=code_version("extract", "store.py", "subject.py"),
     shell:
-        "saescale extract --model {params.model} --tokens {input.tokens} --subject {wildcards.subject} --threads {threads}"
+        "saescale extract --model {params.model:q} --tokens {input.tokens} --subject {wildcards.subject} --threads {threads}"
         " --spec {params.spec:q} --out {output} --log {log}"

@@ -28,7 +28,7 @@ rule import_sae:
         normalized=lambda wc: "--inputs-normalized" if imported(wc)["inputs_normalized"] else "",
         code=code_version("import", "interop.py", "sae", "normalize.py"),
     shell:
-        "saescale import --src {input} --format {params.format} {params.where} {params.normalized}"
+        "saescale import --src {input:q} --format {params.format} {params.where} {params.normalized}"
         " --out {params.out} --log {log}"
 
 
@@ -52,13 +52,12 @@ rule evaluate_imported:
         gpu=1 if HAS_CUDA else 0,
     params:
         model=lambda wc: model_path(imported_subject(wc)),
-        revision=lambda wc: f"--revision {subject(imported_subject(wc))['revision']}"
-        if subject(imported_subject(wc))["revision"] else "",
+        revision=lambda wc: revision_option(imported_subject(wc)),
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
         layer=lambda wc: imported(wc)["layer"],
         spec=spec({key: v for key, v in CFG["evaluate"].items() if key not in paths.METRIC_NAMES}),
         code=code_version("evaluate", "evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
         "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations}"
-        " --model {params.model} {params.revision} --layer {params.layer} --spec {params.spec:q}"
+        " --model {params.model:q} {params.revision} --layer {params.layer} --spec {params.spec:q}"
         " --out {output} --log {log}"

@@ -19,10 +19,10 @@ def sae_inputs(wc, model=False, tokenizer=False):
 
 def sae_args(wc):
     """The CLI arguments every per-SAE rule shares."""
-    revision = f" --revision {subject(wc)['revision']}" if subject(wc)["revision"] else ""
     sae_dir = str(Path(paths.fmt(paths.SAE_CFG, **wc)).parent)
-    return (f"--sae-dir {sae_dir} --activations {paths.fmt(paths.ACTIVATIONS, subject=wc.subject)}"
-            f" --model {model_path(wc)} --tokenizer {tokenizer_path(wc)} --layer {wc.layer}{revision}")
+    return (f"--sae-dir {sae_dir} --activations {paths.fmt(paths.ACTIVATIONS, subject=wc.subject)} "
+            f"{option('--model', model_path(wc))} {option('--tokenizer', tokenizer_path(wc))} --layer {wc.layer} "
+            f"{revision_option(wc)}")
 
 
 rule probes:

@@ -20,6 +20,6 @@ rule tokenize:
         spec=lambda wc: spec({key: subject(wc)[key] for key in ("dataset", "ctx_len", "eval_tokens")}),
         code=code_version("tokenize", "corpus.py"),
     shell:
-        "saescale tokenize --tokenizer {params.tokenizer} {params.corpus} --subject {wildcards.subject}"
+        "saescale tokenize --tokenizer {params.tokenizer:q} {params.corpus} --subject {wildcards.subject}"
         " --spec {params.spec:q}"
         " --out {output} --log {log}"

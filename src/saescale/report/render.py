@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 import pandas as pd
 
 from saescale import paths
@@ -47,6 +48,7 @@ from saescale.report.tables import (
     fit_tables,
     grid_table,
     num,
+    pct,
     store_table,
     table,
     text,
@@ -427,6 +429,35 @@ def toy_studies(src: Sources, config: dict) -> tuple[dict | None, dict | None, d
                  for study, (path, what) in TOY_FILES.items())
 
 
+def imported_context(src: Sources, config: dict, layers: list[dict]) -> dict | None:
+    """config.imported: each SAE trained elsewhere beside this run's SAE of its (subject, layer) closest in
+    (n, k), on the same eval metrics. A comparison only: imported SAEs never enter the fits."""
+    if not config["imported"]:
+        return None
+    metrics = {(lay["subject"], lay["layer"]): lay["metrics_all"] for lay in layers}
+    rows = []
+    for name, imp in config["imported"].items():
+        ev = src.json(paths.fmt(paths.IMPORTED_EVAL, name=name), f"imported SAE '{name}': evaluation",
+                      paths.IMPORTED_EVAL) or {}
+        down = ev.get("downstream") or {}
+        rows.append([name, f"{imp['format']}: {imp['path']}", f"{imp['subject']} L{imp['layer']}",
+                     text(ev.get("base_arch")), num(ev.get("n")), num(ev.get("k")), num(ev.get("fvu")),
+                     num(ev.get("l0")), pct(ev.get("dead_fraction")), num(down.get("delta_ce")), num(down.get("kl")),
+                     _closest_sae(metrics.get((imp["subject"], imp["layer"])), ev.get("n"), ev.get("k"))])
+    cols = ["name", "source", "subject", "arch", "n", "k", "FVU", "L0", "dead %", "ΔCE (nats)", "KL (nats)",
+            "this run's closest SAE (n, k): FVU, ΔCE"]
+    return {"table": table(cols, rows), "src": paths.IMPORTED_EVAL}
+
+
+def _closest_sae(m: pd.DataFrame | None, n: Any, k: Any) -> str:
+    """This run's SAE nearest in log n, then in log k, as 'arch n=.. k=..: FVU .., ΔCE ..'."""
+    if m is None or m.empty or not _isnum(n) or not _isnum(k):
+        return "—"
+    dist = (np.log(m["n"].astype(float) / n).abs() + np.log(m["k"].astype(float) / k).abs() / 100)
+    r = m.loc[dist.idxmin()]
+    return f"{r['arch']} n={int(r['n'])} k={int(r['k'])}: FVU {num(r.get('fvu'))}, ΔCE {num(r.get('delta_ce'))}"
+
+
 def build_context(config: dict, report_dir: str = os.path.dirname(paths.REPORT)) -> dict:
     """Everything the template shows, as strings and base64 PNGs; reads files under the current directory.
     Links to other pages (the feature dashboards) are relative to `report_dir`, the report's folder."""
@@ -441,7 +472,8 @@ def build_context(config: dict, report_dir: str = os.path.dirname(paths.REPORT))
     return {"title": config["report"]["title"], "subjects": subjects, "layers": layers,
             "subject_size": subject_size_context(layers, config),
             "manifolds": manifolds_context(*toy_studies(src, config), layers),
-            "run": run_context(config, layers), "files": src.listing(),
+            "run": run_context(config, layers), "imported": imported_context(src, config, layers),
+            "files": src.listing(),
             "n_missing_files": sum(not r["present"] for r in src.rows)}
 
 
