@@ -16,13 +16,7 @@ TEXT = [
 
 
 def write_text_files(folder: Path, copies: int = 40) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, t in enumerate(TEXT):
-        p = folder / f"doc{i}.txt"
-        p.write_text((t + "\n") * copies)
-        files.append(str(p))
-    return files
+    return write_texts(folder, TEXT, copies)
 
 
 def random_gpt2(folder: Path, text_files: list[str], n_layer: int = 2, n_embd: int = 32) -> str:
@@ -68,3 +62,38 @@ def record_authorization(server) -> list[str | None]:
 
     server.RequestHandlerClass = RecordingHandler
     return seen
+
+
+def tokenized_subject(root: Path, ctx_len: int = 16, eval_tokens: int = 64) -> tuple[str, list[str], str]:
+    """A saved random GPT-2 on local text files and its token store: (model folder, text files, token store)."""
+    from saescale.corpus import tokenize
+
+    files = write_text_files(root / "text")
+    model_dir = random_gpt2(root / "model", files)
+    tokens = str(root / "tokens.zarr")
+    dataset = {"path": "text", "name": None, "split": "train", "text_field": "text", "streaming": False,
+               "max_tokens": None, "seed": 0, "data_files": files}
+    tokenize(dataset, model_dir, ctx_len, eval_tokens, tokens)
+    return model_dir, files, tokens
+
+
+def side_venv(venv: Path, packages: list[str], imports: str, override_env: str) -> str:
+    """The python of a venv that sees this environment (--system-site-packages) plus `packages` from PyPI,
+    built once and reused while `imports` still imports; `$override_env` names another python instead.
+    Skips the test, saying why, when PyPI cannot be reached."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if os.environ.get(override_env):
+        return os.environ[override_env]
+    python = venv / "bin/python"
+    check = [str(python), "-c", f"import {imports}"]
+    if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(venv)], check=True)
+        res = subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"could not install {packages} from PyPI into {venv}: {res.stderr[-500:]}")
+    return str(python)

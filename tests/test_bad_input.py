@@ -20,7 +20,7 @@ from saescale.sae.model import SparseAutoencoder
 from saescale.store import extract, open_store, read_rows
 from saescale.subject import ModelLoadError, load_model
 
-from helpers import random_gpt2, write_text_files
+from helpers import tokenized_subject
 
 DATASET = {"path": "text", "name": None, "split": "train", "text_field": "text", "streaming": False,
            "max_tokens": None, "seed": 0}
@@ -31,10 +31,7 @@ WHERE = "config.subjects.tiny"
 def subject(tmp_path_factory):
     """A saved random GPT-2 (n_positions 64), its token store, and a complete activation store."""
     root = tmp_path_factory.mktemp("bad_input")
-    files = write_text_files(root / "text")
-    model_dir = random_gpt2(root / "model", files)
-    tokens = str(root / "tokens.zarr")
-    tokenize({**DATASET, "data_files": files}, model_dir, 16, 64, tokens)
+    model_dir, files, tokens = tokenized_subject(root)
     acts = str(root / "acts.zarr")
     extract(load_model(model_dir), tokens, [1], 256, "float16", 4, 4, acts, "test", torch.device("cpu"))
     return root, model_dir, files, tokens, acts
@@ -122,8 +119,8 @@ def test_an_intact_store_reads_as_written(subject):
 # ---- SAE weights ------------------------------------------------------------------------------------
 
 
-def saved_sae(folder: Path, n: int = 64) -> Path:
-    sae = SparseAutoencoder(32, n, "topk", 4)
+def saved_sae(folder: Path, n: int = 64, d: int = 32) -> Path:
+    sae = SparseAutoencoder(d, n, "topk", 4)
     folder.mkdir(parents=True, exist_ok=True)
     sae.save(folder / "sae.safetensors")
     (folder / "cfg.json").write_text(json.dumps(sae.config()))
@@ -146,6 +143,17 @@ def test_truncated_sae_weights_are_refused_by_name(tmp_path):
     f.write_bytes(f.read_bytes()[:200])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         SparseAutoencoder.load(f)
+
+
+def test_an_sae_of_another_width_is_refused_before_evaluating(subject, tmp_path):
+    """An SAE for another model's residual stream (an imported one, say) against this subject's activations."""
+    _, model_dir, _, _, acts = subject
+    folder = saved_sae(tmp_path / "wide", d=48)  # the subject is 32 wide
+    out = tmp_path / "eval.json"
+    with pytest.raises(ValueError, match=r"an SAE of d_model 48, but .* holds activations of width 32"):
+        cli.main(["evaluate", "--sae-dir", str(folder), "--activations", acts, "--model", model_dir, "--layer", "1",
+                  "--spec", "{}", "--out", str(out)])
+    assert not out.exists()
 
 
 # ---- models, tokenizers and datasets --------------------------------------------------------------

@@ -5,23 +5,16 @@ import pytest
 import torch
 import zarr
 
-from saescale.corpus import tokenize
 from saescale.store import extract, open_store, read_rows
 from saescale.subject import load_model, record_resid
 
-from helpers import random_gpt2, write_text_files
-
-DATASET = {"path": "text", "name": None, "split": "train", "text_field": "text", "streaming": False,
-           "max_tokens": None, "seed": 0}
+from helpers import tokenized_subject
 
 
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory):
     root = tmp_path_factory.mktemp("subject")
-    files = write_text_files(root / "text")
-    model_dir = random_gpt2(root / "model", files)
-    tokens = str(root / "tokens.zarr")
-    tokenize({**DATASET, "data_files": files}, model_dir, 16, 64, tokens)
+    model_dir, _, tokens = tokenized_subject(root)
     return root, model_dir, tokens
 
 

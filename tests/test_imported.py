@@ -61,23 +61,3 @@ def test_an_exported_then_imported_sae_evaluates_to_the_original(tmp_path):
     metrics = (tmp_path / "data/scaling/rand/L1/metrics.csv").read_text()
     assert "roundtrip" not in metrics
 
-
-def test_an_imported_sae_of_another_width_is_refused_by_name(tmp_path):
-    """An SAE for another model's residual stream cannot be evaluated on this subject's activations."""
-    from saescale.interop import export_sae
-    from saescale.sae.model import SparseAutoencoder
-
-    files = write_text_files(tmp_path / "text", copies=200)
-    cfg = tiny_config(random_gpt2(tmp_path / "model", files), files)
-    folder = tmp_path / "wide"
-    sae = SparseAutoencoder(48, 64, "topk", 4)  # the subject is 32 wide
-    folder.mkdir()
-    sae.save(folder / "sae.safetensors")
-    (folder / "cfg.json").write_text(json.dumps({**sae.config(), "name": "topk", "subject": "rand", "layer": 1}))
-    export_sae(folder, "saelens", tmp_path / "wide_saelens")
-    cfg["imported"] = {"wide": {"path": "wide_saelens", "format": "saelens", "subject": "rand", "layer": 1}}
-    res = snakemake(tmp_path, "data/imported/wide/eval.json", config=cfg, check=False)
-    assert res.returncode != 0
-    log = Path(tmp_path / "logs/evaluate/imported_wide.log").read_text()
-    assert "an SAE of d_model 48" in log and "width 32" in log
-    assert not (tmp_path / "data/imported/wide/eval.json").exists()

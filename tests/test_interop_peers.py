@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from saescale.interop import export_sae, import_sae, write_imported
 from saescale.normalize import normalize
 
+from helpers import side_venv
 from test_interop import D, K, N, ours, raw_activations, trained_like
 
 pytestmark = pytest.mark.slow
@@ -65,16 +65,7 @@ save_file({"y": y.float().contiguous()}, out_path)
 
 @pytest.fixture(scope="module")
 def peer_python() -> str:
-    if os.environ.get("SAESCALE_PEERS_PYTHON"):
-        return os.environ["SAESCALE_PEERS_PYTHON"]
-    python = VENV / "bin/python"
-    check = [str(python), "-c", "import sae_lens, sparsify"]
-    if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(VENV)], check=True)
-        res = subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS], capture_output=True, text=True)
-        if res.returncode != 0:
-            pytest.skip(f"could not install {PEERS} from PyPI into {VENV}: {res.stderr[-500:]}")
-    return str(python)
+    return side_venv(VENV, PEERS, "sae_lens, sparsify", "SAESCALE_PEERS_PYTHON")
 
 
 def peer(python: str, tmp_path: Path, action: str, folder: Path, x: torch.Tensor, *shape: int) -> torch.Tensor:

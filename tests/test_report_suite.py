@@ -197,7 +197,7 @@ def test_dashboard_links_are_relative_to_the_report(tmp_path, monkeypatch):
 
 def test_autointerp_numbers_and_text_from_files_are_escaped(tmp_path, monkeypatch):
     _skip_png_encoding(monkeypatch)
-    cfg = _config_with(interpret={"autointerp": {"backend": "openai", "model": XSS}})
+    cfg = _config_with(interpret={"autointerp": {"backend": "openai", "model": XSS, "base_url": "http://localhost:1/v1"}})
     monkeypatch.chdir(tmp_path)
     write_run(cfg)
     write_suite(cfg)

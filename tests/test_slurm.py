@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 import slurm_cluster
+from helpers import side_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = yaml.safe_load((ROOT / "workflow/configs/quick.yaml").read_text())
@@ -77,16 +78,7 @@ def cluster_config() -> dict:
 
 @pytest.fixture(scope="module")
 def slurm_python() -> str:
-    if os.environ.get("SAESCALE_SLURM_PYTHON"):
-        return os.environ["SAESCALE_SLURM_PYTHON"]
-    python = VENV / "bin/python"
-    check = [str(python), "-c", "import snakemake_executor_plugin_slurm, saescale"]
-    if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(VENV)], check=True)
-        res = subprocess.run([str(python), "-m", "pip", "install", "-q", PLUGIN], capture_output=True, text=True)
-        if res.returncode != 0:
-            pytest.skip(f"could not install {PLUGIN} from PyPI into {VENV}: {res.stderr[-500:]}")
-    return str(python)
+    return side_venv(VENV, [PLUGIN], "snakemake_executor_plugin_slurm, saescale", "SAESCALE_SLURM_PYTHON")
 
 
 @pytest.fixture(scope="module")
