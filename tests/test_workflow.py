@@ -296,6 +296,8 @@ def test_a_local_hf_model_and_local_text_files_run_end_to_end(tmp_path):
         "sweep": {"n": [32], "k": [4]},
         "train": {"tokens": 8192, "batch_size": 512, "dead_tokens": 2048},
         "evaluate": {"downstream_windows": 16},
+        # the model-free studies never read the subject; the quick preset runs them
+        "toy": {study: {"enabled": False} for study in ("allocation", "manifolds", "groundtruth")},
     }
     res = snakemake(tmp_path, config=cfg)
     assert "rule lm" not in res.stdout + res.stderr  # a given model is loaded, never trained
