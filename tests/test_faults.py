@@ -62,9 +62,11 @@ def fault_config(model: str, text_files: list[str]) -> dict:
 
 
 def snakemake_cmd(wdir: Path, *args: str) -> list[str]:
-    # --workflow-profile none: independent of profiles/default, so --rerun-incomplete is passed explicitly
+    # --workflow-profile none: independent of profiles/default, so --rerun-incomplete is passed explicitly.
+    # One extraction thread: with two, a forward pass on a loaded machine (another pytest worker) differed from
+    # the reference in the last float16 bit once; a fixed single thread is the documented exact setting.
     return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(wdir),
-            "--cores", "2", "--workflow-profile", "none", *args]
+            "--cores", "2", "--set-threads", "extract=1", "--workflow-profile", "none", *args]
 
 
 def snakemake(wdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
