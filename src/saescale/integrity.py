@@ -64,9 +64,6 @@ class Checked:
     def __getitem__(self, key: Any) -> Any:
         return self._read(lambda: self._node[key], key)
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._node[key] = value
-
     @property
     def oindex(self) -> "_Indexer":
         return _Indexer(self)
