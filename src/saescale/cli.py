@@ -75,7 +75,7 @@ def model_digest(path: str, model, revision: str | None) -> str:
 def cmd_extract(a) -> None:
     import torch
 
-    from saescale.provenance import code_version
+    from saescale.provenance import EXTRACT_MODULES, code_version
     from saescale.store import extract
     from saescale.subject import load_model, pick_device
 
@@ -85,7 +85,7 @@ def cmd_extract(a) -> None:
     model = load_model(a.model, s.get("revision"), device, where=f"config.subjects.{a.subject}")
     extract(model, a.tokens, s["layers"], s["train_tokens"], s["dtype"], s["batch_windows"], s["chunk_windows"],
             a.out, model_name=s["model"], device=device, model_digest=model_digest(a.model, model, s.get("revision")),
-            where=f"config.subjects.{a.subject}", code=code_version("extract", "store.py", "subject.py"))
+            where=f"config.subjects.{a.subject}", code=code_version("extract", *EXTRACT_MODULES))
 
 
 def cmd_normalize(a) -> None:
@@ -108,7 +108,7 @@ def cmd_train(a) -> None:
 
     from saescale.config import STREAM_KEYS
     from saescale.normalize import normalize
-    from saescale.provenance import code_version
+    from saescale.provenance import TRAIN_MODULES, code_version
     from saescale.sae.train import SELECTION_ROWS, Trainer, train_together
     from saescale.store import batch_stream, open_store, read_rows
     from saescale.subject import pick_device
@@ -141,7 +141,7 @@ def cmd_train(a) -> None:
 
     # what a checkpoint may resume from: the same activations, statistics and batch stream (batch order)
     data = f"{root.attrs['fingerprint']}:{file_digest([a.norm])}:L{a.layer}:{next(iter(streams))}"
-    code = code_version("train", "sae", "store.py", "normalize.py")  # train.smk's TRAIN_CODE
+    code = code_version("train", *TRAIN_MODULES)  # train.smk's TRAIN_CODE
     trainers, member_of = [], {}
     for m in members:
         spec = _train_spec(m, stats["d_model"], str(device), data, code)

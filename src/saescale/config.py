@@ -79,7 +79,6 @@ def validate(cfg: dict) -> dict:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     _check_semantics(cfg)
     _check_local_paths(cfg)
-    _check_imported_paths(cfg)
     return cfg
 
 
@@ -189,8 +188,8 @@ def _looks_local(path: str) -> bool:
 
 
 def _check_local_paths(cfg: dict) -> None:
-    """Local models and data files must exist when the run starts, not fail an hour in. Relative paths are
-    relative to the working directory (snakemake's --directory), as the jobs see them."""
+    """Local models, data files and imported SAEs must exist when the run starts, not fail an hour in.
+    Relative paths are relative to the working directory (snakemake's --directory), as the jobs see them."""
     for name, subj in cfg["subjects"].items():
         where = f"config.subjects.{name}"
         model = subj["model"]
@@ -201,15 +200,12 @@ def _check_local_paths(cfg: dict) -> None:
         dataset = subj["dataset"]
         if _looks_local(dataset["path"]) and not Path(dataset["path"]).expanduser().exists():
             raise ConfigError(f"{where}.dataset.path: {dataset['path']} does not exist")
-        for i, pattern in enumerate(_data_file_patterns(dataset["data_files"])):
+        for pattern in _data_file_patterns(dataset["data_files"]):
             if "://" in pattern:
                 continue  # remote files are datasets' business
             if not glob.glob(str(Path(pattern).expanduser()), recursive=True):
                 raise ConfigError(f"{where}.dataset.data_files: no file matches {pattern!r} (relative paths are "
                                   f"taken from the working directory {Path.cwd()})")
-
-
-def _check_imported_paths(cfg: dict) -> None:
     for name, imp in cfg["imported"].items():
         if not Path(imp["path"]).expanduser().exists():
             raise ConfigError(f"config.imported.{name}.path: {imp['path']} does not exist (relative paths are taken "

@@ -3,7 +3,7 @@
 Activations are stored raw (they barely compress), so a flipped byte would otherwise read back as a
 plausible float: every chunk carries a CRC32C checksum (zarr's `crc32c` codec, ~6 GB/s here). A complete
 store must also hold every chunk, since zarr reads a missing chunk file as zeros without complaint. Reads
-through `checked(...)` turn a failed chunk into a message that names the store and the rule that rewrites it.
+through `open_checked(...)` turn a failed chunk into a message that names the store and the rule that rewrites it.
 """
 
 from __future__ import annotations

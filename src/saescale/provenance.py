@@ -12,6 +12,10 @@ from pathlib import Path
 
 PKG = Path(__file__).parent
 SHARED_MODULES = ("config.py", "files.py", "paths.py")  # every stage runs through these
+# What extraction and training run, for their rules' rerun hashes and for the code version a resumed
+# partial store or checkpoint must match (cmd_extract, cmd_train): one list, so the two never drift.
+EXTRACT_MODULES = ("store.py", "subject.py")
+TRAIN_MODULES = ("sae", "store.py", "normalize.py")
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from snakemake.settings.types import DeploymentMethod
 
 from saescale.hardware import gpu_present
-from saescale.provenance import code_version
+from saescale.provenance import EXTRACT_MODULES, TRAIN_MODULES, code_version
 
 HAS_CUDA = gpu_present()  # without importing torch: ~1 s of every snakemake start
 TRAIN_GPUS = 1 if HAS_CUDA or CFG["train"]["device"] == "cuda" else 0

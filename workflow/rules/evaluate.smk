@@ -1,6 +1,13 @@
 # Evaluate one SAE on the held-out windows: FVU, L0, dead fraction, and delta CE / KL by splicing (REFERENCE C).
 
 
+# the settings and code of `saescale evaluate`, shared with evaluate_imported (imported.smk)
+EVALUATE_SPEC = spec({key: v for key, v in CFG["evaluate"].items() if key not in paths.METRIC_NAMES})
+EVALUATE_CODE = code_version(
+    "evaluate", "evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"
+)
+
+
 rule evaluate:
     input:
         unpack(
@@ -25,8 +32,8 @@ rule evaluate:
         model=model_path,
         revision=revision_option,
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
-        spec=spec({key: v for key, v in CFG["evaluate"].items() if key not in paths.METRIC_NAMES}),
-        code=code_version("evaluate", "evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"),
+        spec=EVALUATE_SPEC,
+        code=EVALUATE_CODE,
     shell:
         "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations}"
         " --model {params.model:q} {params.revision} --layer {wildcards.layer} --spec {params.spec:q}"

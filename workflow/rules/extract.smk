@@ -25,7 +25,7 @@ rule extract:
                 for key in ("model", "revision", "layers", "train_tokens", "dtype", "batch_windows", "chunk_windows")
             }
         ),
-        code=code_version("extract", "store.py", "subject.py"),
+        code=code_version("extract", *EXTRACT_MODULES),
     shell:
         "saescale extract --model {params.model:q} --tokens {input.tokens} --subject {wildcards.subject} --threads {threads}"
         " --spec {params.spec:q} --out {output} --log {log}"

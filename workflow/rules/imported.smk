@@ -55,8 +55,8 @@ rule evaluate_imported:
         revision=lambda wc: revision_option(imported_subject(wc)),
         sae_dir=lambda wc, input: str(Path(input.cfg).parent),
         layer=lambda wc: imported(wc)["layer"],
-        spec=spec({key: v for key, v in CFG["evaluate"].items() if key not in paths.METRIC_NAMES}),
-        code=code_version("evaluate", "evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"),
+        spec=EVALUATE_SPEC,
+        code=EVALUATE_CODE,
     shell:
         "saescale evaluate --sae-dir {params.sae_dir} --activations {input.activations}"
         " --model {params.model:q} {params.revision} --layer {params.layer} --spec {params.spec:q}"
