@@ -7,18 +7,21 @@ from snakemake.utils import min_version
 
 from saescale import paths
 from saescale.config import (ConfigError, analysed, evaluated, lr_sweep_jobs, recipe, sae_jobs, sae_settings,
-                             train_packs, validate)
+                             train_packs, validate, workflow_config)
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
-
-
+# No `configfile:` directive: it would merge every --configfile preset into config.yaml. config.yaml (in the
+# working directory) is the config when no --configfile is given; a preset replaces it, or extends the file
+# its `base:` key names; --config key=value overrides either (saescale.config.workflow_config).
 try:
-    CFG = validate(config)
+    _raw = workflow_config("config.yaml", workflow.config_settings.configfiles, workflow.config_settings.config)
+    CFG = validate(_raw)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
+config.clear()
+config.update(_raw)
 
 
 report: "workflow/report/workflow.rst"

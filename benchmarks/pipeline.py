@@ -48,7 +48,8 @@ def dryrun(archs: int, n: int, k: int) -> dict:
             src = ROOT / name
             (shutil.copytree if src.is_dir() else shutil.copy)(src, Path(tmp) / name)
         cfg = Path(tmp) / "wide.yaml"
-        cfg.write_text(json.dumps({"sweep": {"archs": ARCHS[:archs], "n": grid_n, "k": grid_k},
+        cfg.write_text(json.dumps({"base": "config.yaml",  # a preset replaces config.yaml unless it extends it
+                                   "sweep": {"archs": ARCHS[:archs], "n": grid_n, "k": grid_k},
                                    "evaluate": {"probes": {"archs": None, "n": None},
                                                 "ablation": {"archs": None, "n": None},
                                                 "geometry": {"archs": None, "n": None}},

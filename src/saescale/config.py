@@ -60,8 +60,9 @@ def _key_path(path: Any) -> str:
     return out
 
 
-def validate(cfg: dict) -> dict:
-    """Return a copy of `cfg` with defaults filled, or raise ConfigError naming the offending key."""
+def validate(cfg: dict, local_paths: bool = True) -> dict:
+    """Return a copy of `cfg` with defaults filled, or raise ConfigError naming the offending key. `local_paths`:
+    also check that local model folders, data files and imported SAEs exist (relative to the working directory)."""
     cfg = _unshared(cfg) if cfg is not None else {}
     sch = schema()
     _fill_defaults(cfg, sch)
@@ -78,7 +79,8 @@ def validate(cfg: dict) -> dict:
             lines.append(f"{_key_path(err.absolute_path)}: {msg}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     _check_semantics(cfg)
-    _check_local_paths(cfg)
+    if local_paths:
+        _check_local_paths(cfg)
     return cfg
 
 
@@ -239,8 +241,7 @@ def _validate_train(train: dict, where: str) -> None:
         raise ConfigError(f"{path}: {err.message}")
 
 
-def load_config(path: str | Path) -> dict:
-    path = Path(path)
+def _read_mapping(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -249,7 +250,59 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return validate(raw)
+    return raw
+
+
+def read_preset(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a run sees it, not yet validated: its own keys over those of the file its `base:` names
+    (relative to the file's folder; bases may chain). A file without `base:` stands alone: it is the whole
+    config, so a preset plans exactly what it declares and never inherits config.yaml's subjects or studies."""
+    path = Path(path).expanduser().absolute()
+    if path in _seen:
+        raise ConfigError(f"config file {path}: its base: chain comes back to itself ({' -> '.join(map(str, _seen))})")
+    raw = _read_mapping(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base: must be the path of another config file, got {base!r}")
+    base_path = path.parent / Path(base).expanduser()
+    if not base_path.exists():
+        raise ConfigError(f"config file {path}: base: {base} does not exist (looked for {base_path}; the path is "
+                          "relative to the file that names it)")
+    return deep_merge(read_preset(base_path, (*_seen, path)), raw)
+
+
+def workflow_config(default: str | Path, configfiles: list, overrides: dict) -> dict:
+    """The raw config `snakemake` plans with. Without --configfile it is `default` (config.yaml in the working
+    directory); with --configfile it is those files alone, later ones merged over earlier ones (each with its
+    base:). `--config key=value` overrides merge last. Snakemake's own `configfile:` directive would instead
+    merge every preset into config.yaml, and a preset could not drop the default's subject or studies."""
+    files = list(configfiles) or [default]
+    raw: dict = {}
+    for path in files:
+        raw = deep_merge(raw, read_preset(path))
+    return deep_merge(raw, _plain(overrides))
+
+
+def _plain(node: Any) -> Any:
+    """--config values as a YAML file would give them. Snakemake reads `--config 'train={tokens: 4096}'` with
+    YAML's BaseLoader, which leaves every nested scalar a string ('4096'), and wraps mappings immutably."""
+    if hasattr(node, "items"):
+        return {key: _plain(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(value) for value in node]
+    if isinstance(node, str):
+        try:
+            return yaml.safe_load(node) if node.strip() else node
+        except yaml.YAMLError:
+            return node
+    return node
+
+
+def load_config(path: str | Path, local_paths: bool = True) -> dict:
+    """A config file (and its base:) validated, with defaults filled: what a run with --configfile plans."""
+    return validate(read_preset(path), local_paths)
 
 
 # ---- derived values: the one place that knows each rule of thumb --------------------------------
