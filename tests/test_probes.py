@@ -1,4 +1,4 @@
-"""1-D probe fits, probe loss and the builtin token tasks (REFERENCE C.4)."""
+"""1-D probe fits, probe loss and the builtin token tasks, code and prose (REFERENCE C.4)."""
 
 import math
 
@@ -8,6 +8,7 @@ import torch
 from scipy.optimize import minimize
 
 from saescale.evaluate.probes import (
+    PROSE_TASKS,
     TASKS,
     best_probe,
     best_probes,
@@ -15,7 +16,10 @@ from saescale.evaluate.probes import (
     fit_logistic_1d,
     fit_logistic_1d_batched,
     probe_losses,
+    prose_char_labels,
+    resolve_task_set,
     token_labels,
+    window_task_labels,
 )
 
 LN2 = math.log(2)
@@ -174,3 +178,70 @@ def test_token_labels_use_any_character_and_ignore_empty_offsets():
     for task, values in expected.items():
         assert labels[task].tolist() == [bool(v) for v in values], task
     assert all(len(m) == len(offsets) and not m[0] and not m[-1] for m in labels.values())
+
+
+# ---- the prose task set ------------------------------------------------------------------------------
+
+PROSE = ('She said "Stop it." Then the NASA crew (at 3,000 ft) didn\'t move.\n'
+         'Running quickly, they left! 2.5 is “odd” (really (so)) and it’s fine')
+
+
+def _runs(text: str, mask: np.ndarray) -> list[str]:
+    """The maximal runs of labelled characters, as text."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return [text[s:e] for s, e in zip(edges[::2], edges[1::2])]
+
+
+def test_prose_labels_on_a_hand_checked_paragraph():
+    labels = prose_char_labels(PROSE)
+    assert set(labels) == set(PROSE_TASKS) and len(PROSE_TASKS) >= 12
+    assert all(m.shape == (len(PROSE),) and m.dtype == bool for m in labels.values())
+    expected = {
+        "sentence_end": [".", ".", "!"],                   # '2.5' is a number, not an end
+        "sentence_start": ["T", "R", "2"],                 # not the window's first word: it may be mid-sentence
+        "line_start": ["S", "R"],
+        "capitalized_word": ["She", "Stop", "Then", "Running"],
+        "all_caps_word": ["NASA"],
+        "number": ["3,000", "2.5"],
+        "in_quotes": ['"Stop it."', "“odd”"],
+        "in_parentheses": ["at 3,000 ft", "really (so)"],  # nested, the outer parentheses excluded
+        "punctuation": ['"', '."', "(", ",", ")", "'", ".", ",", "!", ".", "“", "”", "(", "(", "))", "’"],
+        "comma": [",", ","],
+        "function_word": ["the", "at", "is", "so", "and"],
+        "pronoun": ["She", "it", "they", "it"],
+        "contraction": ["didn't", "it’s"],
+        "ing_word": ["Running"],
+        "ly_word": ["quickly", "really"],
+    }
+    for task, runs in expected.items():
+        assert _runs(PROSE, labels[task]) == runs, task
+    assert (labels["after_whitespace"] == char_labels(PROSE)["after_whitespace"]).all()  # one definition
+
+
+def test_prose_quotes_ignore_a_stray_closer_and_end_an_open_quote_at_the_newline():
+    text = 'end." He said "yes\nno" x "a" and “b'
+    # the first '"' closes nothing (no quote is open), the newline ends '"yes', 'no"' closes nothing
+    assert _runs(text, prose_char_labels(text)["in_quotes"]) == ['"yes', '"a"', "“b"]
+    assert all(len(m) == 0 for m in prose_char_labels("").values())
+
+
+def test_window_labels_use_the_task_set():
+    strings = {0: "The", 1: " cat", 2: " sat", 3: ".", 4: " It", 5: " ran"}
+    windows = np.array([[0, 1, 2, 3, 4, 5]])
+    prose = window_task_labels(windows, strings, "prose")
+    assert set(prose) == set(PROSE_TASKS)
+    assert prose["sentence_start"].tolist() == [False, False, False, False, True, False]   # ' It'
+    assert prose["function_word"].tolist() == [True, False, False, False, False, False]
+    assert prose["pronoun"].tolist() == [False, False, False, False, True, False]
+    assert set(window_task_labels(windows, strings)) == set(TASKS)                          # code by default
+
+
+def test_auto_task_set_is_code_for_the_builtin_corpus_and_prose_for_any_other_dataset():
+    assert resolve_task_set("auto", {"path": "builtin"}) == "code"
+    assert resolve_task_set("auto", {"path": "Skylion007/openwebtext", "name": None}) == "prose"
+    assert resolve_task_set("auto", {"path": "text", "data_files": ["a.txt"]}) == "prose"
+    assert resolve_task_set("auto", None) == "prose"
+    assert resolve_task_set("code", {"path": "text"}) == "code"
+    assert resolve_task_set("prose", {"path": "builtin"}) == "prose"
+    with pytest.raises(ValueError, match="task_set"):
+        resolve_task_set("poetry", {"path": "builtin"})

@@ -305,11 +305,11 @@ def cmd_analyze(a) -> None:
 def cmd_probes(a) -> None:
     import torch
 
-    from saescale.evaluate.probes import load_user_task, probe_record, text_resids, token_strings
+    from saescale.evaluate.probes import load_user_task, probe_record, resolve_task_set, text_resids, token_strings
     from saescale.subject import load_model, load_tokenizer
 
-    s = a.spec
     device, cfg, sae, root = _trained_sae(a)
+    s = {**a.spec, "task_set": resolve_task_set(a.spec.get("task_set", "auto"), root.attrs.get("dataset"))}
     windows = eval_windows(root, s["windows"])
     x = torch.from_numpy(root[f"L{a.layer}/x"][eval_rows(root, s["windows"])].astype("float32")).to(device)
     tokenizer = load_tokenizer(a.tokenizer, a.revision)

@@ -4,9 +4,13 @@ For each task and each column i of an activation matrix (SAE pre-activation late
 residual channels for the baseline) a logistic regression on that single column is fit with Newton's
 method; the task's probe loss is the held-out binary cross-entropy of the best column.
 
-The paper's 61 tasks were not recovered (REFERENCE C.4, gap), so `char_labels` ships a builtin,
-corpus-agnostic set defined over the text around each token; `token_labels` maps them onto the
-tokens of any tokenizer through its character offsets.
+The paper's 61 tasks were not recovered (REFERENCE C.4, gap), so two builtin task sets are defined over
+the text of each window (`TASK_SETS`, chosen by evaluate.probes.task_set): `char_labels` for Python source
+(the builtin CPython corpus) and `prose_char_labels` for natural language. `token_labels` maps either onto
+the tokens of any tokenizer through its character offsets.
+
+Labels arrive as numpy arrays and are moved to the device of the columns they meet (`_labels`), so the fits
+run where the activations are: on the GPU when `cmd_probes` put them there.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import keyword
 import math
 import re
 import string
+import unicodedata
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -59,12 +64,12 @@ def _newton(x: torch.Tensor, y: torch.Tensor, iters: int, l2: float
     c = x.shape[1]
     yc = y[:, None]
     rate = float(y.mean().clamp(1e-6, 1 - 1e-6))
-    w = torch.zeros(c, dtype=x.dtype)
-    b = torch.full((c,), math.log(rate / (1 - rate)), dtype=x.dtype)   # exact optimum at w = 0
+    w = torch.zeros(c, dtype=x.dtype, device=x.device)
+    b = torch.full((c,), math.log(rate / (1 - rate)), dtype=x.dtype, device=x.device)   # exact optimum at w = 0
     w_acc, b_acc = w.clone(), b.clone()
-    obj_acc = torch.full((c,), math.inf, dtype=x.dtype)
+    obj_acc = torch.full((c,), math.inf, dtype=x.dtype, device=x.device)
     bce_acc = obj_acc.clone()
-    active = torch.arange(c)       # columns still moving; converged ones leave the [N, C] work
+    active = torch.arange(c, device=x.device)   # columns still moving; converged ones leave the [N, C] work
     xa = x
     for it in range(iters):
         wa, ba = w[active], b[active]
@@ -110,7 +115,7 @@ def fit_logistic_1d_batched(X, y, iters: int = 25, l2: float = 1e-6
     """
     x = torch.as_tensor(X).to(torch.float64)
     mean, std = _column_stats(x)
-    w_s, b_s, _ = _newton(_standardize(x, mean, std), _labels(y), iters, l2)
+    w_s, b_s, _ = _newton(_standardize(x, mean, std), _labels(y, x.device), iters, l2)
     constant = std <= 1e-12 * (mean.abs() + 1e-30)
     w = torch.where(constant, 0.0, w_s / torch.where(constant, 1.0, std))
     return w, b_s - w * mean
@@ -122,8 +127,14 @@ def fit_logistic_1d(x, y, iters: int = 25, l2: float = 1e-6) -> tuple[float, flo
     return float(w[0]), float(b[0])
 
 
-def _labels(y) -> torch.Tensor:
-    return torch.as_tensor(y).reshape(-1).to(torch.float64)
+def _labels(y, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Labels as float64 0/1 on `device`, the device of the columns they meet (the CPU for numpy or Zarr X)."""
+    return torch.as_tensor(y).reshape(-1).to(device, torch.float64)
+
+
+def _data_device(X) -> torch.device:
+    """Where X's column blocks come out: a tensor's (or CodeColumns') device, else the CPU."""
+    return X.device if isinstance(X, (torch.Tensor, CodeColumns)) else torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- probe losses
@@ -161,7 +172,7 @@ def probe_losses(X_train, y_train, X_test, y_test, chunk: int | None = None, ite
 
     chunk: columns fit together (memory ~ 6 x N x chunk float64); None picks ~2^24 / N.
     """
-    yt, ye = _labels(y_train), _labels(y_test)
+    yt, ye = _labels(y_train, _data_device(X_train)), _labels(y_test, _data_device(X_test))
     _check_rows("probe", X_train, yt, X_test, ye)
     out = []
     for _, train, test in _column_blocks(X_train, X_test, chunk, progress):
@@ -189,14 +200,14 @@ def _screen(X_train, ys: Mapping[str, tuple[torch.Tensor, torch.Tensor]], chunk:
     N corr(x, y)^2 is the score-test statistic of a 1-D logistic fit at w = 0, a cheap and close proxy for
     how much a column's probe can lower the loss; only these columns get the full Newton fit.
     """
-    Y = torch.stack([yt - yt.mean() for yt, _ in ys.values()], 1)  # [N, tasks]
-    best = {t: (torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long)) for t in ys}
+    Y = torch.stack([yt - yt.mean() for yt, _ in ys.values()], 1)  # [N, tasks], on the columns' device
+    best = {t: (Y.new_empty(0), torch.empty(0, dtype=torch.long, device=Y.device)) for t in ys}
     step = _auto_chunk(X_train.shape[0], chunk)
     for start in range(0, X_train.shape[1], step):
         train = _block(X_train, start, step)
         train = _standardize(train, *_column_stats(train))
         corr = (train.T @ Y).abs()  # [C, tasks]
-        cols = torch.arange(start, start + train.shape[1])
+        cols = torch.arange(start, start + train.shape[1], device=Y.device)
         for j, task in enumerate(ys):
             score, idx = best[task]
             score, idx = torch.cat([score, corr[:, j]]), torch.cat([idx, cols])
@@ -224,8 +235,9 @@ def best_probes(X_train, labels_train: Mapping[str, object], X_test, labels_test
     Tasks whose train or test labels hold one class only are left out of the result.
     """
     ys = {}
+    train_device, test_device = _data_device(X_train), _data_device(X_test)
     for task, y in labels_train.items():
-        yt, ye = _labels(y), _labels(labels_test[task])
+        yt, ye = _labels(y, train_device), _labels(labels_test[task], test_device)
         _check_rows(f"probe task {task!r}", X_train, yt, X_test, ye)
         if 0 < yt.mean() < 1 and 0 < ye.mean() < 1:
             ys[task] = (yt, ye)
@@ -234,7 +246,7 @@ def best_probes(X_train, labels_train: Mapping[str, object], X_test, labels_test
     screened = _screen(X_train, ys, chunk, candidates) if candidates is not None and ys else None
     for start, train, test in _column_blocks(X_train, X_test, chunk, progress):
         for task, (yt, ye) in ys.items():
-            cols = torch.arange(train.shape[1])
+            cols = torch.arange(train.shape[1], device=train.device)
             if screened is not None:
                 cols = screened[task][(screened[task] >= start) & (screened[task] < start + train.shape[1])] - start
                 if cols.numel() == 0:
@@ -305,11 +317,11 @@ def _code_lexemes(text: str, n: int) -> dict[str, np.ndarray]:
     return labels
 
 
-def _bracket_depth(text: str, code: np.ndarray) -> np.ndarray:
+def _bracket_depth(text: str, code: np.ndarray, brackets: str = "()[]{}") -> np.ndarray:
     """depth > 0 between matching brackets of code; stray closers are ignored rather than going negative."""
     inside = np.zeros(len(text), dtype=bool)
     depth, opened_at = 0, 0
-    for m in re.finditer(r"[()\[\]{}]", text):
+    for m in re.finditer("[" + re.escape(brackets) + "]", text):
         i = m.start()
         if not code[i]:
             continue
@@ -343,7 +355,7 @@ def char_labels(text: str) -> dict[str, np.ndarray]:
     labels["digit"] = (chars >= ord("0")) & (chars <= ord("9"))
     labels["uppercase"] = np.fromiter((c.isupper() for c in text), dtype=bool, count=n)
     labels["whitespace"] = is_space
-    labels["after_whitespace"] = ~is_space & np.concatenate([[False], is_space[:-1]])[:n]
+    labels["after_whitespace"] = _after_whitespace(is_space)
     labels["punctuation"] = np.where(chars < 128, _PUNCT[np.minimum(chars, 127)], False)
 
     for k in ("keyword", "underscore_word", "all_caps_word"):
@@ -357,20 +369,144 @@ def char_labels(text: str) -> dict[str, np.ndarray]:
         if len(word) >= 2 and word.upper() == word and sum(c.isupper() for c in word) >= 2:
             labels["all_caps_word"][s:e] = True
 
-    for k in ("line_start", "indented_line", "decorator_line"):
+    labels["line_start"] = _line_start(text)
+    for k in ("indented_line", "decorator_line"):
         labels[k] = np.zeros(n, dtype=bool)
+    for start, first, end in _lines(text):
+        if first > start:
+            labels["indented_line"][start:end] = True
+        if text[first] == "@":
+            labels["decorator_line"][start:end] = True
+    return {k: labels[k] for k in TASKS}
+
+
+def _lines(text: str) -> Iterator[tuple[int, int, int]]:
+    """(start, first non-blank character, end) of every line that is not blank."""
     start = 0
     for line in text.split("\n"):
         body = line.lstrip(_INDENT)
         if body.strip():
-            first = start + len(line) - len(body)
-            labels["line_start"][first] = True
-            if first > start:
-                labels["indented_line"][start:start + len(line)] = True
-            if body[0] == "@":
-                labels["decorator_line"][start:start + len(line)] = True
+            yield start, start + len(line) - len(body), start + len(line)
         start += len(line) + 1
-    return {k: labels[k] for k in TASKS}
+
+
+def _line_start(text: str) -> np.ndarray:
+    out = np.zeros(len(text), dtype=bool)
+    out[[first for _, first, _ in _lines(text)]] = True
+    return out
+
+
+def _after_whitespace(is_space: np.ndarray) -> np.ndarray:
+    return ~is_space & np.concatenate([[False], is_space[:-1]])
+
+
+# ---- prose: natural-language text (OpenWebText and the like), where most code tasks are degenerate
+
+PROSE_TASKS = (
+    "sentence_start",     # first letter or digit after a sentence end ([.!?], closing quotes or brackets, space)
+    "sentence_end",       # '.', '!' or '?' followed by optional closing quotes/brackets, then space or the end
+    "line_start",         # first non-blank character of a line (in web text: of a paragraph)
+    "capitalized_word",   # a word starting with an uppercase letter, with a lowercase one ("The", not "NASA")
+    "all_caps_word",      # a word of >= 2 letters, all uppercase
+    "number",             # a run of digits, with ',' or '.' between digits ("1,000", "3.14")
+    "in_quotes",          # inside double quotes, quotes included (straight or curly)
+    "in_parentheses",     # inside (): depth > 0; the parentheses themselves not
+    "punctuation",        # a Unicode punctuation character (curly quotes and dashes included)
+    "comma",              # ','
+    "function_word",      # a word of FUNCTION_WORDS (articles, prepositions, conjunctions, auxiliaries), any case
+    "pronoun",            # a word of PRONOUNS, any case
+    "contraction",        # letters, an apostrophe (' or ’), letters: "don't", "it’s"
+    "ing_word",           # a word of >= 5 letters ending in "ing" (spelling, not morphology: "string" counts)
+    "ly_word",            # a word of >= 4 letters ending in "ly" (spelling: "family" counts)
+    "after_whitespace",   # a non-blank character preceded by whitespace (word starts)
+)
+FUNCTION_WORDS = frozenset(
+    "a an the of to in on at by for with from as into about over after before between through under "
+    "and or but nor so if than that which who whom whose is are was were be been being am has have had do "
+    "does did not no this these those there".split())
+PRONOUNS = frozenset("i me my mine you your yours he him his she her hers it its we us our ours they them their "
+                     "theirs myself yourself himself herself itself ourselves themselves".split())
+_LETTERS = re.compile(r"[^\W\d_]+")                    # a word: a maximal run of letters
+_CLOSERS = re.escape("\"'”’)]")                       # may stand between a sentence's end and the space
+_SENTENCE_END = re.compile(rf"[.!?]+(?=[{_CLOSERS}]*(?:\s|\Z))")
+_SENTENCE_START = re.compile(rf"[.!?][{_CLOSERS}]*\s+[^\w]*?(?P<first>[^\W_])")
+_NUMBER = re.compile(r"[0-9]+(?:[.,][0-9]+)*")
+_CONTRACTION = re.compile(r"[^\W\d_]+['’][^\W\d_]+")
+
+
+def _quotes(text: str) -> np.ndarray:
+    """Inside double quotes, the quotes included. A straight quote at the start, after whitespace or after an
+    opening bracket opens; any other closes the open quote, or is ignored when none is open (a window that
+    starts inside a quotation sees only its end). Curly quotes say which they are. An unclosed quote ends at
+    the newline."""
+    inside = np.zeros(len(text), dtype=bool)
+    opened = None
+    for m in re.finditer(r"[\"“”\n]", text):
+        i, c = m.start(), m.group()
+        if c == "\n":
+            if opened is not None:
+                inside[opened:i] = True
+            opened = None
+        elif opened is None and (c == "“" or c == '"' and (i == 0 or text[i - 1].isspace() or text[i - 1] in "([{")):
+            opened = i
+        elif opened is not None and c in '"”':
+            inside[opened:i + 1] = True
+            opened = None
+    if opened is not None:
+        inside[opened:] = True
+    return inside
+
+
+def prose_char_labels(text: str) -> dict[str, np.ndarray]:
+    """{task: [len(text)] bool} for every task in `PROSE_TASKS`, tasks that are well defined on natural
+    language: sentence and quote structure, word classes by spelling, and punctuation."""
+    n = len(text)
+    labels = {k: np.zeros(n, dtype=bool) for k in PROSE_TASKS}
+    for m in _SENTENCE_END.finditer(text):
+        labels["sentence_end"][m.start():m.end()] = True
+    for m in _SENTENCE_START.finditer(text):
+        labels["sentence_start"][m.start("first")] = True
+    for m in _NUMBER.finditer(text):
+        labels["number"][m.start():m.end()] = True
+    for m in _CONTRACTION.finditer(text):
+        labels["contraction"][m.start():m.end()] = True
+    for m in _LETTERS.finditer(text):
+        word, s, e = m.group(), m.start(), m.end()
+        lower = word.lower()
+        if word[0].isupper() and any(c.islower() for c in word):
+            labels["capitalized_word"][s:e] = True
+        if len(word) >= 2 and word.isupper():
+            labels["all_caps_word"][s:e] = True
+        if lower in FUNCTION_WORDS:
+            labels["function_word"][s:e] = True
+        if lower in PRONOUNS:
+            labels["pronoun"][s:e] = True
+        if len(word) >= 5 and lower.endswith("ing"):
+            labels["ing_word"][s:e] = True
+        if len(word) >= 4 and lower.endswith("ly"):
+            labels["ly_word"][s:e] = True
+    is_space = np.fromiter((c.isspace() for c in text), dtype=bool, count=n)
+    labels["line_start"] = _line_start(text)
+    labels["after_whitespace"] = _after_whitespace(is_space)
+    labels["in_quotes"] = _quotes(text)
+    labels["in_parentheses"] = _bracket_depth(text, np.ones(n, dtype=bool), "()")
+    labels["punctuation"] = np.fromiter((unicodedata.category(c)[0] == "P" for c in text), dtype=bool, count=n)
+    labels["comma"] = np.fromiter((c == "," for c in text), dtype=bool, count=n)
+    return labels
+
+
+# {task set: (its tasks, the function labelling a text's characters)}: evaluate.probes.task_set
+TASK_SETS = {"code": (TASKS, char_labels), "prose": (PROSE_TASKS, prose_char_labels)}
+
+
+def resolve_task_set(setting: str, dataset: Mapping | None) -> str:
+    """evaluate.probes.task_set for one subject: `auto` is `code` for the builtin CPython corpus and `prose` for
+    any other dataset (the subject's config.subjects.<name>.dataset, as its activation store records it)."""
+    if setting != "auto":
+        if setting not in TASK_SETS:
+            raise ValueError(f"config.evaluate.probes.task_set: {setting!r} is not auto, {', '.join(TASK_SETS)}")
+        return setting
+    return "code" if (dataset or {}).get("path") == "builtin" else "prose"
 
 
 def token_labels(text: str, offsets, labels: Mapping[str, np.ndarray] | None = None
@@ -404,6 +540,7 @@ class CodeColumns:
     def __init__(self, sae, x_norm: torch.Tensor, which: str):
         self.sae, self.x, self.which = sae, x_norm, which
         self.shape = (x_norm.shape[0], sae.n_latents)
+        self.device = x_norm.device
         self._latents = sae.encode(x_norm) if which == "post" else None
 
     @torch.no_grad()
@@ -427,18 +564,21 @@ def token_strings(tokenizer, ids: np.ndarray) -> dict[int, str]:
     return {int(i): tokenizer.decode([int(i)]) for i in np.unique(ids)}
 
 
-def window_task_labels(windows: np.ndarray, strings: Mapping[int, str]) -> dict[str, np.ndarray]:
-    """{task: [W * S] bool} for the builtin tasks, row-major over the windows.
+def window_task_labels(windows: np.ndarray, strings: Mapping[int, str], task_set: str = "code"
+                       ) -> dict[str, np.ndarray]:
+    """{task: [W * S] bool} for the builtin tasks of `task_set` (TASK_SETS), row-major over the windows.
 
     Each window is labelled from its own text only: the model cannot see before the window either, so a
     window that opens inside a string is labelled as code, as the model would have to read it.
     """
-    out: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
+    tasks, label_chars = TASK_SETS[task_set]
+    out: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
     for row in windows:
         pieces = [strings[int(t)] for t in row]
         ends = np.cumsum([len(p) for p in pieces])
         starts = ends - np.array([len(p) for p in pieces])
-        for task, y in token_labels("".join(pieces), np.stack([starts, ends], 1)).items():
+        text = "".join(pieces)
+        for task, y in token_labels(text, np.stack([starts, ends], 1), label_chars(text)).items():
             out[task].append(y)
     return {t: np.concatenate(v) for t, v in out.items()}
 
@@ -483,10 +623,11 @@ def probe_record(sae, x_raw: torch.Tensor, windows: np.ndarray, strings: Mapping
     names = [*spec["activations"], "resid"]
     tasks: dict[str, dict[str, dict]] = {name: {} for name in names}
     positives: dict[str, float] = {}
+    task_set = spec.get("task_set", "code")  # resolved by the caller (resolve_task_set), never "auto" here
     if spec["builtin_tasks"]:
         W, S = windows.shape
         train = torch.from_numpy(np.repeat(np.arange(W) % 2 == 0, S))
-        labels = window_task_labels(windows, strings)
+        labels = window_task_labels(windows, strings, task_set)
         positives.update({t: float(y.mean()) for t, y in labels.items()})
         x_norm = normalize(x_raw)[0]
         feats = {w: (CodeColumns(sae, x_norm[train], w), CodeColumns(sae, x_norm[~train], w))
@@ -504,7 +645,8 @@ def probe_record(sae, x_raw: torch.Tensor, windows: np.ndarray, strings: Mapping
             tasks[name].update(best_probes(X[fit], {task: y[fit]}, X[~fit], {task: y[~fit]}, iters=spec["iters"],
                                            candidates=spec["candidates"]))
     return {"feature_sets": {name: _summary(t) for name, t in tasks.items()}, "positive_rate": positives,
-            "windows": int(len(windows)), "user_tasks": sorted(dict(user_tasks))}
+            "windows": int(len(windows)), "task_set": task_set if spec["builtin_tasks"] else None,
+            "user_tasks": sorted(dict(user_tasks))}
 
 
 def load_user_task(ds: dict, tokenizer, ctx_len: int, seed: int = 0) -> tuple[list[list[int]], np.ndarray]:
