@@ -51,7 +51,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 MinJobAge=600
 GresTypes=gpu
-NodeName={host} CPUs={cpus} RealMemory={mem_mb} Gres=gpu:{gpus} State=UNKNOWN
+NodeName={host} CPUs={cpus} RealMemory={mem_mb} Gres=gpu:{gpus} Features={features} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 # A Count-only gres leaves the node INVALID ("count reported lower than configured"); each fake GPU needs a file.
@@ -93,17 +93,19 @@ def install() -> str | None:
     return None
 
 
-def start(state: Path, cpus: int = 8, gpus: int = 2, mem_mb: int = 256_000) -> Cluster:
+def start(state: Path, cpus: int = 8, gpus: int = 2, mem_mb: int = 256_000,
+          features: str = "gpu40gb,gpu80gb") -> Cluster:
     """Write the configuration, start munged (unless one is serving), slurmctld and slurmd, and wait until
-    the node is idle. The defaults let two GPU jobs of profiles/slurm (4 CPUs per GPU) run side by side. On
-    failure the daemons already started are stopped before the error propagates."""
+    the node is idle. The defaults let two GPU jobs of profiles/slurm (4 CPUs per GPU) run side by side; the
+    node's features name the cards a job may ask for with sbatch --constraint. On failure the daemons already
+    started are stopped before the error propagates."""
     host = socket.gethostname().split(".")[0]
     cluster = Cluster(state)
     for sub in ("state", "spool"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     try:
         _write(cluster, CONF_DIR / "slurm.conf", SLURM_CONF.format(mark=MARK, host=host, state=state, cpus=cpus,
-                                                                    gpus=gpus, mem_mb=mem_mb))
+                                                                    gpus=gpus, mem_mb=mem_mb, features=features))
         gres = [f"NodeName={host} Name=gpu File={file}" for file in FAKE_GPU_FILES[:gpus]]
         _write(cluster, CONF_DIR / "gres.conf", "\n".join([MARK, *gres, ""]))
         if not _munge_serving():

@@ -1,6 +1,7 @@
 """The workflow on a real SLURM cluster: a throw-away single-node one (tests/slurm_cluster.py: munged,
 slurmctld and slurmd for this host, two fake GPUs), driven by `--executor slurm --workflow-profile
-profiles/slurm` as the README says, so every non-local job goes through sbatch with the profile's resources.
+profiles/slurm` as the README says (with its gpu_constraints line filled in for this cluster's node features),
+so every non-local job goes through sbatch with the profile's resources and training's own sizes.
 
 What runs is the quick preset cut to the path every cluster run takes, at smaller token budgets: the builtin
 corpus, tokenizer and LM, extract, normalize, three SAEs at n = 64 (TopK k = 4 and 8 trained as one pack,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +57,8 @@ GROUP_FLAGS = ("--groups", *(f"{rule}={group}" for group, rules in GROUPS.items(
 SUBMITTED = {"prep": (1, False), "subject": (1, True), "train": (1, True), "train_pack": (1, True),
              "evaluate": (3, True)}
 RUN_TIMEOUT_S = 900
+# The cards of this cluster by memory (node features of tests/slurm_cluster.py), as a user fills in the profile
+GPU_CONSTRAINTS = "40:gpu40gb, 80:gpu80gb"
 
 pytestmark = pytest.mark.slow
 
@@ -116,13 +120,23 @@ def run_snakemake(python: str, wdir: Path, *args: str) -> tuple[subprocess.Compl
     return subprocess.CompletedProcess(cmd, proc.returncode, out, ""), time.monotonic() - start
 
 
+def cluster_profile(directory: Path) -> Path:
+    """profiles/slurm with its commented gpu_constraints line filled in for this cluster's features."""
+    text = (ROOT / "profiles/slurm/config.yaml").read_text()
+    line = re.search(r"^( +)# gpu_constraints: .*$", text, re.M)
+    assert line, "profiles/slurm/config.yaml no longer shows how to set gpu_constraints"
+    (directory / "config.yaml").write_text(text.replace(line[0], f'{line[1]}gpu_constraints: "{GPU_CONSTRAINTS}"'))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def slurm_run(cluster, slurm_python, tmp_path_factory) -> tuple[Path, list[dict[str, str]]]:
     """The cut quick preset through sbatch; the working directory and every SLURM job it submitted."""
     wdir = tmp_path_factory.mktemp("slurm_quick")
     (wdir / "config.yaml").write_text(yaml.safe_dump(cluster_config()))
+    profile = cluster_profile(tmp_path_factory.mktemp("profile"))
     res, seconds = run_snakemake(slurm_python, wdir, "--executor", "slurm", "--workflow-profile",
-                                 str(ROOT / "profiles/slurm"), *LOCAL_CLUSTER_FLAGS, *GROUP_FLAGS)
+                                 str(profile), *LOCAL_CLUSTER_FLAGS, *GROUP_FLAGS)
     print(f"snakemake --executor slurm: {seconds:.0f} s")
     if res.returncode != 0:
         logs = "\n".join(f"--- {p}:\n{p.read_text()[-2000:]}" for p in (wdir / ".snakemake/slurm_logs").rglob("*.log"))
@@ -168,7 +182,24 @@ def test_a_packed_training_job_asks_for_what_the_profile_gives_train(slurm_run):
     _, jobs = slurm_run
     train = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())["set-resources"]["train"]
     expected = {"TresPerJob": f"gres:gpu:{train['gpu']}", "TimeLimit": slurm_time(train["runtime"]),
-                "MinMemoryNode": f"{train['mem_mb']}M"}
+                "Features": "gpu40gb"}  # the smallest card of GPU_CONSTRAINTS: n = 64 needs ~3 GB
     for name in ("train", "train_pack"):
         job = next(job for job in jobs if submitted_as(job) == name)
         assert {key: job[key] for key in expected} == expected, job["Comment"]
+
+
+def slurm_mib(memory: str) -> int:
+    """A memory as `scontrol show job` prints it (4096M, or 4G when whole GiB) in MiB."""
+    return int(memory[:-1]) * {"M": 1, "G": 1024, "T": 1024**2}[memory[-1]]
+
+
+def test_training_jobs_ask_for_the_memory_they_hold(slurm_run):
+    """Not a fixed figure from the profile: what each job computed from the store (saescale.hardware), a
+    whole number of GiB; here the 16,384 rows are held in RAM, beside the ~3 GB of a CUDA process."""
+    _, jobs = slurm_run
+    for job in jobs:
+        if submitted_as(job) in ("train", "train_pack"):
+            mem = slurm_mib(job["MinMemoryNode"])
+            assert mem % 1024 == 0 and 3 * 1024 < mem <= 6 * 1024, (job["Comment"], mem)
+        else:
+            assert job.get("Features") in (None, "(null)"), job["Comment"]  # only training names a card

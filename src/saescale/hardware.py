@@ -1,15 +1,20 @@
-"""Whether this machine has a GPU torch can use, answered without importing torch.
+"""What a machine has and what a job needs of it, answered without importing torch.
 
-The workflow asks once per `snakemake` start, to give GPU rules `resources: gpu=1`; `import torch` there
-cost ~1 s of every start, dry runs included. Reading torch's build record and the driver's device nodes
-answers the same question in microseconds. `torch.cuda.is_available()` stays the authority inside jobs
-(`saescale.subject.pick_device`); a driver that exposes devices torch then refuses only makes a job fall back
-to the CPU.
+The workflow asks once per `snakemake` start whether the machine has a GPU torch can use, to give GPU rules
+`resources: gpu=1`; `import torch` there cost ~1 s of every start, dry runs included. Reading torch's build
+record and the driver's device nodes answers the same question in microseconds. `torch.cuda.is_available()`
+stays the authority inside jobs (`saescale.subject.pick_device`); a driver that exposes devices torch then
+refuses only makes a job fall back to the CPU.
+
+It also sizes training jobs for a scheduler (workflow/rules/common.smk): the GPU memory a step holds and the
+host memory the job holds, from the SAE's width, the batch and the activation store's metadata. The model and
+its measurements are in shared/notes/audits/scale.md ("Training in detail").
 """
-
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -50,3 +55,95 @@ def gpu_present(torch_dir: Path | None = None, root: Path = Path("/"),
     if hidden is not None and hidden.strip() in ("", "-1"):
         return False
     return bool(nodes)
+
+
+# ---- sizing training jobs -----------------------------------------------------------------------------
+
+GIB = 2**30
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+READ_ROWS_PEAK = 2.1  # store.read_rows concatenates a list of chunks: peak RSS 2.03x the data (measured)
+PREFETCH_BATCHES = 4 + 2  # store.prefetch's queue (depth 4), the batch training on and the one being gathered
+SELECTION_ROWS = 32_768  # sae.train.SELECTION_ROWS: training rows held to choose EMA or raw weights
+STATE_FLOATS = 10  # per weight: W_enc and W_dec, their gradients, Adam's two moments and the EMA, float32
+SAVED_FLOATS = 4  # per weight, on the host while an SAE is saved: W_enc and W_dec, and the file safetensors builds
+CUDA_CONTEXT_GIB = 2.5  # the CUDA context, the batch on the GPU and kernels' scratch (scale.md)
+PROCESS_GIB = {"cuda": 3.0, "cpu": 1.0}  # python, torch (and the CUDA libraries) before any data
+
+
+def store_attrs(store: str) -> dict:
+    """An activation store's root attributes (d_model, dtype, n_train, chunk_rows) from its zarr.json, without
+    zarr. Before extraction has written the store, FileNotFoundError names the store itself: a Snakemake
+    resource that raises it waits (<TBD>) until the job's input exists."""
+    try:
+        return json.loads((Path(store) / "zarr.json").read_text())["attributes"]
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "the activation store is not written yet", store) from None
+
+
+def forward_bytes(precision: str, device: str) -> int:
+    """Bytes per element of the [batch, n] pre-activations: train.precision, whose auto is bf16 on CUDA."""
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "float32"
+    return 2 if precision == "bf16" else 4
+
+
+def train_step_gib(widths: list[int], d_model: int, batch_size: int, act_bytes: int) -> float:
+    """Peak memory of a training step of the SAEs of one job (one, or a train.pack's members, which step one
+    after another on each batch): the widest one's [batch, n] pre-activations twice, the worst case, when every
+    latent is dead and AuxK copies them all (REFERENCE A.5), plus every member's weights and optimizer state."""
+    pre_acts = 2 * batch_size * max(widths) * act_bytes  # [B, n] and AuxK's [B, n_dead] copy
+    state = sum(STATE_FLOATS * n * d_model * 4 for n in widths)
+    return (pre_acts + state) / GIB
+
+
+def train_gpu_gib(widths: list[int], d_model: int, batch_size: int, act_bytes: int) -> int:
+    """GPU memory a training job needs, in GiB (what GPU makers call GB: an "80 GB" card holds ~79.6 GiB).
+    gpt2-small's batch 131,072 at bf16: n = 2^17 needs 71 (an 80 GB card), n = 2^16 37 (a 40 GB card)."""
+    return math.ceil(train_step_gib(widths, d_model, batch_size, act_bytes) + CUDA_CONTEXT_GIB)
+
+
+def in_memory(attrs: dict, in_memory_max_gb: float) -> bool:
+    """Whether training holds the train split in RAM: store.batch_stream's rule."""
+    return train_split_bytes(attrs) <= in_memory_max_gb * GIB
+
+
+def train_split_bytes(attrs: dict) -> int:
+    return attrs["n_train"] * attrs["d_model"] * DTYPE_BYTES[attrs["dtype"]]
+
+
+def train_host_gib(attrs: dict, widths: list[int], train: dict, on_gpu: bool) -> float:
+    """Host memory a training job holds at its peak, in GiB, for the store `attrs` and the job's train settings
+    (batch_size, in_memory_max_gb, shuffle_chunks, heldout_rows, precision). The train split in RAM costs
+    read_rows' peak; streamed, it costs the shuffle buffer and the prefetched batches. Without a GPU the
+    step's tensors are in RAM too."""
+    d, batch = attrs["d_model"], train["batch_size"]
+    batch_bytes = batch * d * 4  # batches are float32
+    if in_memory(attrs, train["in_memory_max_gb"]):
+        stream = READ_ROWS_PEAK * train_split_bytes(attrs) + 2 * batch_bytes
+    else:
+        stream = (attrs["chunk_rows"] * train["shuffle_chunks"] + batch) * d * 4 + PREFETCH_BATCHES * batch_bytes
+    rows = 3 * (SELECTION_ROWS + train["heldout_rows"]) * d * 4  # read, cast to float32, normalized
+    saving = SAVED_FLOATS * max(widths) * d * 4  # torch.save copies a checkpoint off the GPU a tensor at a time
+    device = "cuda" if on_gpu else "cpu"
+    step = 0 if on_gpu else train_step_gib(widths, d, batch, forward_bytes(train["precision"], device))
+    return PROCESS_GIB[device] + step + (stream + rows + saving) / GIB
+
+
+def mem_mb(gib: float) -> int:
+    """A memory request for Snakemake's mem_mb (SLURM reads it as MiB), rounded up to whole GiB."""
+    return math.ceil(gib) * 1024
+
+
+def gpu_constraint(tiers: str, need_gib: float) -> str | None:
+    """The node feature (sbatch --constraint) of the smallest card in `tiers` that holds need_gib, from a profile's
+    "40:a100, 80:a100_80gb" (GB of the card: its feature); the largest where none does, None for no tiers."""
+    table = []
+    for entry in filter(None, (e.strip() for e in tiers.split(","))):
+        size, sep, feature = entry.partition(":")
+        if not sep or not size.strip().isdigit() or not feature.strip():
+            raise ValueError(f"gpu_constraints: {entry!r} is not <GB of the card>:<node feature>, e.g. 80:a100_80gb")
+        table.append((int(size), feature.strip()))
+    if not table:
+        return None
+    table.sort()
+    return next((feature for size, feature in table if size >= need_gib), table[-1][1])

@@ -20,17 +20,25 @@ import torch
 from torch import nn
 
 from saescale.corpus import EOS_TOKEN
+from saescale.devices import lease_gpu
 from saescale.files import write_json_atomic
 
 log = logging.getLogger("saescale.subject")
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    """The device a job runs on. "auto" and "cuda" first lease this job a GPU of its own where several are
+    visible (saescale.devices), before anything initialises CUDA: a GPU job sees only its GPU, as cuda."""
+    lease = lease_gpu() if requested in ("auto", "cuda") else None
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but CUDA is not available on this machine")
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if lease is not None and device.type == "cuda" and torch.cuda.device_count() > 1:
+        # CUDA started before CUDA_VISIBLE_DEVICES was set (the GPUs were counted without NVML): select by index
+        torch.cuda.set_device(lease.index)
+    return device
 
 
 def load_model(path: str, revision: str | None = None, device: torch.device | str = "cpu",
@@ -171,8 +179,12 @@ def add_at_positions(model: nn.Module, layer: int, position: torch.Tensor, delta
 # ---- the builtin tiny GPT-2 ----------------------------------------------------------------------
 
 
-def train_tokenizer(corpus_jsonl: str, vocab_size: int, out_dir: str) -> None:
-    """A byte-level BPE tokenizer (GPT-2 style) trained on the builtin corpus, saved in HF format."""
+def train_tokenizer(corpus_jsonl: str, vocab_size: int, out_dir: str, min_frequency: int = 2) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the builtin corpus, saved in HF format.
+
+    BPE stops merging when no pair occurs `min_frequency` times, so a small corpus can end below vocab_size
+    (the stdlib corpus reaches 40,446 tokens at 2, exactly 50,257 at 1: GPT-2's size, which
+    benchmarks/rehearsal.py needs)."""
     import json
 
     from tokenizers import ByteLevelBPETokenizer
@@ -184,12 +196,15 @@ def train_tokenizer(corpus_jsonl: str, vocab_size: int, out_dir: str) -> None:
                 yield json.loads(line)["text"]
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts(), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
-                            show_progress=False)
+    bpe.train_from_iterator(texts(), vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=[EOS_TOKEN], show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
     tok.save_pretrained(out_dir)
     log.info("trained byte-level BPE tokenizer, vocab %d -> %s", len(tok), out_dir)
+    if len(tok) < vocab_size:
+        log.warning("the tokenizer has %d tokens, fewer than the %d asked for: the corpus has no more pairs "
+                    "occurring %d times", len(tok), vocab_size, min_frequency)
 
 
 def train_builtin_lm(tokens_store: str, tokenizer_dir: str, spec: dict, out_dir: str) -> dict:

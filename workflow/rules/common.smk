@@ -1,15 +1,61 @@
-# Helpers shared by the rules: the grid, per-subject inputs, and code versions for rerun triggers.
+# Helpers shared by the rules: the grid, per-subject inputs, code versions for rerun triggers, and job sizes.
+import ast
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
 from snakemake.settings.types import DeploymentMethod
 
+from saescale import hardware
 from saescale.hardware import gpu_present
 from saescale.provenance import EXTRACT_MODULES, TRAIN_MODULES, code_version
 
 HAS_CUDA = gpu_present()  # without importing torch: ~1 s of every snakemake start
 TRAIN_GPUS = 1 if HAS_CUDA or CFG["train"]["device"] == "cuda" else 0
+
+
+def profile_resource(rule, name):
+    """What --set-resources (a profile's set-resources) gives `rule` for resource `name`, as written; None if
+    nothing. Training reads two such settings that size its jobs (train_resources)."""
+    given = workflow.resource_settings.overwrite_resources.get(rule) or {}
+    if name not in given:
+        return None
+    raw = getattr(given[name], "raw", given[name])
+    try:  # the command line quotes strings: train:gpu_constraints="'80:a100_80gb'"
+        return ast.literal_eval(raw) if isinstance(raw, str) else raw
+    except (ValueError, SyntaxError):
+        return raw
+
+
+# A cluster profile may give `train` GPUs where this host has none to see (a login node)
+TRAIN_ON_GPU = TRAIN_GPUS > 0 or int(profile_resource("train", "gpu") or 0) > 0
+
+
+def train_resources(job):
+    """Per-job resources of a training job, sized for what it holds (saescale.hardware): mem_mb for the host
+    (the train split in RAM, or the streamed buffers), gpu_mem_gb for the GPU (the widest SAE at the batch size;
+    0 on the CPU) and, where the profile lists cards by memory (`gpu_constraints` of `train`), the sbatch
+    --constraint of the smallest card that holds the job. `job(wildcards)` gives the SAEs' widths and an arch
+    whose train settings apply (a pack's members share their batch stream). They read the activation store's
+    metadata, so they stay <TBD> until extraction has written it."""
+
+    def size(wildcards, input):
+        widths, arch = job(wildcards)
+        settings = recipe(CFG, arch)[1]
+        attrs = hardware.store_attrs(input.activations)
+        act_bytes = hardware.forward_bytes(settings["precision"], "cuda" if TRAIN_ON_GPU else "cpu")
+        gpu = hardware.train_gpu_gib(widths, attrs["d_model"], settings["batch_size"], act_bytes)
+        return hardware.train_host_gib(attrs, widths, settings, TRAIN_ON_GPU), gpu if TRAIN_ON_GPU else 0
+
+    def constraint(wildcards, input):
+        tiers = profile_resource("train", "gpu_constraints")
+        return hardware.gpu_constraint(tiers, size(wildcards, input)[1]) if TRAIN_ON_GPU and tiers else None
+
+    return {
+        "mem_mb": lambda wildcards, input: hardware.mem_mb(size(wildcards, input)[0]),
+        "gpu_mem_gb": lambda wildcards, input: size(wildcards, input)[1],
+        "constraint": constraint,
+    }
 
 
 def spec(obj):

@@ -21,6 +21,7 @@ rule train:
     threads: CFG["train"]["threads"]
     resources:
         gpu=TRAIN_GPUS,
+        **train_resources(lambda wc: ([int(wc.n)], wc.arch)),
     params:
         spec=lambda wc: spec(sae_settings(CFG, wc.arch)[1]),
         arch=lambda wc: train_recipe(wc)[0],
@@ -67,6 +68,7 @@ for pack in train_packs(CFG):
         threads: max(recipe(CFG, job["arch"])[1]["threads"] for job in pack["members"])
         resources:
             gpu=TRAIN_GPUS,
+            **train_resources(lambda wc, jobs=pack["members"]: ([job["n"] for job in jobs], jobs[0]["arch"])),
         params:
             members=spec(pack_members(pack)),
             subject=pack["subject"],

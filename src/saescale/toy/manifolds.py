@@ -436,9 +436,10 @@ def circle_panels(ns=(4, 8, 24), settings: dict | None = None, saes: dict | None
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The job's device through `pick_device`, so a toy curve on a several-GPU machine leases a GPU of its own."""
+    from saescale.subject import pick_device
+
+    return pick_device(device)
 
 
 def _json_ready(obj):
