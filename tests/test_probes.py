@@ -7,19 +7,21 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from saescale.evaluate.probes import (
+from saescale.evaluate.probe_tasks import (
     PROSE_TASKS,
     TASKS,
-    best_probe,
-    best_probes,
     char_labels,
-    fit_logistic_1d,
-    fit_logistic_1d_batched,
-    probe_losses,
     prose_char_labels,
     resolve_task_set,
     token_labels,
     window_task_labels,
+)
+from saescale.evaluate.probes import (
+    best_probe,
+    best_probes,
+    fit_logistic_1d,
+    fit_logistic_1d_batched,
+    probe_losses,
 )
 
 LN2 = math.log(2)

@@ -12,14 +12,8 @@ from helpers import random_gpt2, write_text_files
 from saescale.evaluate.ablation import ablation_record
 from saescale.evaluate.downstream import downstream_metrics
 from saescale.evaluate.geometry import geometry_record
-from saescale.evaluate.probes import (
-    TASKS,
-    CodeColumns,
-    best_probes,
-    probe_record,
-    token_labels,
-    window_task_labels,
-)
+from saescale.evaluate.probe_tasks import TASKS, token_labels, window_task_labels
+from saescale.evaluate.probes import CodeColumns, best_probes, probe_record
 from saescale.interpret.examples import Codes, latent_card, n2g_examples, sample_latents
 from saescale.interpret.n2g import Explanation, Pattern
 from saescale.interpret.stage import explanation_reconstruction, logit_lens, make_act_fn

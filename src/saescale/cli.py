@@ -305,7 +305,8 @@ def cmd_analyze(a) -> None:
 def cmd_probes(a) -> None:
     import torch
 
-    from saescale.evaluate.probes import load_user_task, probe_record, resolve_task_set, text_resids, token_strings
+    from saescale.evaluate.probe_tasks import resolve_task_set, token_strings
+    from saescale.evaluate.probes import load_user_task, probe_record, text_resids
     from saescale.subject import load_model, load_tokenizer
 
     device, cfg, sae, root = _trained_sae(a)

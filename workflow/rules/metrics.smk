@@ -41,7 +41,7 @@ rule probes:
     params:
         args=sae_args,
         spec=spec(stage_spec(CFG["evaluate"]["probes"])),
-        code=code_version("probes", "evaluate/probes.py", "sae", "normalize.py", "subject.py", "store.py"),
+        code=code_version("probes", "evaluate/probes.py", "evaluate/probe_tasks.py", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
         "saescale probes {params.args} --spec {params.spec:q} --out {output} --log {log}"
 
