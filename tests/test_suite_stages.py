@@ -263,3 +263,23 @@ def test_user_task_from_a_json_dataset_is_probed_per_text(lm, tmp_path):
     assert rec["feature_sets"]["resid"]["tasks"]["is_code"]["loss"] < 0.3  # code vs prose is easy from the residual
     with pytest.raises(ValueError, match="label_field"):
         load_user_task({**ds, "label_field": "nope"}, tok, 16)
+
+
+def test_codes_reach_the_host_as_exactly_their_nonzeros():
+    """encode_split keeps a code as CSR built where it lives: for a TopK code from its (index, value) pairs,
+    dropping selected latents whose ReLU is 0; for a dense code from its nonzeros; both equal the dense matrix."""
+    from saescale.interpret.examples import _sparse_rows
+    from saescale.sae.activations import Latents
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 64, 5
+    indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(7)])
+    values = torch.rand(7, k, generator=gen) + 0.1
+    values[:, 0] = 0.0
+    sparse = Latents(values, indices)
+    dense = sparse.dense(n)
+    for code in (sparse, Latents(dense)):
+        got = _sparse_rows(code, n)
+        assert got.shape == (7, n) and got.nnz == 7 * (k - 1)
+        assert np.array_equal(got.toarray(), dense.numpy())
+    assert (_sparse_rows(sparse, n) != sp.csr_matrix(dense.numpy())).nnz == 0

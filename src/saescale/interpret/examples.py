@@ -39,11 +39,27 @@ def encode_split(sae, root: zarr.Group, layer: int, split: str, n_windows: int, 
     x, parts = root[f"L{layer}/x"], []
     for i in range(rows.start, stop, batch_rows):
         raw = torch.from_numpy(x[i:min(i + batch_rows, stop)].astype(np.float32)).to(device)
-        dense = sae.encode(normalize(raw)[0]).dense(sae.n_latents).float().cpu().numpy()
-        parts.append(sp.csr_matrix(dense))
+        parts.append(_sparse_rows(sae.encode(normalize(raw)[0]), sae.n_latents))
     acts = sp.vstack(parts).tocsc() if parts else sp.csc_matrix((0, sae.n_latents), dtype=np.float32)
     windows = root["token"][rows.start:stop].reshape(W, ctx).astype(np.int64)
     return Codes(windows, acts)
+
+
+def _sparse_rows(latents, n: int) -> sp.csr_matrix:
+    """CSR [rows, n] of an SAE code (`Latents`) with only its nonzeros leaving the device: the TopK family's
+    k (index, value) pairs per row as they are, a dense code's nonzeros found where it lives. Copying the dense
+    block to the host and converting it there moved 128 MB per 256 rows at n = 2^17 for k = 32 nonzeros a row."""
+    if latents.indices is None:
+        rows, cols = latents.values.nonzero().unbind(1)
+    else:
+        rows = torch.arange(latents.values.shape[0], device=latents.values.device)[:, None].expand_as(latents.indices)
+        cols = latents.indices
+    values = latents.values if latents.indices is not None else latents.values[rows, cols]
+    keep = values != 0  # a selected latent whose ReLU is 0 is inactive
+    if latents.indices is not None:
+        rows, cols, values = rows[keep], cols[keep], values[keep]
+    shape = (latents.values.shape[0], n)
+    return sp.csr_matrix((values.float().cpu().numpy(), (rows.cpu().numpy(), cols.cpu().numpy())), shape=shape)
 
 
 def column(acts: sp.csc_matrix, latent: int) -> tuple[np.ndarray, np.ndarray]:
