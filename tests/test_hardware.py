@@ -107,11 +107,11 @@ def test_training_on_the_cpu_holds_the_step_in_ram_too():
 
 
 def test_sizes_mirror_the_code_they_describe():
+    from saescale.loader import RING
     from saescale.sae.train import SELECTION_ROWS
-    from saescale.store import prefetch
 
     assert hardware.SELECTION_ROWS == SELECTION_ROWS
-    assert hardware.PREFETCH_BATCHES == inspect.signature(prefetch).parameters["depth"].default + 2
+    assert hardware.STREAM_RING == RING
 
 
 def small_store(path: Path, n_train: int, d: int = 8, dtype: str = "float16") -> Path:

@@ -62,7 +62,8 @@ def gpu_present(torch_dir: Path | None = None, root: Path = Path("/"),
 GIB = 2**30
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 READ_ROWS_PEAK = 2.1  # store.read_rows concatenates a list of chunks: peak RSS 2.03x the data (measured)
-PREFETCH_BATCHES = 4 + 2  # store.prefetch's queue (depth 4), the batch training on and the one being gathered
+STREAM_RING = 3  # saescale.loader.RING: batch buffers in the store's dtype (held, ready, being gathered)
+STREAM_GROUPS = 2  # chunk groups the streamed loader maps at once: the one gathered from and the one read ahead
 SELECTION_ROWS = 32_768  # sae.train.SELECTION_ROWS: training rows held to choose EMA or raw weights
 STATE_FLOATS = 10  # per weight: W_enc and W_dec, their gradients, Adam's two moments and the EMA, float32
 SAVED_FLOATS = 4  # per weight, on the host while an SAE is saved: W_enc and W_dec, and the file safetensors builds
@@ -121,7 +122,8 @@ def train_host_gib(attrs: dict, widths: list[int], train: dict, on_gpu: bool) ->
     if in_memory(attrs, train["in_memory_max_gb"]):
         stream = READ_ROWS_PEAK * train_split_bytes(attrs) + 2 * batch_bytes
     else:
-        stream = (attrs["chunk_rows"] * train["shuffle_chunks"] + batch) * d * 4 + PREFETCH_BATCHES * batch_bytes
+        item = DTYPE_BYTES[attrs["dtype"]]  # the loader keeps rows in the store's dtype (saescale.loader)
+        stream = (STREAM_GROUPS * attrs["chunk_rows"] * train["shuffle_chunks"] + STREAM_RING * batch) * d * item
     rows = 3 * (SELECTION_ROWS + train["heldout_rows"]) * d * 4  # read, cast to float32, normalized
     saving = SAVED_FLOATS * max(widths) * d * 4  # torch.save copies a checkpoint off the GPU a tensor at a time
     device = "cuda" if on_gpu else "cpu"

@@ -15,7 +15,7 @@ SHARED_MODULES = ("config.py", "files.py", "paths.py")  # every stage runs throu
 # What extraction and training run, for their rules' rerun hashes and for the code version a resumed
 # partial store or checkpoint must match (cmd_extract, cmd_train): one list, so the two never drift.
 EXTRACT_MODULES = ("store.py", "subject.py")
-TRAIN_MODULES = ("sae", "store.py", "normalize.py")
+TRAIN_MODULES = ("sae", "store.py", "loader.py", "integrity.py", "normalize.py")
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,11 +14,13 @@ name, never trained on.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import queue
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ import zarr
 from saescale.corpus import open_token_store
 from saescale.files import atomic_dir
 from saescale.integrity import CHECKSUM, open_checked, writing_every_chunk
+from saescale.loader import InMemoryBatches, StreamedBatches
 
 log = logging.getLogger("saescale.store")
 
@@ -221,40 +224,6 @@ def read_rows(root: zarr.Group, layer: int, split: str, limit: int | None = None
     return np.concatenate(list(iter_chunks(root, layer, split, limit)))
 
 
-def _steps_per_epoch(n_rows: int, batch_size: int) -> int:
-    if batch_size > n_rows:
-        raise ValueError(f"train.batch_size {batch_size} exceeds the {n_rows} stored training rows")
-    return n_rows // batch_size
-
-
-class InMemoryBatches:
-    """Shuffled batches from rows held in RAM: a fresh permutation per epoch, epoch e from rng(seed, e),
-    so step s is reproducible and a resumed run sees the same batches as an uninterrupted one."""
-
-    in_memory = True
-
-    def __init__(self, data: np.ndarray, batch_size: int, seed: int):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.steps_per_epoch = _steps_per_epoch(len(data), batch_size)
-
-    def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
-        epoch, skip = divmod(start_step, self.steps_per_epoch)
-        while True:
-            yield from self._epoch(epoch, skip)
-            epoch, skip = epoch + 1, 0
-
-    def _epoch(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
-        """The batches of one epoch from batch `skip` on (skipped ones are never built). Each batch's rows are
-        read in ascending order (locality), sorted for the whole epoch at once; torch's gather and cast run
-        3x faster than numpy fancy indexing (15M vs 4M tokens/s at d = 128)."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-        bs = self.batch_size
-        order = torch.from_numpy(np.sort(perm[:self.steps_per_epoch * bs].reshape(-1, bs), axis=1))
-        rows = torch.from_numpy(self.data)
-        for i in range(skip, self.steps_per_epoch):
-            yield rows.index_select(0, order[i]).float().numpy()
-
-
 T = TypeVar("T")
 _DONE = object()
 
@@ -262,26 +231,30 @@ _DONE = object()
 def prefetch(items: Iterator[T], depth: int = 4) -> Iterator[T]:
     """`items` in the same order, produced by a background thread up to `depth` ahead, so chunk reads and
     decompression (which release the GIL) overlap the training step. An exception in the producer is
-    raised here; abandoning the iterator stops the thread at its next item."""
+    raised here; abandoning the iterator stops the thread and waits for it to finish its current item."""
     buf: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buf.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buf.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            buf.put(_DONE)
+            put(_DONE)
         except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
-            buf.put(e)
+            put(e)
 
     thread = threading.Thread(target=produce, name="saescale-prefetch", daemon=True)
+    _producers[thread] = stop
     thread.start()
     try:
         while True:
@@ -292,57 +265,38 @@ def prefetch(items: Iterator[T], depth: int = 4) -> Iterator[T]:
                 raise item
             yield item
     finally:
-        stop.set()
+        _stop_producer(thread)
 
 
-class ChunkShuffledBatches(InMemoryBatches):
-    """Batches streamed from Zarr when the rows do not fit in RAM: chunks in random order, `shuffle_chunks`
-    of them mixed in a buffer, read by a background thread ahead of the trainer (`prefetch`). Never random
-    row reads (0.25-1.5 s per batch; notes/snakemake.md section 8)."""
+# Every running producer thread and its stop event. A daemon thread still inside a native call that released
+# the GIL (a zarr read, a torch gather) when the interpreter finalizes aborts the process on its way back
+# ("terminate called without an active exception", exit code 134) after the job's work is done: so a consumer
+# that stops waits for its producer, and at exit every producer left running is stopped and joined first.
+_producers: dict[threading.Thread, threading.Event] = {}
 
-    in_memory = False
 
-    def __init__(self, array: zarr.Array, rows: slice, batch_size: int, seed: int, shuffle_chunks: int):
-        self.array, self.rows, self.batch_size, self.seed = array, rows, batch_size, seed
-        self.shuffle_chunks = shuffle_chunks
-        self.steps_per_epoch = _steps_per_epoch(rows.stop - rows.start, batch_size)
+def _stop_producer(thread: threading.Thread, timeout: float = 60.0) -> None:
+    _producers.pop(thread, threading.Event()).set()
+    if not sys.is_finalizing() and thread is not threading.current_thread():
+        thread.join(timeout)
 
-    def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
-        return prefetch(super().batches(start_step))
 
-    def _epoch(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
-        """Chunks are cast into one float32 buffer as they are read (no concatenate, no second copy); a batch
-        is a gather of permuted buffer rows; the rows left over start the next buffer."""
-        rng = np.random.default_rng([self.seed, epoch])
-        bs, step = self.batch_size, self.array.chunks[0]
-        starts = np.arange(self.rows.start, self.rows.stop, step)
-        rng.shuffle(starts)
-        buf = torch.empty(step * self.shuffle_chunks + bs, self.array.shape[1], dtype=torch.float32)
-        fill, emitted = 0, 0
-        for g in range(0, len(starts), self.shuffle_chunks):
-            for s in starts[g:g + self.shuffle_chunks]:
-                chunk = torch.from_numpy(self.array[s:min(s + step, self.rows.stop)])
-                buf[fill:fill + len(chunk)] = chunk
-                fill += len(chunk)
-            perm = torch.from_numpy(rng.permutation(fill))
-            n_full = fill // bs
-            for i in range(n_full):
-                if emitted == self.steps_per_epoch:
-                    return
-                emitted += 1
-                if emitted > skip:  # a streamed epoch must be read in order to reach batch `skip`
-                    yield buf.index_select(0, perm[i * bs:(i + 1) * bs]).numpy()
-            rest = perm[n_full * bs:]
-            buf[:len(rest)] = buf.index_select(0, rest)
-            fill = len(rest)
+@atexit.register
+def _stop_producers() -> None:
+    for thread in list(_producers):
+        _stop_producer(thread)
+
+
+ChunkShuffledBatches = StreamedBatches  # the streamed loader's former name
 
 
 def batch_stream(root: zarr.Group, layer: int, batch_size: int, seed: int, in_memory_max_gb: float,
-                 shuffle_chunks: int) -> InMemoryBatches:
-    """Training batches of one layer's train split: in RAM when they fit under in_memory_max_gb."""
+                 shuffle_chunks: int) -> InMemoryBatches | StreamedBatches:
+    """Training batches of one layer's train split (`saescale.loader`): in RAM when they fit under
+    in_memory_max_gb, else streamed from the store."""
     array, rows = root[f"L{layer}/x"], split_rows(root, "train")
-    # held in the store's dtype (float16 halves the RAM); each batch is cast to float32 as it is drawn
+    # held in the store's dtype (float16 halves the RAM); the trainer casts each batch to float32
     nbytes = (rows.stop - rows.start) * array.shape[1] * array.dtype.itemsize
     if nbytes <= in_memory_max_gb * 2**30:
         return InMemoryBatches(read_rows(root, layer, "train"), batch_size, seed)
-    return ChunkShuffledBatches(array, rows, batch_size, seed, shuffle_chunks)
+    return StreamedBatches(array, rows, batch_size, seed, shuffle_chunks)
