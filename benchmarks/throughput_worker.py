@@ -55,8 +55,10 @@ def saescale_step(d: int, n: int, k: int, batch: int, dead: torch.Tensor, device
     spec = TrainSpec("topk", n, k, d, 1e-4, batch, batch, 6.25e-10, (0.9, 0.999), 1 / 32, k_aux, 10**9, 0.0,
                      1, 0, 0, str(device))
 
+    auxk = bool(dead.any())  # the trainer skips AuxK while it knows (host-side) that no latent is dead
+
     def step(x: torch.Tensor) -> None:
-        training_step(sae, opt, x, 1.0, dead, spec, autocast)
+        training_step(sae, opt, x, 1.0, dead, spec, autocast, auxk=auxk)
 
     return step
 

@@ -268,6 +268,7 @@ _TENSOR_PATCHES = {
     "pin_memory": _pin_memory,
     "is_pinned": lambda self, device=None: False,
     "_make_subclass": staticmethod(_make_subclass),
+    "record_stream": lambda self, stream: None,
 }
 
 _CUDA_PATCHES = {
@@ -287,6 +288,53 @@ _CUDA_PATCHES = {
 }
 
 
+class FakeStream:
+    """A CUDA stream stand-in: work runs in program order on the CPU, so waits and syncs have nothing to do."""
+
+    def __init__(self, device=None, priority: int = 0):
+        self.device = CUDA
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else FakeEvent()
+
+
+class FakeEvent:
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+# Streams and events, patched unless a test has put its own stand-ins there already (tests/test_loader.py)
+_STREAM_PATCHES = {
+    "Stream": FakeStream,
+    "Event": FakeEvent,
+    "stream": lambda stream=None: contextlib.nullcontext(),
+    "current_stream": lambda device=None: FakeStream(),
+    "default_stream": lambda device=None: FakeStream(),
+}
+_REAL_STREAMS = {name: getattr(torch.cuda, name) for name in _STREAM_PATCHES}
+
+
 class FakeAutocast(torch.autocast):
     """torch.autocast("cuda") as CPU autocast: the ops that run in bf16 differ a little between the two, but
     a float32 tensor meeting a bf16 one is caught all the same."""
@@ -299,12 +347,14 @@ class FakeAutocast(torch.autocast):
 def fake_cuda() -> Iterator[None]:
     """Within this block, tensors may live on a logical cuda:0 and device mismatches raise (module docstring)."""
     saved_tensor = {name: torch.Tensor.__dict__.get(name) for name in _TENSOR_PATCHES}
-    saved_cuda = {name: getattr(torch.cuda, name) for name in _CUDA_PATCHES}
+    streams = {name: value for name, value in _STREAM_PATCHES.items() if getattr(torch.cuda, name) is _REAL_STREAMS[name]}
+    cuda_patches = {**_CUDA_PATCHES, **streams}
+    saved_cuda = {name: getattr(torch.cuda, name) for name in cuda_patches}
     saved_torch = {name: getattr(torch, name) for name in ("Generator", "tensor", "as_tensor", "autocast")}
     try:
         for name, value in _TENSOR_PATCHES.items():
             setattr(torch.Tensor, name, value)
-        for name, value in _CUDA_PATCHES.items():
+        for name, value in cuda_patches.items():
             setattr(torch.cuda, name, value)
         torch.Generator, torch.autocast = FakeGenerator, FakeAutocast
         torch.tensor, torch.as_tensor = _on_device(torch.tensor), _on_device(torch.as_tensor)

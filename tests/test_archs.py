@@ -220,27 +220,41 @@ def test_selected_latent_backward_equals_the_dense_backward(arch, precision):
 
 def test_sparse_decode_and_its_products_equal_dense_ones():
     """SparseDecode's gradients (REFERENCE A.9) against a dense matmul, with latents repeated across tokens and
-    within one token's slots (they must add), in float64; and scatter_rows_t against S^T @ dense."""
-    from saescale.sae.activations import SparseDecode, scatter_rows_t
+    within one token's slots (they must add), in float64, for one bag per token and for three (main, extra,
+    AuxK slots decoded in one pass); and scatter_rows_t, both kernels, against S^T @ dense."""
+    from saescale.sae.activations import Selection, SparseDecode, scatter_rows_t
 
     gen = torch.Generator().manual_seed(0)
-    batch, n, k, d = 37, 11, 5, 7
+    batch, n, k, d = 37, 11, 7, 5
     idx = torch.randint(0, n, (batch, k), generator=gen)
     idx[0] = 3  # every slot of token 0 on one latent
     values = torch.rand(batch, k, generator=gen, dtype=torch.float64).requires_grad_()
     weight = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
-    g = torch.randn(batch, d, generator=gen, dtype=torch.float64)
-
-    dense_code = torch.zeros(batch, n, dtype=torch.float64).index_put((torch.arange(batch)[:, None].expand(-1, k),
-                                                                       idx), values, accumulate=True)
-    ref = torch.autograd.grad((dense_code @ weight * g).sum(), (values, weight))
-    out = SparseDecode.apply(values, idx, weight)
-    torch.testing.assert_close(out, dense_code @ weight)
-    got = torch.autograd.grad((out * g).sum(), (values, weight))
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(scatter_rows_t(idx, values.detach(), n, g), dense_code.detach().T @ g)
-    assert torch.autograd.gradcheck(lambda v, w: SparseDecode.apply(v, idx, w), (values, weight))
+    for bounds in [(), (2, 5)]:
+        edges = [0, *bounds, k]
+        codes = []
+        for lo, hi in zip(edges, edges[1:]):
+            rows = torch.arange(batch)[:, None].expand(-1, hi - lo)
+            codes.append(torch.zeros(batch, n, dtype=torch.float64).index_put((rows, idx[:, lo:hi]), values[:, lo:hi],
+                                                                              accumulate=True))
+        dense_out = torch.stack([c @ weight for c in codes], 1)  # [batch, bags, d]
+        sel = Selection(idx, n, bounds)
+        out = SparseDecode.apply(values, weight, sel)
+        if not bounds:
+            dense_out = dense_out[:, 0]
+        torch.testing.assert_close(out, dense_out)
+        g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        ref = torch.autograd.grad((dense_out * g).sum(), (values, weight))
+        got = torch.autograd.grad((out * g).sum(), (values, weight))
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda v, w, sel=sel: SparseDecode.apply(v, w, sel), (values, weight))
+        gb = g.reshape(-1, d)
+        s_t = torch.cat([c.detach().T for c in codes], 1).view(n, len(codes), batch).transpose(1, 2).reshape(n, -1)
+        for method in ("bag", "csr"):
+            torch.testing.assert_close(scatter_rows_t(sel, values.detach(), gb, by_bag=True, method=method), s_t @ gb)
+            torch.testing.assert_close(scatter_rows_t(sel, values.detach(), gb[:batch], method=method),
+                                       sum(codes).detach().T @ gb[:batch])
 
 
 def test_penalty_controller_moves_lambda_towards_the_target_and_freezes():

@@ -77,12 +77,17 @@ def test_projected_gradient_is_orthogonal_to_each_decoder_row():
 
 
 def test_auxk_selects_only_dead_latents():
-    pre = torch.randn(20, 10)
+    """Fixed shapes (no host sync): k_aux slots always; beyond the dead latents they hold zeros."""
+    pre = torch.randn(20, 10) + 1.0
     dead = torch.zeros(10, dtype=torch.bool)
     dead[[2, 5, 7]] = True
     lat = auxk_latents(pre, dead, 2)
     assert set(lat.indices.unique().tolist()) <= {2, 5, 7}
-    assert auxk_latents(pre, torch.zeros(10, dtype=torch.bool), 2) is None
+    ref = torch.relu(pre[:, [2, 5, 7]].topk(2, dim=1).values)
+    assert torch.equal(lat.values.sort(1).values, ref.sort(1).values)
+    wide = auxk_latents(pre, dead, 5)  # more slots than dead latents: the others are zero
+    assert ((wide.values > 0) <= dead[wide.indices]).all() and int((wide.values > 0).sum(1).max()) <= 3
+    assert auxk_latents(pre, torch.zeros(10, dtype=torch.bool), 2).values.abs().max() == 0
 
 
 def test_auxk_only_trains_dead_latents():

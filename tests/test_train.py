@@ -22,8 +22,8 @@ class DiesAt:
     def __init__(self, source, die_at):
         self.source, self.die_at = source, die_at
 
-    def batches(self, start_step=0):
-        for step, batch in enumerate(self.source.batches(start_step), start=start_step):
+    def device_batches(self, start_step=0, device="cpu"):
+        for step, batch in enumerate(self.source.device_batches(start_step, device), start=start_step):
             if step == self.die_at:
                 raise Killed
             yield batch

@@ -178,7 +178,8 @@ def _train_spec(member: dict, d_model: int, device: str, data: str, code: str = 
                      arch_params=t["arch_params"].get(member["arch"], {}),
                      calibrate_fraction=t["calibration"]["fraction"], calibrate_rate=t["calibration"]["rate"],
                      convergence_tolerance=t["convergence"]["tolerance"],
-                     convergence_smoothing=t["convergence"]["smoothing"], precision=t["precision"])
+                     convergence_smoothing=t["convergence"]["smoothing"], precision=t["precision"],
+                     microbatch=t.get("microbatch"))
 
 
 def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_size: int) -> None:

@@ -65,6 +65,8 @@ READ_ROWS_PEAK = 2.1  # store.read_rows concatenates a list of chunks: peak RSS 
 STREAM_RING = 3  # saescale.loader.RING: batch buffers in the store's dtype (held, ready, being gathered)
 STREAM_GROUPS = 2  # chunk groups the streamed loader maps at once: the one gathered from and the one read ahead
 SELECTION_ROWS = 32_768  # sae.train.SELECTION_ROWS: training rows held to choose EMA or raw weights
+PREACT_FACTOR = 1.19  # a step's peak over rows * n * (bytes of the forward's dtype), measured (bench_step.py)
+ROW_BYTES = 20_000  # the rest of a step's peak per batch row (selections, gradients of x), fitted the same way
 STATE_FLOATS = 10  # per weight: W_enc and W_dec, their gradients, Adam's two moments and the EMA, float32
 SAVED_FLOATS = 4  # per weight, on the host while an SAE is saved: W_enc and W_dec, and the file safetensors builds
 CUDA_CONTEXT_GIB = 2.5  # the CUDA context, the batch on the GPU and kernels' scratch (scale.md)
@@ -88,19 +90,24 @@ def forward_bytes(precision: str, device: str) -> int:
     return 2 if precision == "bf16" else 4
 
 
-def train_step_gib(widths: list[int], d_model: int, batch_size: int, act_bytes: int) -> float:
+def train_step_gib(widths: list[int], d_model: int, batch_size: int, act_bytes: int,
+                   microbatch: int | None = None) -> float:
     """Peak memory of a training step of the SAEs of one job (one, or a train.pack's members, which step one
-    after another on each batch): the widest one's [batch, n] pre-activations twice, the worst case, when every
-    latent is dead and AuxK copies them all (REFERENCE A.5), plus every member's weights and optimizer state."""
-    pre_acts = 2 * batch_size * max(widths) * act_bytes  # [B, n] and AuxK's [B, n_dead] copy
+    after another on each batch): the widest one's [rows, n] pre-activations, rows being train.microbatch or the
+    batch, whatever the dead fraction (AuxK masks them in place; benchmarks/bench_step.py), a per-row term for the
+    whole batch, and every member's weights and optimizer state."""
+    rows = min(microbatch or batch_size, batch_size)
+    pre_acts = PREACT_FACTOR * rows * max(widths) * act_bytes
     state = sum(STATE_FLOATS * n * d_model * 4 for n in widths)
-    return (pre_acts + state) / GIB
+    return (pre_acts + ROW_BYTES * batch_size + state) / GIB
 
 
-def train_gpu_gib(widths: list[int], d_model: int, batch_size: int, act_bytes: int) -> int:
+def train_gpu_gib(widths: list[int], d_model: int, batch_size: int, act_bytes: int,
+                  microbatch: int | None = None) -> int:
     """GPU memory a training job needs, in GiB (what GPU makers call GB: an "80 GB" card holds ~79.6 GiB).
-    gpt2-small's batch 131,072 at bf16: n = 2^17 needs 71 (an 80 GB card), n = 2^16 37 (a 40 GB card)."""
-    return math.ceil(train_step_gib(widths, d_model, batch_size, act_bytes) + CUDA_CONTEXT_GIB)
+    gpt2-small's batch 131,072 at bf16: n = 2^17 needs 47 (an 80 GB card; 28 with train.microbatch 65536, a
+    40 GB card), n = 2^16 26."""
+    return math.ceil(train_step_gib(widths, d_model, batch_size, act_bytes, microbatch) + CUDA_CONTEXT_GIB)
 
 
 def in_memory(attrs: dict, in_memory_max_gb: float) -> bool:
@@ -127,7 +134,8 @@ def train_host_gib(attrs: dict, widths: list[int], train: dict, on_gpu: bool) ->
     rows = 3 * (SELECTION_ROWS + train["heldout_rows"]) * d * 4  # read, cast to float32, normalized
     saving = SAVED_FLOATS * max(widths) * d * 4  # torch.save copies a checkpoint off the GPU a tensor at a time
     device = "cuda" if on_gpu else "cpu"
-    step = 0 if on_gpu else train_step_gib(widths, d, batch, forward_bytes(train["precision"], device))
+    step = 0 if on_gpu else train_step_gib(widths, d, batch, forward_bytes(train["precision"], device),
+                                           train.get("microbatch"))
     return PROCESS_GIB[device] + step + (stream + rows + saving) / GIB
 
 

@@ -44,7 +44,8 @@ def train_resources(job):
         settings = recipe(CFG, arch)[1]
         attrs = hardware.store_attrs(input.activations)
         act_bytes = hardware.forward_bytes(settings["precision"], "cuda" if TRAIN_ON_GPU else "cpu")
-        gpu = hardware.train_gpu_gib(widths, attrs["d_model"], settings["batch_size"], act_bytes)
+        gpu = hardware.train_gpu_gib(widths, attrs["d_model"], settings["batch_size"], act_bytes,
+                                     settings["microbatch"])
         return hardware.train_host_gib(attrs, widths, settings, TRAIN_ON_GPU), gpu if TRAIN_ON_GPU else 0
 
     def constraint(wildcards, input):

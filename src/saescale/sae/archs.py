@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saescale.sae.activations import (JumpReLUFunction, Latents, ProLUFunction, StepFunction, batch_topk, jump,
-                                      topk)
+from saescale.sae.activations import (JumpReLUFunction, Latents, ProLUFunction, Selection, StepFunction, batch_topk,
+                                      dead_topk, jump, topk)
 
 if TYPE_CHECKING:
     from saescale.sae.model import SparseAutoencoder
@@ -32,7 +32,21 @@ class TrainOutput(NamedTuple):
     pre_acts: torch.Tensor  # AuxK selects dead latents from these
     terms: dict[str, torch.Tensor]  # extra loss terms, already weighted
     # with a graph-free pre_acts: the pre-activations at chosen latents, with gradients (SelectedPreActs)
-    take: Callable[[torch.Tensor], torch.Tensor] | None = None
+    take: Callable[..., torch.Tensor] | None = None
+    aux_x_hat: torch.Tensor | None = None  # AuxK's reconstruction of the residual (forward_train_auxk)
+
+
+def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int,
+                 take: Callable[..., torch.Tensor] | None = None) -> Latents:
+    """AuxK's code (Gao et al. 2024, App. A.2): the top-k_aux pre-activations among dead latents, then ReLU;
+    slots beyond the number of dead latents hold zeros. With `take` (a graph-free pre_acts) the values get
+    their gradients through the selected latents only; otherwise they are read from pre_acts' own graph."""
+    values, indices = dead_topk(pre_acts, dead, k_aux)
+    if take is not None:
+        values = take(Selection(indices, pre_acts.shape[1]), values)
+    else:
+        values = pre_acts.gather(1, indices) * dead[indices]
+    return Latents(torch.relu(values), indices)
 
 
 class Arch(nn.Module):
@@ -41,6 +55,8 @@ class Arch(nn.Module):
     unit_norm_decoder: ClassVar[bool] = True  # REFERENCE A.6; decoder-norm-weighted penalties leave it free
     auxk: ClassVar[bool] = False  # AuxK revival of dead latents (REFERENCE A.5)
     rescale_encoder: ClassVar[bool] = False  # REFERENCE A.4 (4): TopK models only; baselines keep torch's init
+    # the step's graph holds no [batch, n] tensor (selected latents only), so train.microbatch bounds memory
+    sparse_backward: ClassVar[bool] = False
     calibration_rate: ClassVar[float] = 0.05  # default of train.calibration.rate (measured, see README)
     defaults: ClassVar[dict] = {}
 
@@ -75,6 +91,13 @@ class Arch(nn.Module):
         latents = self.activate(pre)
         return TrainOutput(latents, sae.decode(latents), pre, self.sparsity_terms(sae, latents))
 
+    def forward_train_auxk(self, sae: SparseAutoencoder, x: torch.Tensor, mse: Mse, dead: torch.Tensor,
+                           k_aux: int) -> TrainOutput:
+        """forward_train plus AuxK's reconstruction of the main error from k_aux dead latents (Gao et al. 2024,
+        App. A.2), in `aux_x_hat`."""
+        out = self.forward_train(sae, x, mse, dead)
+        return out._replace(aux_x_hat=sae.decode_residual(auxk_latents(out.pre_acts, dead, k_aux, out.take)))
+
     def sparsity_terms(self, sae: SparseAutoencoder, latents: Latents) -> dict[str, torch.Tensor]:
         return {}
 
@@ -85,34 +108,67 @@ class TopKArch(Arch):
     name = "topk"
     auxk = True
     rescale_encoder = True
+    sparse_backward = True
 
     def activate(self, pre_acts: torch.Tensor) -> Latents:
         return topk(pre_acts, self.k)
 
     def forward_train(self, sae: SparseAutoencoder, x: torch.Tensor, mse: Mse, dead: torch.Tensor) -> TrainOutput:
-        # select on graph-free pre-activations; only the k selected per token carry gradients (A.9)
+        return self._train_selected(sae, x, mse, dead, 0)
+
+    def forward_train_auxk(self, sae: SparseAutoencoder, x: torch.Tensor, mse: Mse, dead: torch.Tensor,
+                           k_aux: int) -> TrainOutput:
+        return self._train_selected(sae, x, mse, dead, k_aux)
+
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """(values, indices, bag bounds) of the main selection."""
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return values, indices, ()
+
+    def _train_selected(self, sae: SparseAutoencoder, x: torch.Tensor, mse: Mse, dead: torch.Tensor,
+                        k_aux: int) -> TrainOutput:
+        """Select on graph-free pre-activations; only the selected latents carry gradients (Gao et al. 2024).
+        AuxK's k_aux slots join the main ones: one gather of encoder rows, one sort and one decoder pass serve
+        both (Gao et al. 2024, App. A.2: AuxK reuses the encoder forward)."""
         pre, take = sae.selectable_pre_acts(x)
-        indices = pre.topk(self.k, dim=-1, sorted=False).indices
-        latents = Latents(torch.relu(take(indices)), indices)
-        return TrainOutput(latents, sae.decode(latents), pre, {}, take)
+        values, indices, bounds = self._select(pre)
+        main_slots = indices.shape[1]
+        if k_aux:
+            aux_values, aux_indices = dead_topk(pre, dead, k_aux, in_place=True)  # pre is not read again
+            values, indices = torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1)
+            bounds = (*bounds, main_slots)
+        sel = Selection(indices, self.n, bounds)
+        values = torch.relu(take(sel, values))
+        decoded = sae.decode_selection(values, sel)  # [batch, d] or [batch, bags, d]
+        if bounds:
+            bags = decoded.unbind(1)
+            residual, aux_x_hat = bags[:-1] if k_aux else bags, bags[-1] if k_aux else None
+        else:
+            residual, aux_x_hat = (decoded,), None
+        latents = Latents(values[:, :self.k], indices[:, :self.k])
+        return TrainOutput(latents, residual[0] + sae.b_pre, pre, self._terms(sae, residual, mse), take, aux_x_hat)
+
+    def _terms(self, sae: SparseAutoencoder, residual: tuple[torch.Tensor, ...], mse: Mse
+               ) -> dict[str, torch.Tensor]:
+        return {}
 
 
 class MultiTopKArch(TopKArch):
     """REFERENCE A.5: L(k) + L(4k)/8 from one top-4k selection, for a code that stays progressive at k' > k.
-    Inference uses TopK(k)."""
+    Inference uses TopK(k). The first k and the other 3k slots decode as two bags of one pass."""
 
     name = "multitopk"
     defaults = {"multiple": 4, "coef": 0.125}
 
-    def forward_train(self, sae: SparseAutoencoder, x: torch.Tensor, mse: Mse, dead: torch.Tensor) -> TrainOutput:
-        pre, take = sae.selectable_pre_acts(x)
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         k_big = min(self.params["multiple"] * self.k, self.n)
-        indices = pre.topk(k_big, dim=-1, sorted=True).indices
-        values = torch.relu(take(indices))
-        latents = Latents(values[:, :self.k], indices[:, :self.k])
-        x_hat_big = sae.decode(Latents(values, indices))
-        return TrainOutput(latents, sae.decode(latents), pre, {"multitopk": self.params["coef"] * mse(x_hat_big)},
-                           take)
+        values, indices = pre.topk(k_big, dim=-1, sorted=True)
+        return values, indices, (self.k,) if k_big > self.k else ()
+
+    def _terms(self, sae: SparseAutoencoder, residual: tuple[torch.Tensor, ...], mse: Mse
+               ) -> dict[str, torch.Tensor]:
+        x_hat_big = sum(residual) + sae.b_pre
+        return {"multitopk": self.params["coef"] * mse(x_hat_big)}
 
 
 class BatchTopKArch(Arch):

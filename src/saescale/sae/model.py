@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from saescale.files import replace_when_done
-from saescale.sae.activations import Latents, SelectedPreActs, SparseDecode, topk
+from saescale.sae.activations import Latents, SelectedPreActs, Selection, SparseDecode, topk
 from saescale.sae.archs import ARCHS
 
 ENCODER_RESCALE_SAMPLES = 256  # REFERENCE A.4: openai init_from_data_ uses 256 random unit inputs
@@ -43,16 +43,18 @@ class SparseAutoencoder(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x - self.b_pre, self.W_enc, self.b_enc)  # [batch, n]
 
-    def selectable_pre_acts(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        """The pre-activations without a graph, and `take(idx)`: pre[b, idx[b]] with gradients to W_enc, b_enc
-        and b_pre through the selected latents only. For codes that keep a few latents per token (TopK), this
-        leaves the encoder forward as the one dense product of a training step (REFERENCE A.9)."""
-        xc = x - self.b_pre
+    def selectable_pre_acts(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+        """The pre-activations without a graph, and `take(sel, values=None)`: pre[b, sel.indices[b]] with
+        gradients to W_enc, b_enc and b_pre through the selected latents only (`values`: those entries, when the
+        selection already read them). For codes that keep a few latents per token (TopK), this leaves the
+        encoder forward as the one dense product of a training step (Gao et al. 2024's kernels)."""
         with torch.no_grad():
-            pre = F.linear(xc, self.W_enc, self.b_enc)
+            pre = F.linear(x - self.b_pre, self.W_enc, self.b_enc)
 
-        def take(idx: torch.Tensor) -> torch.Tensor:
-            return SelectedPreActs.apply(pre.gather(1, idx), xc, self.W_enc, self.b_enc, idx)
+        def take(sel: Selection, values: torch.Tensor | None = None) -> torch.Tensor:
+            if values is None:
+                values = pre.gather(1, sel.indices)
+            return SelectedPreActs.apply(values, x, self.b_pre, self.W_enc, self.b_enc, sel)
 
         return pre, take
 
@@ -66,7 +68,11 @@ class SparseAutoencoder(nn.Module):
         """W_dec^T z without the pre-bias (AuxK reconstructs the error with it)."""
         if latents.indices is None:
             return latents.values.to(self.W_dec.dtype) @ self.W_dec
-        return SparseDecode.apply(latents.values.to(self.W_dec.dtype), latents.indices, self.W_dec)
+        return self.decode_selection(latents.values, Selection(latents.indices, self.n_latents))
+
+    def decode_selection(self, values: torch.Tensor, sel: Selection) -> torch.Tensor:
+        """W_dec^T z of each bag of a slot code, one pass over the decoder: [batch, d], or [batch, bags, d]."""
+        return SparseDecode.apply(values.to(self.W_dec.dtype), self.W_dec, sel)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latents]:
         latents = self.encode(x)

@@ -24,6 +24,7 @@ import torch
 from saescale.files import replace_when_done
 from saescale.normalize import normalize
 from saescale.sae.activations import Latents
+from saescale.sae.archs import ARCHS, auxk_latents  # noqa: F401  (auxk_latents re-exported)
 from saescale.sae.losses import auxk_loss, normalized_mse
 from saescale.sae.model import SparseAutoencoder
 from saescale.scaling.convergence import converged_at
@@ -67,11 +68,16 @@ class TrainSpec:
     # last doubling of tokens; `tokens` is then a cap. 0: train the whole budget.
     convergence_tolerance: float = 0.0
     convergence_smoothing: float = 0.0  # EMA decay over log points of the held-out FVU the rule reads
-    # bf16 autocast of the forward (weights, Adam state and losses stay float32); auto: on CUDA only
+    # bf16 autocast of the forward (weights, Adam state and losses stay float32); auto: on CUDA only. float32
+    # matmuls use TF32 on CUDA unless float32-strict
     precision: str = "auto"
+    # rows per block of the encoder and selection (None: the whole batch); it bounds the step's memory and
+    # changes results only by float summation order, so a checkpoint resumes across it
+    microbatch: int | None = None
 
     def fingerprint(self) -> str:
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("log_every", "checkpoint_seconds")}
+        skip = ("log_every", "checkpoint_seconds", "microbatch")
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -93,39 +99,40 @@ class Ema:
         return {k: v / correction for k, v in self.shadow.items()}
 
 
-def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int,
-                 take: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Latents | None:
-    """REFERENCE A.5: the top-k_aux pre-activations among dead latents only, then ReLU.
-
-    Selecting among the dead columns (not masking alive ones to 0 as the reference code does) means an alive
-    latent is never picked, even when every dead pre-activation is negative, and costs O(batch * n_dead)
-    instead of a second top-k over all n latents. With `take` (graph-free pre_acts) the selected values get
-    their gradients from it; otherwise they are read from pre_acts' own graph.
-    """
-    dead_idx = dead.nonzero().squeeze(1)
-    if dead_idx.numel() == 0:
-        return None
-    pos = pre_acts.detach().index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=-1,
-                                                           sorted=False).indices
-    indices = dead_idx[pos]
-    values = take(indices) if take is not None else pre_acts.gather(1, indices)
-    return Latents(torch.relu(values), indices)
-
-
 def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, baseline_mse: float,
-                  dead: torch.Tensor, spec: TrainSpec, autocast: contextlib.AbstractContextManager
-                  ) -> tuple[dict, Latents]:
+                  dead: torch.Tensor, spec: TrainSpec, autocast: contextlib.AbstractContextManager,
+                  auxk: bool = True) -> tuple[dict, Latents]:
+    """One optimizer step on the batch x, without a host sync (nothing reads a device value, and every shape
+    is fixed by the spec). `auxk` False: the caller knows that no latent is dead (AuxK would add nothing) and
+    the AuxK pass is skipped; otherwise it runs over `dead` whatever it holds, and its loss counts only when some
+    latent is dead.
+
+    With `spec.microbatch`, the encoder and the selection run over row blocks, so the [rows, n]
+    pre-activations exist for one block at a time (TopK family: their graph holds selected latents only);
+    the losses, the AuxK normalization and the returned code are over the whole batch, as without it."""
     family = sae.family
+    use_auxk = auxk and family.auxk and spec.auxk and spec.auxk_coef > 0
+    rows = len(x)
+    blocks = x.split(spec.microbatch) if spec.microbatch and spec.microbatch < rows else (x,)
+    outs = []
     with autocast:
-        out = family.forward_train(sae, x, lambda x_hat: normalized_mse(x_hat, x, baseline_mse), dead)
-        main = normalized_mse(out.x_hat, x, baseline_mse)
-        arch_loss = sum(out.terms.values(), torch.zeros((), device=x.device))
+        for xb in blocks:
+            def mse(x_hat, xb=xb):
+                return normalized_mse(x_hat, xb, baseline_mse)
+            out = (family.forward_train_auxk(sae, xb, mse, dead, spec.k_aux) if use_auxk
+                   else family.forward_train(sae, xb, mse, dead))
+            outs.append(out._replace(pre_acts=None, take=None))  # a block's [rows, n] pre-activations go now
+            del out
+        weights = [1.0] if len(outs) == 1 else [len(xb) / rows for xb in blocks]  # per-row means -> batch means
+        x_hat = _cat([out.x_hat for out in outs])
+        main = normalized_mse(x_hat, x, baseline_mse)
+        arch_loss = sum((w * term for w, out in zip(weights, outs) for term in out.terms.values()),
+                        torch.zeros((), device=x.device))
         aux = torch.zeros((), device=x.device)
-        if family.auxk and spec.auxk and spec.auxk_coef > 0:
-            aux_lat = auxk_latents(out.pre_acts, dead, spec.k_aux, out.take)
-            if aux_lat is not None:
-                # the target is the main model's error with its graph cut: only dead latents learn from it
-                aux = auxk_loss(sae.decode_residual(aux_lat), x - out.x_hat.detach())
+        if use_auxk:
+            # the target is the main model's error with its graph cut: only dead latents learn from it; its
+            # normalization is the whole batch's (App. A.2), and it counts only once some latent is dead
+            aux = auxk_loss(_cat([out.aux_x_hat for out in outs]), x - x_hat.detach()) * dead.any()
         loss = main + arch_loss + spec.auxk_coef * aux
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -134,9 +141,16 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
     opt.step()
     if family.unit_norm_decoder:
         sae.normalize_decoder_()
+    latents = outs[0].latents if len(outs) == 1 else Latents(
+        _cat([o.latents.values for o in outs]),
+        None if outs[0].latents.indices is None else _cat([o.latents.indices for o in outs]))
     # tensors, not floats: reading a value forces a GPU sync, so the loop does it only when it logs
     return {"loss": loss.detach(), "fvu": main.detach(), "auxk_loss": aux.detach(),
-            "arch_loss": arch_loss.detach()}, out.latents
+            "arch_loss": arch_loss.detach()}, latents
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def adam(params, lr: float, **kwargs) -> torch.optim.Adam:
@@ -216,6 +230,9 @@ class Trainer:
                  selection_rows: np.ndarray, heldout_rows: np.ndarray | None = None, name: str = ""):
         if spec.convergence_tolerance > 0 and heldout_rows is None:
             raise ValueError("convergence mode needs held-out rows (train.heldout_rows > 0)")
+        if spec.microbatch and not ARCHS[spec.arch].sparse_backward:
+            raise ValueError(f"train.microbatch: {spec.microbatch} needs an arch whose backward is sparse (topk, "
+                             f"multitopk); {spec.arch}'s step keeps every block's [rows, n] graph, so set it to null")
         self.spec, self.baseline_mse, self.name = spec, baseline_mse, name
         self.device = device = torch.device(spec.device)
         torch.manual_seed(spec.seed)
@@ -237,11 +254,23 @@ class Trainer:
         use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
-        self.dtype = "bf16-autocast" if use_bf16 else "float32"
+        strict = spec.precision == "float32-strict"
+        self.dtype = "bf16-autocast" if use_bf16 else "float32-strict" if strict else "float32"
+        if device.type == "cuda":  # TF32 for the float32 matmuls left (held-out FVU, a float32 run)
+            torch.backends.cuda.matmul.allow_tf32 = not strict
         self.selection_rows = selection_rows
         self.heldout = torch.from_numpy(heldout_rows).to(device) if heldout_rows is not None else None
         self.converged = _converged(self.rows, spec)
+        self._bound_dead()
         self.start_clock()
+
+    def _bound_dead(self) -> None:
+        """Read the dead-latent counters (a host sync: only at construction and log steps) and keep the first
+        step at which a latent can be dead: a counter grows by at most a batch per step. Before it, steps skip
+        AuxK without reading the device."""
+        spec = self.spec
+        oldest = int(self.tokens_since_fired.max())
+        self.dead_possible_at = self.step + max(0, -(-(spec.dead_tokens - oldest) // spec.batch_size))
 
     def _resume(self) -> None:
         if not self.checkpoint_path.exists():
@@ -278,7 +307,8 @@ class Trainer:
         the log row and the timed checkpoint."""
         spec, sae = self.spec, self.sae
         dead = self.tokens_since_fired >= spec.dead_tokens
-        metrics, latents = training_step(sae, self.opt, x, self.baseline_mse, dead, spec, self.autocast)
+        metrics, latents = training_step(sae, self.opt, x, self.baseline_mse, dead, spec, self.autocast,
+                                         auxk=self.step >= self.dead_possible_at)
         self.controller.update(self.step, latents)
         if self.ema is not None and self.controller.active and self.step + 1 == self.controller.freeze_step:
             self.ema = Ema(sae, spec.ema_decay)  # the evaluated average covers only the fixed-lambda phase
@@ -314,6 +344,7 @@ class Trainer:
         # a penalty arch stops only once lambda is frozen: before that it optimizes a moving objective
         if not self.controller.active or step >= self.controller.freeze_step:
             self.converged = _converged(self.rows, spec)
+        self._bound_dead()
 
     def save_checkpoint(self) -> None:
         ema = self.ema
@@ -353,8 +384,9 @@ def train_together(batch_source, trainers: list[Trainer],
     run's. SAEs may sit at different steps (resumed from checkpoints, or finished early in convergence
     mode); the stream starts at the earliest. `on_finished` is called for each SAE as it completes.
 
-    `batch_source.batches(start_step)` yields raw float32 activations [batch, d], normalized here on the
-    fly (REFERENCE A.2).
+    `batch_source.device_batches(start_step, device)` (saescale.loader) yields raw activations [batch, d] on the
+    device in the store's dtype, each valid until the next is drawn; they are cast and normalized here, on the
+    device (REFERENCE A.2), so float16 rows cross to a GPU at half the bytes and the copy overlaps the step.
     """
     pending = []
     for trainer in trainers:
@@ -365,9 +397,9 @@ def train_together(batch_source, trainers: list[Trainer],
     step = min(trainer.step for trainer in pending)
     for trainer in pending:
         trainer.start_clock()
-    batches = batch_source.batches(step)
+    batches = batch_source.device_batches(step, device)
     while pending:
-        x = normalize(torch.from_numpy(next(batches)).to(device, non_blocking=True))[0]
+        x = normalize(next(batches).float())[0]
         for trainer in pending:
             if trainer.step == step:
                 trainer.train_step(x)

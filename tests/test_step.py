@@ -1,0 +1,157 @@
+"""The training step on the GPU path (issue 18): no host sync, AuxK folded into the main sparse pass,
+microbatching that bounds memory and changes nothing but float summation order."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from saescale.normalize import layer_stats
+from saescale.sae.activations import SelectedPreActs, Selection
+from saescale.sae.model import SparseAutoencoder
+from saescale.sae.train import Trainer, TrainSpec, training_step
+from saescale.store import InMemoryBatches
+
+from test_ground_truth import synthetic
+
+aten = torch.ops.aten
+# ops that read a device value on the host, or whose output shape depends on the data (both sync a GPU)
+SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+           aten.unique_dim.default, aten._unique2.default, aten.unique_consecutive.default,
+           aten.repeat_interleave.Tensor, aten.bincount.default, aten.item.default, aten.is_nonzero.default}
+
+
+class RecordSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING or func.overloadpacket in {aten.nonzero, aten.masked_select, aten._local_scalar_dense}:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def setup(arch="topk", batch=256, **overrides):
+    _, x = synthetic(rows=4096)
+    stats = layer_stats([x], len(x))
+    spec = TrainSpec(arch=arch, n=64, k=3, d_model=32, lr=3e-3, batch_size=batch, tokens=8 * batch,
+                     adam_eps=6.25e-10, adam_betas=(0.9, 0.999), auxk_coef=1 / 32, k_aux=16, dead_tokens=batch,
+                     ema_decay=0.9, log_every=1000, checkpoint_seconds=0, seed=0, device="cpu")
+    sel = x[:512] / np.linalg.norm(x[:512], axis=1, keepdims=True)
+    return x, stats, dataclasses.replace(spec, **overrides), sel
+
+
+def trainer(stats, spec, sel, tmp_path, name="ck.pt"):
+    """A Trainer whose first 16 latents never win a top-k (their encoder bias is far below), so they die
+    after one batch and AuxK has work."""
+    t = Trainer(np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec, tmp_path / name, sel)
+    with torch.no_grad():
+        t.sae.b_enc[:16] -= 3.0
+    return t
+
+
+@pytest.mark.parametrize("arch", ["topk", "multitopk", "batchtopk"])
+def test_a_training_step_reads_nothing_back_from_the_device(arch, tmp_path):
+    """Every step but the logging one runs without an op that syncs a GPU, once latents are dead (AuxK on)
+    as before; a mutant that reads the dead count is caught."""
+    x, stats, spec, sel = setup(arch)
+    t = trainer(stats, spec, sel, tmp_path)
+    batches = InMemoryBatches(x, spec.batch_size, 0).batches(0)
+    t.train_step(torch.from_numpy(next(batches)))  # counters start at 0: AuxK is skipped on the host's word
+    for _ in range(t.steps - 2):
+        with RecordSyncs() as rec:
+            t.train_step(torch.from_numpy(next(batches)))
+        assert rec.seen == [], rec.seen
+    assert t.step >= t.dead_possible_at and bool((t.tokens_since_fired >= spec.dead_tokens).any())
+    with RecordSyncs() as rec:  # the mutant: today's dead.nonzero()
+        (t.tokens_since_fired >= spec.dead_tokens).nonzero()
+    assert rec.seen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_training_step_passes_sync_debug_mode_error(tmp_path):
+    x, stats, spec, sel = setup(device="cuda")
+    t = trainer(stats, spec, sel, tmp_path)
+    batches = InMemoryBatches(x, spec.batch_size, 0).batches(0)
+    rows = [torch.from_numpy(next(batches)).cuda() for _ in range(4)]
+    for xb in rows[:2]:
+        t.train_step(xb)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for xb in rows[2:]:
+            t.train_step(xb)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("arch", ["topk", "multitopk"])
+def test_microbatched_training_equals_whole_batch_training(arch, tmp_path):
+    """train.microbatch splits the encoder and the selection over row blocks; dead-latent tracking, the AuxK
+    normalization and the losses stay per full batch, so the weights after several steps (AuxK active) match
+    the whole-batch run to float summation order."""
+    x, stats, spec, sel = setup(arch)
+    runs = []
+    for micro in (None, 96):  # 96 does not divide 256: uneven blocks are weighted by their rows
+        t = trainer(stats, dataclasses.replace(spec, microbatch=micro), sel, tmp_path, f"{micro}.pt")
+        batches = InMemoryBatches(x, spec.batch_size, 0).batches(0)
+        for _ in range(t.steps):
+            t.train_step(torch.from_numpy(next(batches)))
+        runs.append(t)
+    whole, micro = runs
+    assert bool((whole.tokens_since_fired >= spec.dead_tokens).any())  # AuxK had dead latents to train
+    assert torch.equal(whole.tokens_since_fired, micro.tokens_since_fired)
+    for name, value in whole.sae.state_dict().items():
+        torch.testing.assert_close(micro.sae.state_dict()[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert whole.rows[-1]["auxk_loss"] == pytest.approx(micro.rows[-1]["auxk_loss"], rel=1e-4)
+    assert whole.rows[-1]["auxk_loss"] > 0
+
+
+def test_microbatch_is_refused_for_an_arch_with_a_dense_backward(tmp_path):
+    _, stats, spec, sel = setup("relu", microbatch=64)
+    with pytest.raises(ValueError, match="train.microbatch: 64 .* relu"):
+        trainer(stats, spec, sel, tmp_path)
+
+
+def test_auxk_with_no_dead_latent_changes_nothing():
+    """Sync-free AuxK runs over whatever `dead` holds; with no latent dead its loss and gradients are zero, so
+    the step equals one that skipped it."""
+    x, stats, spec, _ = setup()
+    xb = torch.from_numpy(x[:256] / np.linalg.norm(x[:256], axis=1, keepdims=True))
+    out = []
+    for auxk in (True, False):
+        torch.manual_seed(0)
+        sae = SparseAutoencoder(32, 64, "topk", 3)
+        sae.init_from_data_(torch.zeros(32))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        metrics, _ = training_step(sae, opt, xb, 1.0, torch.zeros(64, dtype=torch.bool), spec,
+                                   torch.autocast("cpu", enabled=False), auxk=auxk)
+        out.append((metrics, sae.state_dict()))
+    assert float(out[0][0]["auxk_loss"]) == 0.0 and float(out[0][0]["loss"]) == float(out[1][0]["loss"])
+    for name, value in out[1][1].items():
+        assert torch.equal(out[0][1][name], value), name
+
+
+def test_selected_pre_acts_gradients_equal_autograd_with_the_b_pre_gradient_reduced_first():
+    """d/d b_pre = -(sum over the batch of the scattered gradient) @ W_enc (Gao et al. 2024's kernels), in float64
+    against autograd through the dense pre-activations, with repeated latents in a row."""
+    gen = torch.Generator().manual_seed(1)
+    batch, n, m, d = 29, 13, 6, 5
+    x = torch.randn(batch, d, generator=gen, dtype=torch.float64)
+    b_pre = torch.randn(d, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, generator=gen, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, n, (batch, m), generator=gen)
+    idx[0] = 4
+    g = torch.randn(batch, m, generator=gen, dtype=torch.float64)
+    dense = ((x - b_pre) @ w.T + b).gather(1, idx)
+    ref = torch.autograd.grad((dense * g).sum(), (b_pre, w, b))
+    sel = Selection(idx, n, (2,))
+    got = SelectedPreActs.apply(dense.detach(), x, b_pre, w, b, sel)
+    torch.testing.assert_close(got, dense.detach())
+    for a, r in zip(torch.autograd.grad((got * g).sum(), (b_pre, w, b)), ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
