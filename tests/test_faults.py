@@ -30,7 +30,7 @@ import yaml
 import zarr
 from helpers import random_gpt2, write_text_files
 
-from saescale.provenance import code_version
+from saescale.provenance import TRAIN_MODULES, code_version
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = yaml.safe_load((ROOT / "workflow/configs/quick.yaml").read_text())
@@ -326,7 +326,7 @@ def test_training_killed_by_sigkill_resumes_from_its_checkpoint_to_the_uninterru
     assert not (sae / "checkpoint.pt").exists()
     assert_same_training(sae, reference / SAE)
     cfg = json.loads((sae / "cfg.json").read_text())
-    assert cfg["train_spec"]["code"] == code_version("train", "sae", "store.py", "normalize.py")  # next test
+    assert cfg["train_spec"]["code"] == code_version("train", *TRAIN_MODULES)  # next test
 
 
 class Killed(Exception):

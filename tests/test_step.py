@@ -155,3 +155,49 @@ def test_selected_pre_acts_gradients_equal_autograd_with_the_b_pre_gradient_redu
     torch.testing.assert_close(got, dense.detach())
     for a, r in zip(torch.autograd.grad((got * g).sum(), (b_pre, w, b)), ref):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def dead_now(stats, spec, sel, tmp_path, name):
+    """A Trainer whose first 16 latents have gone dead_tokens without firing (their pre-activations are as
+    trained, so AuxK has positive values to work with), with its bound on AuxK's slots read again."""
+    t = Trainer(np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec, tmp_path / name, sel)
+    t.tokens_since_fired[:16] = spec.dead_tokens
+    t._bound_dead()
+    return t
+
+
+def test_auxk_selects_only_as_many_slots_as_latents_can_be_dead_and_trains_the_same(tmp_path):
+    """The trainer bounds AuxK's slots by the latents that can be dead before it next reads the counters
+    (log steps): few dead latents, few slots gathered. The selected latents are the same as with all k_aux
+    slots, so the weights agree with a run that always takes k_aux (float summation order aside)."""
+    x, stats, spec, sel = setup(dead_tokens=4 * 256, log_every=1, k_aux=32)
+    fresh = Trainer(np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec, tmp_path / "c.pt", sel)
+    assert fresh.aux_slots == 0 and fresh.dead_possible_at == 4  # nothing can die in the first 3 steps
+    bounded, full = dead_now(stats, spec, sel, tmp_path, "a.pt"), dead_now(stats, spec, sel, tmp_path, "b.pt")
+    assert bounded.aux_slots == 16 and bounded.dead_possible_at == 0
+    stream = InMemoryBatches(x, spec.batch_size, 0).batches(0)
+    seen = []
+    for _ in range(4):
+        xb = torch.from_numpy(next(stream))
+        bounded.train_step(xb)
+        seen.append(bounded.aux_slots)
+        full.aux_slots = spec.k_aux  # as before the bound: every slot, every step
+        full.train_step(xb)
+    possible = int((bounded.tokens_since_fired >= spec.dead_tokens - spec.log_every * spec.batch_size).sum())
+    assert seen[-1] == min(spec.k_aux, possible) and max(seen) < spec.k_aux
+    assert max(float(row["auxk_loss"]) for row in bounded.rows) > 0  # AuxK did work
+    for a, b in zip(bounded.sae.parameters(), full.sae.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bound_too_small_would_change_the_result(tmp_path):
+    """The check above can fail: with fewer slots than dead latents AuxK trains other weights."""
+    x, stats, spec, sel = setup(dead_tokens=4 * 256, log_every=1, k_aux=32)
+    a, b = dead_now(stats, spec, sel, tmp_path, "a.pt"), dead_now(stats, spec, sel, tmp_path, "b.pt")
+    stream = InMemoryBatches(x, spec.batch_size, 0).batches(0)
+    for _ in range(4):
+        xb = torch.from_numpy(next(stream))
+        a.train_step(xb)
+        b.aux_slots = 4  # fewer than the 16 dead latents
+        b.train_step(xb)
+    assert not torch.allclose(a.sae.W_dec, b.sae.W_dec, rtol=1e-5, atol=1e-6)

@@ -53,6 +53,8 @@ rule dashboard:
         paths.DASHBOARD,
     log:
         log_path("dashboard", "{subject}_L{layer}_{arch}_n{n}_k{k}"),
+    benchmark:
+        bench_path("dashboard", "{subject}_L{layer}_{arch}_n{n}_k{k}")
     conda:
         envs()
     params:

@@ -4,12 +4,16 @@ and its slope, and the nearest-neighbour cosine of decoder directions against a 
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import numpy as np
 import torch
 from scipy import integrate, stats
 from torch import Tensor
+
+log = logging.getLogger("saescale.geometry")
 
 NN_THRESHOLDS = (0.9, 0.97)  # REFERENCE F.4: near-duplicates; Gemma Scope shows 10-100 latents above 0.97
 PAPER_RANK_RANGE = (100, 10_000)  # REFERENCE F.3: slope between ranks 10^2 and 10^4
@@ -93,12 +97,16 @@ def nearest_neighbour_cosines(
     block = max(1, min(n, max_block_elements // n))
     max_cos = torch.empty(n, dtype=dtype, device=W_dec.device)
     neighbour = torch.empty(n, dtype=torch.long, device=W_dec.device)
+    t0, told = time.monotonic(), 0
     for start in range(0, n, block):
         stop = min(start + block, n)
         sims = unit[start:stop] @ unit.T  # [b, n]
         rows = torch.arange(stop - start, device=W_dec.device)
         sims[rows, rows + start] = -math.inf  # j != i
         max_cos[start:stop], neighbour[start:stop] = sims.max(dim=1)
+        if 10 * stop // n > told:  # n^2 d products: minutes on a CPU at n = 2^17, so say how far it is
+            told = 10 * stop // n
+            log.info("nearest neighbours of %d directions: %d%% (%.0f s)", n, 10 * told, time.monotonic() - t0)
     return max_cos.clamp_(-1.0, 1.0), neighbour
 
 

@@ -101,11 +101,12 @@ class Ema:
 
 def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, baseline_mse: float,
                   dead: torch.Tensor, spec: TrainSpec, autocast: contextlib.AbstractContextManager,
-                  auxk: bool = True) -> tuple[dict, Latents]:
+                  auxk: bool = True, k_aux: int | None = None) -> tuple[dict, Latents]:
     """One optimizer step on the batch x, without a host sync (nothing reads a device value, and every shape
     is fixed by the spec). `auxk` False: the caller knows that no latent is dead (AuxK would add nothing) and
     the AuxK pass is skipped; otherwise it runs over `dead` whatever it holds, and its loss counts only when some
-    latent is dead.
+    latent is dead. `k_aux`: AuxK's slots, at least the number of latents `dead` can hold (Trainer's
+    aux_slots); spec.k_aux when None.
 
     With `spec.microbatch`, the encoder and the selection run over row blocks, so the [rows, n]
     pre-activations exist for one block at a time (TopK family: their graph holds selected latents only);
@@ -119,7 +120,7 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
         for xb in blocks:
             def mse(x_hat, xb=xb):
                 return normalized_mse(x_hat, xb, baseline_mse)
-            out = (family.forward_train_auxk(sae, xb, mse, dead, spec.k_aux) if use_auxk
+            out = (family.forward_train_auxk(sae, xb, mse, dead, spec.k_aux if k_aux is None else k_aux) if use_auxk
                    else family.forward_train(sae, xb, mse, dead))
             outs.append(out._replace(pre_acts=None, take=None))  # a block's [rows, n] pre-activations go now
             del out
@@ -250,6 +251,7 @@ class Trainer:
         self.steps = max(1, spec.tokens // spec.batch_size)
         self.controller = PenaltyController(sae, self.steps, spec.calibrate_fraction, spec.calibrate_rate)
         self.checkpoint_path = Path(checkpoint_path)
+        self.aux_slots: int | None = None  # restored by _resume, else set by _bound_dead
         self._resume()
         use_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda")
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
@@ -261,16 +263,25 @@ class Trainer:
         self.selection_rows = selection_rows
         self.heldout = torch.from_numpy(heldout_rows).to(device) if heldout_rows is not None else None
         self.converged = _converged(self.rows, spec)
-        self._bound_dead()
+        self._bound_dead(keep_slots=self.aux_slots is not None)
         self.start_clock()
 
-    def _bound_dead(self) -> None:
-        """Read the dead-latent counters (a host sync: only at construction and log steps) and keep the first
-        step at which a latent can be dead: a counter grows by at most a batch per step. Before it, steps skip
-        AuxK without reading the device."""
+    def _bound_dead(self, keep_slots: bool = False) -> None:
+        """Read the dead-latent counters (a host sync: only at construction and log steps) and bound what AuxK
+        can meet before the next read, log_every steps on at most: a counter grows by at most a batch per step.
+        `dead_possible_at`: the first step at which a latent can be dead; before it, steps skip AuxK.
+        `aux_slots`: how many latents can be dead until then, capped at k_aux. AuxK selects only that many (its
+        top-k over the dead is fixed-shape: without the bound every step would gather all k_aux slots, most of
+        them empty while few latents are dead). The same latents are selected either way, so the bound changes
+        cost, not the result. A resumed run keeps the bound its checkpoint was written under (`keep_slots`), so
+        it steps exactly as the uninterrupted run did."""
         spec = self.spec
         oldest = int(self.tokens_since_fired.max())
         self.dead_possible_at = self.step + max(0, -(-(spec.dead_tokens - oldest) // spec.batch_size))
+        if not keep_slots:
+            horizon = spec.log_every * spec.batch_size
+            could_be_dead = int((self.tokens_since_fired >= spec.dead_tokens - horizon).sum())
+            self.aux_slots = min(spec.k_aux, could_be_dead)
 
     def _resume(self) -> None:
         if not self.checkpoint_path.exists():
@@ -285,6 +296,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.shadow, self.ema.t = ck["ema_shadow"], ck["ema_t"]
         self.tokens_since_fired = ck["tokens_since_fired"]
+        if ck.get("log_every") == self.spec.log_every:  # the bound holds until the next log step it planned for
+            self.aux_slots = ck.get("aux_slots")
         self.rows, self.step, self.elapsed_before = ck["rows"], ck["step"], ck["elapsed_s"]
         log.info("%sresumed from %s at step %d/%d", self._tag, self.checkpoint_path, self.step, self.steps)
 
@@ -308,7 +321,8 @@ class Trainer:
         spec, sae = self.spec, self.sae
         dead = self.tokens_since_fired >= spec.dead_tokens
         metrics, latents = training_step(sae, self.opt, x, self.baseline_mse, dead, spec, self.autocast,
-                                         auxk=self.step >= self.dead_possible_at)
+                                         auxk=self.step >= self.dead_possible_at and self.aux_slots > 0,
+                                         k_aux=self.aux_slots)
         self.controller.update(self.step, latents)
         if self.ema is not None and self.controller.active and self.step + 1 == self.controller.freeze_step:
             self.ema = Ema(sae, spec.ema_decay)  # the evaluated average covers only the fixed-lambda phase
@@ -352,7 +366,8 @@ class Trainer:
             torch.save({"fingerprint": self.spec.fingerprint(), "sae": self.sae.state_dict(),
                         "opt": self.opt.state_dict(), "ema_shadow": ema.shadow if ema else None,
                         "ema_t": ema.t if ema else 0, "tokens_since_fired": self.tokens_since_fired,
-                        "rows": self.rows, "step": self.step, "elapsed_s": self.elapsed()}, tmp)
+                        "rows": self.rows, "step": self.step, "elapsed_s": self.elapsed(),
+                        "aux_slots": self.aux_slots, "log_every": self.spec.log_every}, tmp)
         log.info("%scheckpoint at step %d -> %s", self._tag, self.step, self.checkpoint_path)
 
     def finish(self) -> tuple[SparseAutoencoder, list[dict], dict]:
