@@ -6,10 +6,13 @@
 
 Nothing here ran on a GPU. Each stage's time is FLOP and byte counts at the preset's shapes divided by the
 stated H100 rates (ASSUMED), plus host work that this script measures on this machine at scaled-down shapes
-through the pipeline's own code (the streamed loader, layer_stats, the token-store reads of extraction, the
-geometry random reference, the CSR conversion of interpret, N2G's host side), divided by --host-speedup.
-The code is modeled as it is now. The preset is read as a complete config (`load_config`: the preset plus
-the schema defaults, nothing from config.yaml). Writes a Markdown table and benchmarks/out/h100_model.json.
+through the pipeline's own code (the streamed loader's `host_batches`, layer_stats, the token-store reads of
+extraction, geometry's random directions, interpret's `_sparse_rows` and CSC conversion, N2G's host side),
+divided by --host-speedup. The code is modeled as it is now (issue 18: streamed float16 loader, sync-free
+single-pass AuxK, train.pack jobs, geometry's reference on the device, interpret's codes leaving the device as
+their nonzeros). The preset is read as a complete config (`load_config`: the preset plus the schema defaults,
+nothing from config.yaml). Writes a Markdown table, with the totals the model gave before issue 18 beside it,
+and benchmarks/out/h100_model.json.
 """
 
 from __future__ import annotations
@@ -32,18 +35,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK_ROWS = 32768  # the preset's chunk_windows 512 x ctx_len 64: one stored chunk of the activation store
 TOKEN_CHUNK = 4096  # windows per chunk of the token store (corpus.write_token_store)
+DEAD_FRACTION = 0.01  # ASSUMED: latents dead while AuxK runs (the scenario counted in the total)
+AUX_MARGIN = 1.5  # ASSUMED: latents that can be dead by the next log step, per dead one (Trainer._bound_dead)
 
 
 @dataclass(frozen=True)
 class H100:
     """ASSUMED device and host rates (none measured on a GPU)."""
     bf16_tflops: float = 400.0  # dense bf16 GEMM, effective (989 peak)
-    fp32_tflops: float = 40.0  # fp32 GEMM: TF32 is off in PyTorch by default and nothing here turns it on
-    hbm_gbs: float = 2000.0  # streaming / row-gather kernels, effective (3350 peak)
-    h2d_pageable_gbs: float = 12.0  # from pageable host memory: staged by the driver, serialized with the step
-    h2d_pinned_gbs: float = 40.0  # PCIe Gen5 x16 from pinned memory (not used by the code today)
+    fp32_tflops: float = 40.0  # fp32 GEMM without TF32: every stage but training (nothing else turns TF32 on)
+    tf32_tflops: float = 200.0  # training's float32 matmuls (held-out FVU): the Trainer turns TF32 on (495 peak)
+    hbm_gbs: float = 2000.0  # streaming / row-gather kernels, effective (3350 peak); also cuSPARSE CSR @ dense
+    h2d_pageable_gbs: float = 12.0  # from pageable host memory (evaluation stages' float32 reads)
+    h2d_pinned_gbs: float = 40.0  # PCIe Gen5 x16 from pinned memory: the loader's float16 ring (side stream)
     d2h_gbs: float = 12.0  # .cpu() into pageable memory
-    launch_ms: float = 3.0  # kernel launches + the per-step dead.nonzero() sync of a training step
+    launch_ms: float = 3.0  # host time to issue one training step's kernels (Python + ~200 launches), or one N2G batch
     job_start_s: float = 8.0  # CUDA context + GPT-2 weights from the local HF cache, on top of measured imports
     disk_gbs: float = 2.0  # local NVMe: the 154 GB store does not stay in the page cache
     download_mbs: float = 50.0  # streaming OpenWebText from the hub
@@ -101,8 +107,12 @@ def make_store(path: Path, n_chunks: int, d: int = 768, eval_chunks: int = 1, la
 
 
 def measure_loader(store: Path, batch: int, epochs: int, layer: int = 8) -> dict:
-    """Chunk reads through integrity.Checked and the streamed loader (ChunkShuffledBatches, its prefetch
-    thread) of the preset: in_memory_max_gb is exceeded, so it streams."""
+    """The training loader as a pack job runs it: `StreamedBatches.host_batches` (saescale.loader, through
+    store.batch_stream: the preset's 145 GiB split exceeds in_memory_max_gb, so it streams) on a page-cached float16
+    store, shuffle_chunks = 8 as in the preset; its reader thread maps and CRC32C-checks the chunks of the next
+    group while its gather thread fills the ring. Unpinned here (no CUDA): on the H100's host the ring is
+    page-locked and the copy to the device is the side stream's. Also the `Checked` zarr chunk read that the
+    evaluation stages still do (iter_chunks, encode_split)."""
     from saescale.store import batch_stream, open_store
 
     root = open_store(store)
@@ -119,18 +129,23 @@ def measure_loader(store: Path, batch: int, epochs: int, layer: int = 8) -> dict
     finite = timed(lambda: np.isfinite(chunk).all(), 3)
     stream = batch_stream(root, layer, batch, 0, 0.0, 8)
     assert not stream.in_memory
-    it = stream.batches(0)
-    next(it)  # fills the first shuffle buffer
+    it = stream.host_batches(0, pin=False)
+    first = next(it)  # the ring's allocation and the first group's reads: a job's start, not a step
+    assert first.dtype == torch.float16 and tuple(first.shape) == (batch, x.shape[1])
     per_batch = []
     for _ in range(stream.steps_per_epoch * epochs - 1):
         t0 = time.perf_counter()
         next(it)
         per_batch.append(time.perf_counter() - t0)
-    del it
-    per_batch.sort()
-    median = per_batch[len(per_batch) // 2]
-    return {"batch": batch, "batches_timed": len(per_batch), "s_per_batch": per_batch,
-            "rows_per_s": batch * len(per_batch) / sum(per_batch), "median_rows_per_s": batch / median,
+    it.close()
+    first_epoch = per_batch[:stream.steps_per_epoch - 1]
+    later = per_batch[stream.steps_per_epoch - 1:] or per_batch
+    median = sorted(per_batch)[len(per_batch) // 2]
+    return {"batch": batch, "batches_timed": len(per_batch), "steps_per_epoch": stream.steps_per_epoch,
+            "s_per_batch": per_batch, "rows_per_s": batch * len(per_batch) / sum(per_batch),
+            "median_rows_per_s": batch / median,
+            "first_epoch_rows_per_s": batch * len(first_epoch) / sum(first_epoch) if first_epoch else math.nan,
+            "later_epochs_rows_per_s": batch * len(later) / sum(later),
             "chunk_read_checked_s": scale * min(checked) / len(starts),
             "chunk_read_raw_s": scale * min(raw) / len(starts), "isfinite_s": scale * min(finite)}
 
@@ -176,46 +191,39 @@ def measure_token_reads(tmp: Path, n_windows: int, repeats: int) -> dict:
             "samples": per_touched}
 
 
-def measure_geometry_block(n: int, repeats: int) -> dict:
-    """One block of geometry.random_reference on one CPU thread (the cli default --threads 1): a [2^25/n, n]
-    similarity block; every block holds the same 2^25 entries whatever n is."""
-    from saescale.evaluate.geometry import nearest_neighbour_cosines
-
+def measure_geometry_randn(n: int, repeats: int) -> dict:
+    """geometry.random_reference's host part: n random directions drawn on the CPU with a seeded generator
+    (one thread, the cli default --threads 1) before they move to the job's device; the n^2 d comparison runs
+    there since 36a6801 and is modeled."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         g = torch.Generator().manual_seed(0)
-        t_randn = timed(lambda: torch.randn(n, 768, generator=g), 1)[0]
-        unit = torch.randn(n, 768, generator=g)
-        block = min(n, (1 << 25) // n)
-        part = unit[:block * repeats]
-        # nearest_neighbour_cosines on the first rows against all n: block the same way, time per block
-        t0 = time.perf_counter()
-        for start in range(0, repeats * block, block):
-            sims = part[start:start + block] @ unit.T
-            sims.max(dim=1)
-        per_block = (time.perf_counter() - t0) / repeats
-        t_small = timed(lambda: nearest_neighbour_cosines(unit[:2048]), 1)[0]
+        t = min(timed(lambda: torch.randn(n, 768, generator=g), repeats))
     finally:
         torch.set_num_threads(threads)
-    return {"n": n, "block_rows": block, "s_per_block": per_block * (1 << 25) / (block * n),
-            "randn_s_per_element": t_randn / (n * 768), "nn_2048_s": t_small}
+    return {"n": n, "randn_s_per_element": t / (n * 768)}
 
 
-def measure_csr(n: int, k: int, repeats: int) -> dict:
-    """interpret.examples.encode_split's host side: scipy.sparse.csr_matrix of each dense [256, n] float32
-    code batch, then vstack + tocsc of all batches (per stored nonzero)."""
+def measure_sparse_rows(n: int, k: int, repeats: int) -> dict:
+    """interpret.examples.encode_split's host side since b39727b: `_sparse_rows` (the k index/value pairs per row
+    of a TopK code, copied to the host and built into a CSR [256, n]) per nonzero, then vstack + tocsc of all
+    batches per nonzero. Here the code's tensors are on the CPU, so the .cpu() copies are free; the model adds
+    the D2H."""
     import scipy.sparse as sp
 
-    rng = np.random.default_rng(0)
-    dense = np.zeros((256, n), np.float32)
-    for r in range(256):
-        dense[r, rng.choice(n, k, replace=False)] = 1.0
-    t = timed(lambda: sp.csr_matrix(dense), repeats)
-    parts = [sp.csr_matrix(dense)] * 16
+    from saescale.interpret.examples import _sparse_rows
+    from saescale.sae.activations import Latents
+
+    g = torch.Generator().manual_seed(0)
+    rows = 256
+    indices = torch.rand(rows, n, generator=g).topk(k, dim=1).indices
+    latents = Latents(torch.rand(rows, k, generator=g) + 0.1, indices)
+    t = timed(lambda: _sparse_rows(latents, n), repeats)
+    parts = [_sparse_rows(latents, n)] * 16
     t_csc = min(timed(lambda: sp.vstack(parts).tocsc(), 2))
-    return {"shape": [256, n], "k": k, "s_per_element": min(t) / dense.size,
-            "tocsc_s_per_nonzero": t_csc / (16 * 256 * k), "repeats_s": t}
+    return {"shape": [rows, n], "k": k, "s_per_nonzero": min(t) / (rows * k),
+            "tocsc_s_per_nonzero": t_csc / (16 * rows * k), "repeats_s": t}
 
 
 def measure_n2g(latents: int, windows: int) -> dict:
@@ -294,16 +302,16 @@ def measure_imports(runs: int) -> float:
 
 
 SIZES = {  # (store chunks, chunk rows, batch, epochs, normalize chunks, token windows, token repeats, geometry n,
-    #  geometry blocks, CSR n, CSR repeats, N2G latents, N2G windows, quantile elements, BPE bytes, import runs)
-    "full": (12, CHUNK_ROWS, 131072, 3, 6, 400_000, 6, 1 << 15, 3, 1 << 16, 4, 128, 2048, 1 << 24, 4 << 20, 2),
-    "quick": (4, CHUNK_ROWS, 65536, 2, 3, 60_000, 3, 1 << 15, 1, 1 << 14, 2, 32, 256, 1 << 21, 1 << 20, 1),
+    #  randn repeats, interpret n, interpret repeats, N2G latents, N2G windows, quantile elements, BPE bytes, import runs)
+    "full": (16, CHUNK_ROWS, 131072, 4, 6, 400_000, 6, 1 << 17, 2, 1 << 17, 5, 128, 2048, 1 << 24, 4 << 20, 2),
+    "quick": (8, CHUNK_ROWS, 65536, 3, 3, 60_000, 3, 1 << 15, 1, 1 << 15, 2, 32, 256, 1 << 21, 1 << 20, 1),
     "smoke": (6, 2048, 4096, 2, 3, 12_000, 2, 1 << 11, 1, 1 << 12, 1, 8, 64, 1 << 16, 1 << 18, 1),
 }
 
 
 def measure(mode: str) -> dict:
     """Every host measurement the model rests on, at the shapes of SIZES[mode] (smoke: only checks the script)."""
-    (chunks, chunk_rows, batch, epochs, norm_chunks, tok_windows, tok_repeats, geo_n, geo_blocks, csr_n,
+    (chunks, chunk_rows, batch, epochs, norm_chunks, tok_windows, tok_repeats, geo_n, geo_repeats, csr_n,
      csr_repeats, n2g_latents, n2g_windows, q_elements, bpe_bytes, import_runs) = SIZES[mode]
     tmp = Path(tempfile.mkdtemp(prefix="h100_model_"))
     try:
@@ -314,8 +322,8 @@ def measure(mode: str) -> dict:
         m["normalize"] = measure_normalize(tmp / "act.zarr", norm_chunks)
         shutil.rmtree(tmp / "act.zarr")
         m["token_reads"] = measure_token_reads(tmp, tok_windows, tok_repeats)
-        m["geometry"] = measure_geometry_block(geo_n, geo_blocks)
-        m["csr"] = measure_csr(csr_n, 32, csr_repeats)
+        m["geometry"] = measure_geometry_randn(geo_n, geo_repeats)
+        m["sparse_rows"] = measure_sparse_rows(csr_n, 32, csr_repeats)
         m["n2g"] = measure_n2g(n2g_latents, n2g_windows)
         m["quantile"] = measure_quantile(q_elements)
         m["tokenizer"] = measure_tokenizer(tmp, bpe_bytes)
@@ -343,54 +351,106 @@ def lm_s(tokens: int, blocks: int, head: bool, dev: H100, ctx: int = 64) -> floa
     return t + (tokens * GPT2["vocab"] * 4 * 4 / (dev.hbm_gbs * 1e9) if head else 0.0)
 
 
-def train_step(n: int, k: int, d: int, B: int, k_aux: int, n_dead: int, dev: H100) -> dict:
-    """GPU seconds of one training_step + bookkeeping under bf16 autocast, by term."""
+def train_step(n: int, k: int, d: int, B: int, k_aux: int, auxk: bool, dev: H100, log_every: int) -> dict:
+    """GPU seconds of one member's training_step + Trainer bookkeeping under bf16 autocast (sae/, bff45aa), by term.
+    AuxK, once the trainer cannot rule out a dead latent, costs the same at any dead fraction: live latents are
+    masked to -inf in place and one top-k_aux runs over all n; its k_aux slots join the main k in one sparse pass."""
     hbm = dev.hbm_gbs * 1e9
+    m = k + (k_aux if auxk else 0)  # slots per token of the one Selection
 
-    def sparse(kk: int) -> float:
-        # embedding_bag passes over B*kk rows of d float32 (autocast leaves them in fp32): decode, its recomputed
-        # forward, the values' gradient, W_dec's gradient, x's gradient, W_enc's gradient; two stable sorts
-        # of B*kk int64 indices (radix, ~8 passes of key + value)
-        return 6 * B * kk * d * 4 / hbm + 2 * 8 * B * kk * 16 / hbm
+    def gathers(slots: int) -> float:
+        # per slot, 4 row reads of d float32 (embedding_bag/gather kernels and cuSPARSE CSR @ dense; autocast
+        # leaves them float32): the decoder forward (W_dec rows), the values' gradient (W_dec rows against the
+        # bag's gradient row), W_dec's gradient (rows of the [B*bags, d] gradient) and W_enc's gradient (rows of
+        # x - b_pre). No x gradient (the batch needs none), b_pre's is O(n d).
+        return 4 * B * slots * d * 4 / hbm
 
-    t = {"encoder_gemm": max(2 * B * n * d / (dev.bf16_tflops * 1e12), B * n * 2 / hbm),
+    def index_work(slots: int) -> float:
+        # one stable radix sort of int32 keys with int64 order (4 passes, read + write) shared by both weight
+        # gradients, the bag/row ids and weights[order] of two CSR builds, the values' clone and index_add
+        return (4 * 2 * 12 + 100) * B * slots / hbm
+
+    t = {"encoder_gemm": max(2 * B * n * d / (dev.bf16_tflops * 1e12), (B * n * 2 + n * d * 6) / hbm),
          "topk": 3 * B * n * 2 / hbm,
-         "sparse_k": sparse(k),
-         "optimizer_ema_projection": n * d * 4 * 26 / hbm,
-         "normalize_batch": 5 * B * d * 4 / hbm,
-         "heldout_fvu_every_10": 2 * 4096 * n * d / (dev.fp32_tflops * 1e12) / 10,
-         "launch_sync": dev.launch_ms / 1000}
-    if n_dead:
-        ka = min(k_aux, n_dead)
-        t["auxk_copy_topk"] = 2 * B * n_dead * 2 / hbm + 3 * B * n_dead * 2 / hbm
-        t["auxk_sparse"] = sparse(ka)
+         "sparse_main": gathers(k) + index_work(k),
+         "losses": 8 * B * d * 4 / hbm,
+         # fused Adam 2 x 7, EMA lerp 2 x 3, decoder-gradient projection 3, renormalization 3, two weight
+         # gradients written (zeroed + accumulated) 2 x 2 passes of [n, d] float32
+         "optimizer_ema_projection": (26 + 4) * n * d * 4 / hbm,
+         "heldout_fvu_every_log": (2 * 4096 * n * d / (dev.tf32_tflops * 1e12) + 3 * 4096 * n * 4 / hbm) / log_every}
+    if auxk:
+        t["auxk_mask_topk"] = 2 * B * n * 2 / hbm + 3 * B * n * 2 / hbm  # masked_fill_ in place, top-k_aux over n
+        t["sparse_auxk"] = gathers(m) + index_work(m) - t["sparse_main"]
+    device = sum(t.values())
+    # no host sync in a step: the host issues kernels ahead of the GPU, which waits on it only where a step's
+    # work is shorter than its issue; a log step's reads drain the queue once per log_every steps
+    t["host_issue"] = max(0.0, dev.launch_ms / 1000 - device) + dev.launch_ms / 1000 / log_every
     return t
 
 
-def train_sae(n: int, k: int, cfg: dict, m: dict, dev: H100, hs: float, dead_fraction: float) -> dict:
+def train_pack(members: list[dict], cfg: dict, m: dict, dev: H100, hs: float, auxk: bool) -> dict:
+    """One training job (a train.pack, or one SAE alone): a batch is read once, crosses as float16 on the
+    loader's side stream, is cast and normalized once on the device, and every member steps on it in turn.
+    Seconds per batch = max(loader, disk, H2D, sum of the members' GPU steps)."""
     from saescale.config import k_aux_for
+    from saescale.hardware import train_gpu_gib
 
     tr, d = cfg["train"], GPT2["d"]
+
+    def aux_slots(n: int) -> int:
+        # the trainer selects only as many AuxK slots as latents can be dead before its next log step (Trainer.
+        # _bound_dead): the dead ones and those close to it, modeled as AUX_MARGIN x DEAD_FRACTION of n
+        return min(k_aux_for(tr, d), n, math.ceil(AUX_MARGIN * DEAD_FRACTION * n))
+
     B, steps = tr["batch_size"], tr["tokens"] // tr["batch_size"]
-    k_aux = min(k_aux_for(tr, d), n)
-    n_dead = int(dead_fraction * n) if tr["auxk"] else 0
-    terms = train_step(n, k, d, B, k_aux, n_dead, dev)
-    gpu = sum(terms.values())
-    h2d = B * d * 4 / (dev.h2d_pageable_gbs * 1e9)  # float32 batch, pageable: serialized with the step
+    n = max(j["n"] for j in members)
+    per = []
+    for j in members:
+        terms = train_step(j["n"], j["k"], d, B, aux_slots(j["n"]), auxk and tr["auxk"], dev, tr["log_every"])
+        per.append({"n": j["n"], "k": j["k"], "gpu_s": sum(terms.values()), "terms_s": terms})
+    shared = 5 * B * d * 4 / (dev.hbm_gbs * 1e9)  # float16 -> float32 cast and normalize, once per batch
+    gpu = shared + sum(r["gpu_s"] for r in per)
+    h2d = B * d * 2 / (dev.h2d_pinned_gbs * 1e9)  # pinned float16 on a side stream, one batch ahead: overlapped
     loader = B / (m["loader"]["rows_per_s"] * hs)
-    disk = B * d * 2 / (dev.disk_gbs * 1e9)
-    step = max(loader, disk, gpu + h2d)
-    params_bytes = 2 * n * d * 4
+    disk = B * d * 2 / (dev.disk_gbs * 1e9)  # the 154 GB split does not stay in the page cache
+    step = max(loader, disk, h2d, gpu)
+    bound = {loader: "host loader", disk: "disk", h2d: "H2D", gpu: "GPU"}[step]
+    params_bytes = sum(2 * j["n"] * d * 4 for j in members)
     checkpoint = params_bytes * 4 / (dev.disk_gbs * 1e9) / tr["checkpoint_seconds"]  # weights, Adam x2, EMA
-    start = m["imports_s"] / hs + dev.job_start_s
-    total = steps * step * (1 + checkpoint) + start + 2 * m["loader"]["chunk_read_checked_s"] / hs
-    bound = "host loader" if loader >= gpu + h2d else "GPU"
-    peak = B * n * 2 * (1 + (n_dead / n if n_dead else 0)) + params_bytes * 4 + 2.5e9
-    return {"n": n, "k": k, "steps": steps, "dead_fraction": dead_fraction, "step_s": step, "gpu_s": gpu,
-            "h2d_s": h2d, "loader_s": loader, "terms_s": terms, "total_s": total, "bound": bound,
-            "peak_gpu_gib": peak / 2**30,
-            "issue18_loader_s": steps * (step - (gpu + B * d * 2 / (dev.h2d_pinned_gbs * 1e9))),
-            "issue18_auxk_s": steps * terms.get("auxk_sparse", 0.0)}
+    start = m["imports_s"] / hs + dev.job_start_s + m["loader"]["s_per_batch"][0] / hs  # + the first group's reads
+    total = steps * step * (1 + checkpoint) + start
+    act_bytes = 2  # bf16 autocast on CUDA
+    peak = train_gpu_gib([j["n"] for j in members], d, B, act_bytes, tr.get("microbatch"))
+    for r in per:  # each member's share of the job's wall time, by its share of the GPU work
+        r["total_s"] = total * (r["gpu_s"] + shared / len(per)) / gpu
+    return {"n": n, "members": len(members), "ks": [j["k"] for j in members], "steps": steps, "auxk": auxk,
+            "step_s": step, "gpu_s": gpu, "h2d_s": h2d, "loader_s": loader, "disk_s": disk, "bound": bound,
+            "peak_gpu_gib": peak, "total_s": total, "start_s": start, "per_member": per}
+
+
+def pack_jobs(cfg: dict) -> list[list[dict]]:
+    """The training jobs of the config: each train.pack's members (config.train_packs), and every SAE outside a
+    pack alone."""
+    from saescale.config import train_packs, trained_saes
+
+    saes = trained_saes(cfg)
+    packs = [p["members"] for p in train_packs(cfg)]
+    def key(j: dict) -> frozenset:
+        return frozenset((a, str(b)) for a, b in j.items())
+
+    packed = {key(j) for members in packs for j in members}
+    return packs + [[j] for j in saes if key(j) not in packed]
+
+
+# The model's totals before issue 18 (ca1f877, two full runs on 2026-12-06 at load 5.8-8.1, host speed-up 2x): the
+# old loader (0.10-0.12 M rows/s), pageable float32 H2D, AuxK's per-step sync and separate sparse passes, geometry's
+# reference on one CPU thread, interpret's dense D2H + scipy conversion. Quoted, not re-modeled: that code is gone.
+BEFORE_ISSUE18 = {
+    "tokenize": "4–5 min", "extract": "18 min", "normalize": "16–32 min", "train (per SAE, AuxK idle)": "–",
+    "train (per SAE, AuxK active: 1% dead)": "50–61 h", "evaluate": "27 min", "probes": "9–11 min",
+    "ablation": "9–10 min", "geometry": "41–53 min", "interpret": "1.3–2.1 h", "analyze": "5–7 min",
+    "scaling / dashboard / report": "~3.5 min (with toy studies)", "toy studies (schema defaults: on)": "(above)",
+    "total": "54–65 h"}
 
 
 def model_stages(cfg: dict, m: dict, dev: H100, hs: float) -> tuple[list[dict], dict]:
@@ -416,7 +476,7 @@ def model_stages(cfg: dict, m: dict, dev: H100, hs: float) -> tuple[list[dict], 
     t_dl = tokens * bpt / (dev.download_mbs * 1e6)
     row("tokenize", 1, start - dev.job_start_s + t_bpe + t_dl, "host (BPE from Python) + network",
         f"BPE stand-in {m['tokenizer']['tokens_per_s'] / 1e6:.2f} M tok/s",
-        "dataset load is blocker 3 of the audit (datasets>=4 refuses openwebtext.py)")
+        "OpenWebText from the hub's parquet conversion (the download rate is ASSUMED)")
 
     # extract: per chunk, token read (main thread) -> forward to block `layer` -> D2H; writer overlaps
     n_windows = tokens // ctx
@@ -442,14 +502,21 @@ def model_stages(cfg: dict, m: dict, dev: H100, hs: float) -> tuple[list[dict], 
     row("normalize", 1, m["imports_s"] / hs + m["normalize"]["fixed_s"] / hs + n_chunks * per,
         "host (1 thread: read, CRC, isfinite, float64 sums)", f"{m['normalize']['s_per_chunk']:.3f} s/chunk")
 
-    # train: every SAE, two scenarios for AuxK
-    idle = [train_sae(j["n"], j["k"], cfg, m, dev, hs, 0.0) for j in saes]
-    active = [train_sae(j["n"], j["k"], cfg, m, dev, hs, 0.01) for j in saes]
-    bound = sorted({r["bound"] for r in idle + active})
-    row("train (per SAE, AuxK idle)", len(idle), [r["total_s"] for r in idle], " / ".join(bound),
-        f"loader {m['loader']['rows_per_s'] / 1e6:.3f} M rows/s here")
-    row("train (per SAE, AuxK active: 1% dead)", len(active), [r["total_s"] for r in active], " / ".join(bound),
-        f"loader {m['loader']['rows_per_s'] / 1e6:.3f} M rows/s here", "counted in the total instead of the idle row")
+    # train: one job per train.pack (members step in turn on each batch), two scenarios for AuxK. Rows are per
+    # SAE: its share of its job's wall time (by its share of the job's GPU work), so the rows add up to the jobs.
+    jobs_ = pack_jobs(cfg)
+    idle = [train_pack(members, cfg, m, dev, hs, False) for members in jobs_]
+    active = [train_pack(members, cfg, m, dev, hs, True) for members in jobs_]
+    loader_in = (f"loader {m['loader']['rows_per_s'] / 1e6:.2f} M rows/s here "
+                 f"({m['loader']['batch'] / m['loader']['rows_per_s'] * 1e3:.0f} ms per batch)")
+    for label, packs, note in (
+            ("train (per SAE, AuxK idle)", idle, f"{len(jobs_)} jobs (train.pack); not in the total"),
+            ("train (per SAE, AuxK active: 1% dead)", active,
+             (f"{len(jobs_)} jobs (train.pack); AuxK runs every step with min(k_aux, {AUX_MARGIN} x "
+              f"{DEAD_FRACTION:.0%} of n) slots (the trainer's bound on latents that can be dead); counted in the total"))):
+        bound = sorted({r["bound"] for r in packs})
+        row(label, sum(r["members"] for r in packs), [x["total_s"] for r in packs for x in r["per_member"]],
+            " / ".join(bound) + f" ({len(packs)} pack jobs)", loader_in, note)
 
     # evaluate: FVU/L0/dead over the eval split, then delta CE and KL (3 forwards per batch)
     eval_rows = subj["eval_tokens"]
@@ -485,28 +552,32 @@ def model_stages(cfg: dict, m: dict, dev: H100, hs: float) -> tuple[list[dict], 
     jobs = [j for j in saes if evaluated(cfg, "ablation", j)]
     row("ablation", len(jobs), [ablation(j["n"]) for j in jobs], "GPU fp32 + job start", "imports")
 
-    # geometry: evaluate's FVU pass again, decoder cosines on the GPU, random reference on 1 CPU thread
+    # geometry: evaluate's FVU pass again; decoder cosines and (since 36a6801) the random reference on the GPU,
+    # its n x d directions drawn on 1 CPU thread and copied over
     g = m["geometry"]
 
     def geometry(n):
-        ref = (n * n / (1 << 25)) * g["s_per_block"] / hs + n * d * g["randn_s_per_element"] / hs
-        dec = 2 * n * n * d / (dev.fp32_tflops * 1e12) + 3 * n * n * 4 / (dev.hbm_gbs * 1e9)
-        return start + recon(n) + dec + ref
+        cos = 2 * n * n * d / (dev.fp32_tflops * 1e12) + 3 * n * n * 4 / (dev.hbm_gbs * 1e9)
+        ref = n * d * g["randn_s_per_element"] / hs + n * d * 4 / (dev.h2d_pageable_gbs * 1e9) + cos
+        return start + recon(n) + cos + ref
 
     jobs = [j for j in saes if evaluated(cfg, "geometry", j)]
-    row("geometry", len(jobs), [geometry(j["n"]) for j in jobs], "host (random reference, 1 CPU thread)",
-        f"{g['s_per_block']:.2f} s per 2^25-entry block")
+    row("geometry", len(jobs), [geometry(j["n"]) for j in jobs], "GPU fp32 + job start",
+        f"randn {g['randn_s_per_element'] * 1e9:.1f} ns/element (1 thread)")
 
-    # interpret: encode_split (dense codes to the host, CSR), N2G, scoring; C.6 for reconstruction.n
-    c, nq = m["csr"], m["n2g"]
+    # interpret: encode_split (since b39727b each batch's k index/value pairs per row leave the device:
+    # _sparse_rows), N2G, scoring; C.6 for reconstruction.n
+    c, nq = m["sparse_rows"], m["n2g"]
 
     def interpret(n, k):
         r = (it["example_windows"] + it["eval_windows"]) * ctx
         batch = max(256, 2**24 // n)
-        reads = -(-r // batch) if batch < CHUNK_ROWS else -(-r // CHUNK_ROWS)
-        enc = (reads * m["loader"]["chunk_read_raw_s"] / hs + sae_pass_s(r, n, d, dev)
-               + r * n * 4 / (dev.d2h_gbs * 1e9) + r * n * c["s_per_element"] / hs
-               + r * k * c["tocsc_s_per_nonzero"] / hs)
+        batches = -(-r // batch)
+        reads = batches if batch < CHUNK_ROWS else -(-r // CHUNK_ROWS)
+        enc = (reads * m["loader"]["chunk_read_raw_s"] / hs + r * d * 4 / (dev.h2d_pageable_gbs * 1e9)
+               + sae_pass_s(r, n, d, dev) + batches * dev.launch_ms / 1000  # the keep mask's sync per batch
+               + r * k * (4 + 8 + 8) / (dev.d2h_gbs * 1e9)  # float32 values, int64 rows and columns
+               + r * k * (c["s_per_nonzero"] + c["tocsc_s_per_nonzero"]) / hs)
         c6 = n in it["reconstruction"]["n"]
         latents = n if c6 else min(it["latents"], n)  # C.6 explains every alive latent: all n ASSUMED alive
         queries = latents * it["examples"] * nq["queries_per_example"]
@@ -522,8 +593,8 @@ def model_stages(cfg: dict, m: dict, dev: H100, hs: float) -> tuple[list[dict], 
         return start + enc + n2g + score + extra
 
     jobs = [j for j in saes if evaluated(cfg, "interpret", j)]
-    row("interpret", len(jobs), [interpret(j["n"], j["k"]) for j in jobs], "host (scipy CSR, N2G Python, C.6)",
-        f"CSR {c['s_per_element'] * 1e9:.2f} ns/element, N2G {nq['host_s_per_query'] * 1e6:.0f} us/query host, "
+    row("interpret", len(jobs), [interpret(j["n"], j["k"]) for j in jobs], "host (N2G Python, C.6's predict_codes)",
+        f"_sparse_rows {c['s_per_nonzero'] * 1e9:.0f} ns/nonzero, N2G {nq['host_s_per_query'] * 1e6:.0f} us/query host, "
         f"predict {nq['predict_s_per_latent_window'] * 1e6:.1f} us/latent/window")
 
     # analyze: progressive (24 decodes per batch, a host quantile) and refinement (FISTA, delta CE)
@@ -563,12 +634,18 @@ def model_stages(cfg: dict, m: dict, dev: H100, hs: float) -> tuple[list[dict], 
     totals["total_h_auxk_idle"] = sum(r["total_s"] for r in rows if r["stage"] != "train (per SAE, AuxK active: 1% dead)") / 3600
     totals["train_h"] = sum(r["total_s"] for r in active) / 3600
     totals["train_h_auxk_idle"] = sum(r["total_s"] for r in idle) / 3600
-    totals["train_gpu_only_h"] = sum(r["steps"] * (r["gpu_s"] + r["h2d_s"]) for r in active) / 3600
-    totals["issue18_loader_h"] = sum(r["issue18_loader_s"] for r in active) / 3600
-    totals["issue18_auxk_h"] = sum(r["issue18_auxk_s"] for r in active) / 3600
-    totals["per_sae"] = [{key: r[key] for key in ("n", "k", "step_s", "gpu_s", "h2d_s", "loader_s", "bound",
-                                                   "peak_gpu_gib", "total_s")} | {"auxk": r["dead_fraction"]}
-                         for r in idle + active]
+    totals["train_gpu_only_h"] = sum(r["steps"] * r["gpu_s"] for r in active) / 3600
+    totals["train_loader_only_h"] = sum(r["steps"] * r["loader_s"] for r in active) / 3600
+    terms: dict[str, float] = {}
+    for r in active:
+        for x in r["per_member"]:
+            for key, v in x["terms_s"].items():
+                terms[key] = terms.get(key, 0.0) + r["steps"] * v / 3600
+    totals["train_terms_h"] = dict(sorted(terms.items(), key=lambda kv: -kv[1]))
+    totals["train_auxk_h"] = terms.get("auxk_mask_topk", 0.0) + terms.get("sparse_auxk", 0.0)
+    totals["packs"] = [{key: r[key] for key in ("n", "members", "ks", "steps", "auxk", "step_s", "gpu_s", "h2d_s",
+                                                 "loader_s", "disk_s", "bound", "peak_gpu_gib", "total_s")}
+                       | {"member_gpu_s": [x["gpu_s"] for x in r["per_member"]]} for r in idle + active]
     return rows, totals
 
 
@@ -583,41 +660,49 @@ def _dur(s: float) -> str:
 def render(out: dict) -> str:
     dev, m, t = out["assumptions"], out["measured"], out["totals"]
     lines = [f"# Modeled time on one H100 SXM 80 GB: {Path(out['config']).name} (MODELED, not measured on a GPU)", "",
-             "| stage | jobs | per job | total | bound by | measured inputs |", "|---|---|---|---|---|---|"]
+             "| stage | jobs | per job | total | before issue 18 | bound by | measured inputs |",
+             "|---|---|---|---|---|---|---|"]
     for r in out["stages"]:
         lo, hi = r["per_job_s"]
         per = _dur(lo) if abs(hi - lo) < 0.05 * hi + 1 else f"{_dur(lo)} – {_dur(hi)}"
         tot = _dur(r["total_s"]) + (" (not in total)" if r["stage"] == "train (per SAE, AuxK idle)" else "")
-        lines.append(f"| {r['stage']} | {r['jobs']} | {per} | {tot} | {r['bound']} | {r['measured_inputs']} |")
-    lines.append(f"| **total** | | | **{t['total_h']:.1f} h** (AuxK idle: {t['total_h_auxk_idle']:.1f} h) | | |")
+        before = BEFORE_ISSUE18.get(r["stage"], "–")
+        lines.append(f"| {r['stage']} | {r['jobs']} | {per} | {tot} | {before} | {r['bound']} | {r['measured_inputs']} |")
+    lines.append(f"| **total** | | | **{t['total_h']:.1f} h** (AuxK idle: {t['total_h_auxk_idle']:.1f} h) | "
+                 f"{BEFORE_ISSUE18['total']} | | |")
     lines += ["", "Notes:"] + [f"- {r['stage']}: {r['note']}" for r in out["stages"] if r["note"]]
-    lines += ["", f"Training: {t['train_h']:.1f} h with AuxK active, {t['train_h_auxk_idle']:.1f} h idle; the GPU alone "
-              f"(step + pageable H2D) would need {t['train_gpu_only_h']:.1f} h. What issue 18 would remove: the loader "
-              f"wait and pageable float32 H2D, {t['issue18_loader_h']:.1f} h (down to the GPU step + a pinned float16 "
-              f"copy); AuxK's k_aux sparse float32 passes, {t['issue18_auxk_h']:.1f} h (all of them; bf16 and the O(n d) "
-              "b_pre reduction would remove part).", "",
-              "Per-step model at the largest and smallest n (AuxK active, 1% dead):", "",
-              "| n | k | GPU step | pageable H2D | loader | step | bound | peak GPU GiB (est.) |", "|---|---|---|---|---|---|---|---|"]
-    act = [r for r in t["per_sae"] if r["auxk"] > 0]
-    for r in [act[0], act[len(act) // 2], act[-6], act[-1]]:
-        lines.append(f"| {r['n']} | {r['k']} | {r['gpu_s'] * 1e3:.0f} ms | {r['h2d_s'] * 1e3:.0f} ms | "
-                     f"{r['loader_s'] * 1e3:.0f} ms | {r['step_s'] * 1e3:.0f} ms | {r['bound']} | {r['peak_gpu_gib']:.0f} |")
+    terms = ", ".join(f"{k} {v:.1f} h" for k, v in t["train_terms_h"].items() if v >= 0.05)
+    lines += ["", f"Training: {t['train_h']:.1f} h with AuxK running, {t['train_h_auxk_idle']:.1f} h if it never "
+              f"runs; the GPU steps alone {t['train_gpu_only_h']:.1f} h, the loader alone would need "
+              f"{t['train_loader_only_h']:.1f} h. AuxK (mask + top-k_aux over n, its k_aux slots in the sparse pass): "
+              f"{t['train_auxk_h']:.1f} h. GPU time by term, all packs: {terms}.", "",
+              "Per pack job (one batch read, float16 pinned H2D overlapped, members step in turn):", "",
+              "| n | SAEs | AuxK | GPU per batch (sum of members) | loader | disk | H2D | wall per batch | bound | "
+              "job | peak GPU GiB (hardware.train_gpu_gib) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in t["packs"]:
+        lines.append(f"| {r['n']} | {r['members']} | {'runs' if r['auxk'] else 'idle'} | {r['gpu_s'] * 1e3:.0f} ms | "
+                     f"{r['loader_s'] * 1e3:.0f} ms | {r['disk_s'] * 1e3:.0f} ms | {r['h2d_s'] * 1e3:.0f} ms | "
+                     f"{r['step_s'] * 1e3:.0f} ms | {r['bound']} | {_dur(r['total_s'])} | {r['peak_gpu_gib']} |")
     lines += ["", f"Total by host speed-up (host of the H100 vs this machine): "
               + ", ".join(f"{k}x: {v:.1f} h" for k, v in out["total_h_by_host_speedup"].items()), "",
               "ASSUMED (H100 and its host): " + ", ".join(f"{k} = {v}" for k, v in dev.items())
               + f"; host speed-up {out['host_speedup']}x over the measured rates below.", "",
               f"MEASURED here ({m['threads']} torch threads, load average {m['load_before'][0]:.2f} before, "
               f"{m['load_after'][0]:.2f} after, {m['mode']} measurements):",
-              f"- streamed loader (ChunkShuffledBatches, float16 d = 768 store in page cache, batch {m['loader']['batch']}): "
-              f"{m['loader']['rows_per_s'] / 1e6:.3f} M rows/s ({m['loader']['batch'] / m['loader']['rows_per_s']:.2f} s per batch); "
-              f"chunk read through Checked {m['loader']['chunk_read_checked_s'] * 1e3:.0f} ms, raw {m['loader']['chunk_read_raw_s'] * 1e3:.0f} ms, "
+              f"- streamed loader (StreamedBatches.host_batches, unpinned, float16 d = 768 store in page cache, batch "
+              f"{m['loader']['batch']}, {m['loader']['batches_timed']} batches timed): "
+              f"{m['loader']['rows_per_s'] / 1e6:.2f} M rows/s ({m['loader']['batch'] / m['loader']['rows_per_s'] * 1e3:.0f} ms "
+              f"per batch; first epoch {m['loader']['first_epoch_rows_per_s'] / 1e6:.2f}, later "
+              f"{m['loader']['later_epochs_rows_per_s'] / 1e6:.2f}); evaluation's chunk read through Checked "
+              f"{m['loader']['chunk_read_checked_s'] * 1e3:.0f} ms, raw {m['loader']['chunk_read_raw_s'] * 1e3:.0f} ms, "
               f"isfinite {m['loader']['isfinite_s'] * 1e3:.0f} ms per 50 MB chunk",
               f"- normalize layer_stats: {m['normalize']['s_per_chunk']:.3f} s per 32,768-row chunk",
               f"- extract token reads: {m['token_reads']['s_per_token_chunk'] * 1e3:.2f} ms per token-store chunk touched; "
               f"extract writer {m['extract_writer_s_per_chunk']:.3f} s per chunk",
-              f"- geometry random reference: {m['geometry']['s_per_block']:.2f} s per 2^25-entry block (1 thread)",
-              f"- interpret CSR: {m['csr']['s_per_element'] * 1e9:.2f} ns per dense element; tocsc "
-              f"{m['csr']['tocsc_s_per_nonzero'] * 1e9:.0f} ns per nonzero",
+              f"- geometry random directions: {m['geometry']['randn_s_per_element'] * 1e9:.1f} ns per element (1 thread, "
+              f"n = {m['geometry']['n']})",
+              f"- interpret _sparse_rows: {m['sparse_rows']['s_per_nonzero'] * 1e9:.0f} ns per nonzero; vstack + tocsc "
+              f"{m['sparse_rows']['tocsc_s_per_nonzero'] * 1e9:.0f} ns per nonzero (n = {m['sparse_rows']['shape'][1]}, k = 32)",
               f"- N2G: {m['n2g']['queries_per_example']:.1f} queries per example, {m['n2g']['tokens_per_query']:.1f} tokens "
               f"each, {m['n2g']['host_s_per_query'] * 1e6:.0f} us host per query; predict_codes "
               f"{m['n2g']['predict_s_per_latent_window'] * 1e6:.2f} us per latent and window",
