@@ -64,7 +64,7 @@ class OldChunkShuffledBatches:
         self.steps_per_epoch = (rows.stop - rows.start) // batch_size
 
     def batches(self, start_step: int = 0) -> Iterator[np.ndarray]:
-        from saescale.store import prefetch
+        from saescale.loader import prefetch
 
         def epochs():
             epoch, skip = divmod(start_step, self.steps_per_epoch)

@@ -194,7 +194,7 @@ def test_the_builtin_lms_fused_gelu_is_gpt2s_tanh_gelu():
 def test_prefetch_keeps_order_raises_the_producers_error_and_stops_when_abandoned():
     import threading
 
-    from saescale.store import prefetch
+    from saescale.loader import prefetch
 
     assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
 

@@ -137,7 +137,7 @@ def test_cut_preset_runs_end_to_end_and_every_stage_is_timed(subject, tmp_path):
 
 EXIT_WHILE_PRODUCING = """
 import sys, torch
-from saescale.store import prefetch
+from saescale.loader import prefetch
 def items():  # every item is a native call that releases the GIL (a chunk read, a gather)
     while True:
         a = torch.randn(1500, 1500)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import google_crc32c
 import numpy as np
@@ -308,6 +308,7 @@ class _Slots:
 
 
 _DONE = object()
+T = TypeVar("T")
 
 
 def _ring_stream(buffers: list[torch.Tensor], produce) -> Iterator[torch.Tensor]:
@@ -343,6 +344,46 @@ def _ring_stream(buffers: list[torch.Tensor], produce) -> Iterator[torch.Tensor]
         stop.set()
         if _stop_producer is not None:  # None once the interpreter is tearing the module down
             _stop_producer(thread)
+
+
+def prefetch(items: Iterator[T], depth: int = 4) -> Iterator[T]:
+    """`items` in the same order, produced by a background thread up to `depth` ahead, so chunk reads and
+    decompression (which release the GIL) overlap the training step. An exception in the producer is
+    raised here; abandoning the iterator stops the thread and waits for it to finish its current item."""
+    buf: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buf.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
+            put(e)
+
+    thread = threading.Thread(target=produce, name="saescale-prefetch", daemon=True)
+    _producers[thread] = stop
+    thread.start()
+    try:
+        while True:
+            item = buf.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        _stop_producer(thread)
 
 
 # Running producer threads and their stop events. A daemon thread still inside a native call (a torch gather)

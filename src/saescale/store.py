@@ -14,18 +14,14 @@ name, never trained on.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import logging
-import queue
 import shutil
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -222,69 +218,6 @@ def iter_chunks(root: zarr.Group, layer: int, split: str, limit: int | None = No
 def read_rows(root: zarr.Group, layer: int, split: str, limit: int | None = None) -> np.ndarray:
     """All rows of one split for one layer, in memory: only for splits known to fit."""
     return np.concatenate(list(iter_chunks(root, layer, split, limit)))
-
-
-T = TypeVar("T")
-_DONE = object()
-
-
-def prefetch(items: Iterator[T], depth: int = 4) -> Iterator[T]:
-    """`items` in the same order, produced by a background thread up to `depth` ahead, so chunk reads and
-    decompression (which release the GIL) overlap the training step. An exception in the producer is
-    raised here; abandoning the iterator stops the thread and waits for it to finish its current item."""
-    buf: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                buf.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
-            put(e)
-
-    thread = threading.Thread(target=produce, name="saescale-prefetch", daemon=True)
-    _producers[thread] = stop
-    thread.start()
-    try:
-        while True:
-            item = buf.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        _stop_producer(thread)
-
-
-# Every running producer thread and its stop event. A daemon thread still inside a native call that released
-# the GIL (a zarr read, a torch gather) when the interpreter finalizes aborts the process on its way back
-# ("terminate called without an active exception", exit code 134) after the job's work is done: so a consumer
-# that stops waits for its producer, and at exit every producer left running is stopped and joined first.
-_producers: dict[threading.Thread, threading.Event] = {}
-
-
-def _stop_producer(thread: threading.Thread, timeout: float = 60.0) -> None:
-    _producers.pop(thread, threading.Event()).set()
-    if not sys.is_finalizing() and thread is not threading.current_thread():
-        thread.join(timeout)
-
-
-@atexit.register
-def _stop_producers() -> None:
-    for thread in list(_producers):
-        _stop_producer(thread)
 
 
 ChunkShuffledBatches = StreamedBatches  # the streamed loader's former name
