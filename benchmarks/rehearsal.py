@@ -202,7 +202,7 @@ def read_benchmarks(wdir: Path) -> list[dict]:
 
 
 STAGE_ORDER = ["corpus", "tokenize", "extract", "normalize", "train", "evaluate", "probes", "ablation",
-               "geometry", "interpret", "analyze", "scaling", "report"]
+               "geometry", "interpret", "dashboard", "analyze", "scaling", "report"]
 
 
 def ordered(rows: list[dict]) -> list[dict]:

@@ -125,8 +125,8 @@ def test_cut_preset_runs_end_to_end_and_every_stage_is_timed(subject, tmp_path):
         per_rule[r["rule"]] = per_rule.get(r["rule"], 0) + 1
         assert r["wall_s"] > 0 and (r["max_rss_mb"] is None or r["max_rss_mb"] > 0)
     assert per_rule == {"corpus": 1, "tokenize": 1, "extract": 1, "normalize": 1, "train": 1, "evaluate": 1,
-                        "probes": 1, "ablation": 1, "geometry": 1, "interpret": 1, "analyze": 2, "scaling": 1,
-                        "report": 1}
+                        "probes": 1, "ablation": 1, "geometry": 1, "interpret": 1, "dashboard": 1, "analyze": 2,
+                        "scaling": 1, "report": 1}
     ablation = json.loads(next((wdir / "data/eval").rglob("*.ablation.json")).read_text())
     assert ablation["vocab"] == 50257  # the full vocabulary's logits, even at the cut width
     result = {"preset": "cut", "date": "today", "machine": rehearsal.machine(), "subject": None, "run": run,
