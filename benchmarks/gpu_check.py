@@ -10,7 +10,7 @@ What it measures, each through the pipeline's own code:
   and 50% of the latents forced dead (AuxK at k_aux = 256 over the dead columns) and a few smaller (n, k):
   ms per step (torch.cuda.Event around the timed steps only) and torch.cuda.max_memory_allocated;
 - one float32 batch [B, d] host-to-device from pageable and from pinned memory, and a pinned float16 one;
-- saescale.store's streamed reader (ChunkShuffledBatches, its prefetch thread) on a synthetic float16 store
+- saescale.loader's streamed batches (device_batches: float16 ring, side-stream copy) on a synthetic float16 store
   of d = 768 in the preset's chunk layout, alone and feeding the real loop (to(device), normalize, step);
 - with --rehearsal DIR (a finished benchmarks/rehearsal.py run): the rehearsal's train and per-SAE GPU stages
   rerun on CUDA through Snakemake, their benchmark: files read back.
@@ -80,6 +80,9 @@ def make_trainer(n: int, k: int, dead_fraction: float, train: dict, device: torc
     spec = dataclasses.replace(spec, log_every=10**9, checkpoint_seconds=0)  # no log row or checkpoint in the timing
     trainer = Trainer(np.zeros(d, np.float32), 1.0, spec, tmp / f"ck_{n}_{k}.pt", np.zeros((1, d), np.float32))
     trainer.n_forced_dead = int(dead_fraction * n)
+    if trainer.n_forced_dead:  # the trainer's own bound on AuxK's slots, read as at a log step (one sync, untimed)
+        trainer.tokens_since_fired[: trainer.n_forced_dead] = spec.dead_tokens
+        trainer._bound_dead()
     return trainer
 
 
@@ -145,7 +148,8 @@ def h2d(B: int, d: int, device: torch.device, repeats: int) -> dict:
 
 def loader(B: int, chunks: int, chunk_rows: int, train: dict, device: torch.device, tmp: Path,
            n: int, k: int, steps: int) -> dict:
-    """saescale.store's streamed reader alone, then feeding the training loop (as train_together does it)."""
+    """saescale.loader's streamed batches alone (float16 on the device through the side-stream copy), then feeding
+    the training loop as train_together does (cast and normalize on the device)."""
     from saescale.normalize import normalize
     from saescale.store import batch_stream, open_store
 
@@ -154,20 +158,21 @@ def loader(B: int, chunks: int, chunk_rows: int, train: dict, device: torch.devi
     out = {"store_chunks": chunks, "chunk_rows": chunk_rows, "batch": B, "writer_s_per_chunk": float(np.median(writer))}
     stream = batch_stream(root, 8, B, 0, 0.0, train["shuffle_chunks"])
     assert not stream.in_memory
-    it = stream.batches(0)
+    it = stream.device_batches(0, device)
     next(it)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        next(it)
-    out["loader_alone_s_per_batch"] = (time.perf_counter() - t0) / steps
-    del it
-    trainer = make_trainer(n, k, 0.0, {**train, "batch_size": B}, device, tmp)
-    it = stream.batches(0)
-    trainer.train_step(normalize(torch.from_numpy(next(it)).to(device, non_blocking=True))[0])
     clock, times = Clock(device), []
     with clock.region(times):
         for _ in range(steps):
-            trainer.train_step(normalize(torch.from_numpy(next(it)).to(device, non_blocking=True))[0])
+            next(it).float()
+    out["loader_alone_s_per_batch"] = times[0] / steps
+    del it
+    trainer = make_trainer(n, k, 0.0, {**train, "batch_size": B}, device, tmp)
+    it = stream.device_batches(0, device)
+    trainer.train_step(normalize(next(it).float())[0])
+    times = []
+    with clock.region(times):
+        for _ in range(steps):
+            trainer.train_step(normalize(next(it).float())[0])
     out["loop_s_per_batch"] = times[0] / steps
     x = unit_batch(B, 768, device)
     step_times: list[float] = []
