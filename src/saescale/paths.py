@@ -37,6 +37,7 @@ TOY_PANELS = "data/toy/manifolds/circle_panels.json"
 TOY_GROUNDTRUTH = "data/toy/groundtruth.json"
 IMPORTED_DIR = "data/imported/{name}"  # an SAE trained elsewhere (config.imported), as a saescale SAE folder
 IMPORTED_CFG = IMPORTED_DIR + "/cfg.json"
+IMPORTED_WEIGHTS = IMPORTED_DIR + "/sae.safetensors"
 IMPORTED_EVAL = IMPORTED_DIR + "/eval.json"
 REPORT = "reports/report.html"
 REPORT_FIGURES = "reports/figures"

@@ -4,6 +4,7 @@ import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
+from snakemake.resources import Resources
 from snakemake.settings.types import DeploymentMethod
 
 from saescale import hardware
@@ -29,6 +30,16 @@ def profile_resource(rule, name):
 
 # A cluster profile may give `train` GPUs where this host has none to see (a login node)
 TRAIN_ON_GPU = TRAIN_GPUS > 0 or int(profile_resource("train", "gpu") or 0) > 0
+
+
+def inherit_train_resources(rule_name):
+    """Give a pack's rule what --set-resources (a profile's `set-resources`) gives rule `train`, under what it
+    gives the pack's own rule: those settings are keyed by rule name, and a pack's rule is named after its pack,
+    so without this a cluster profile's GPU request for `train` would miss packed training."""
+    overrides = workflow.resource_settings.overwrite_resources
+    resources = workflow.get_rule(rule_name).resources
+    for name in ("train", rule_name):
+        resources.update(Resources.from_mapping(overrides.get(name, {})))
 
 
 def train_resources(job):
@@ -280,3 +291,37 @@ def report_inputs(wildcards):
     files += [paths.fmt(paths.ANALYSIS, **job) for job in analyses()]
     files += [paths.fmt(paths.IMPORTED_EVAL, name=name) for name in CFG["imported"]]
     return sorted(set(files))
+
+
+# ---- per-SAE stages (metrics.smk, interpret.smk, analyze.smk) and imported SAEs (imported.smk)
+
+
+def sae_inputs(wc, model=False, tokenizer=False):
+    """The trained SAE and the activation store, plus the builtin model / tokenizer when the rule loads them."""
+    out = {
+        "weights": paths.fmt(paths.SAE_WEIGHTS, **wc),
+        "cfg": paths.fmt(paths.SAE_CFG, **wc),
+        "activations": paths.fmt(paths.ACTIVATIONS, subject=wc.subject),
+    }
+    if model:
+        out["model"] = model_input(wc)
+    if tokenizer and is_builtin(wc):
+        out["tokenizer"] = paths.fmt(paths.TOKENIZER, subject=wc.subject)
+    return out
+
+
+def sae_args(wc):
+    """The CLI arguments every per-SAE rule shares."""
+    sae_dir = str(Path(paths.fmt(paths.SAE_CFG, **wc)).parent)
+    return (f"--sae-dir {sae_dir} --activations {paths.fmt(paths.ACTIVATIONS, subject=wc.subject)} "
+            f"{option('--model', model_path(wc))} {option('--tokenizer', tokenizer_path(wc))} --layer {wc.layer} "
+            f"{revision_option(wc)}")
+
+
+def imported(wc):
+    return CFG["imported"][wc.name]
+
+
+def imported_subject(wc):
+    """The imported SAE's subject, as the wildcards object the subject helpers (model_path, ...) expect."""
+    return SimpleNamespace(subject=imported(wc)["subject"])

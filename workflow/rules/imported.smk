@@ -2,20 +2,11 @@
 # held-out activations by the same command as the sweep's SAEs. They are compared in the report, never fitted.
 
 
-def imported(wc):
-    return CFG["imported"][wc.name]
-
-
-def imported_subject(wc):
-    """The imported SAE's subject, as the wildcards object the subject helpers (model_path, ...) expect."""
-    return SimpleNamespace(subject=imported(wc)["subject"])
-
-
 rule import_sae:
     input:
         lambda wc: imported(wc)["path"],
     output:
-        weights=paths.IMPORTED_DIR + "/sae.safetensors",
+        weights=paths.IMPORTED_WEIGHTS,
         cfg=paths.IMPORTED_CFG,
     log:
         log_path("import", "{name}"),
@@ -36,7 +27,7 @@ rule evaluate_imported:
     input:
         unpack(
             lambda wc: {
-                "weights": paths.fmt(paths.IMPORTED_DIR + "/sae.safetensors", name=wc.name),
+                "weights": paths.fmt(paths.IMPORTED_WEIGHTS, name=wc.name),
                 "cfg": paths.fmt(paths.IMPORTED_CFG, name=wc.name),
                 "activations": paths.fmt(paths.ACTIVATIONS, subject=imported(wc)["subject"]),
                 "model": model_input(imported_subject(wc)),

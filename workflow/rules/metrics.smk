@@ -3,28 +3,6 @@
 # probe loss (REFERENCE C.4), ablation sparsity (C.7), frequency-rank and decoder geometry (F.3, F.4).
 
 
-def sae_inputs(wc, model=False, tokenizer=False):
-    """The trained SAE and the activation store, plus the builtin model / tokenizer when the rule loads them."""
-    out = {
-        "weights": paths.fmt(paths.SAE_WEIGHTS, **wc),
-        "cfg": paths.fmt(paths.SAE_CFG, **wc),
-        "activations": paths.fmt(paths.ACTIVATIONS, subject=wc.subject),
-    }
-    if model:
-        out["model"] = model_input(wc)
-    if tokenizer and is_builtin(wc):
-        out["tokenizer"] = paths.fmt(paths.TOKENIZER, subject=wc.subject)
-    return out
-
-
-def sae_args(wc):
-    """The CLI arguments every per-SAE rule shares."""
-    sae_dir = str(Path(paths.fmt(paths.SAE_CFG, **wc)).parent)
-    return (f"--sae-dir {sae_dir} --activations {paths.fmt(paths.ACTIVATIONS, subject=wc.subject)} "
-            f"{option('--model', model_path(wc))} {option('--tokenizer', tokenizer_path(wc))} --layer {wc.layer} "
-            f"{revision_option(wc)}")
-
-
 rule probes:
     input:
         unpack(lambda wc: sae_inputs(wc, model=bool(CFG["evaluate"]["probes"]["datasets"]), tokenizer=True)),

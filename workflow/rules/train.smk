@@ -36,19 +36,6 @@ rule train:
 # train.pack: several SAEs sharing one activation stream train in one job that reads it once. A pack's rule
 # names its outputs without wildcards, so Snakemake prefers it to `train` for those SAEs (no ruleorder
 # needed); the same command runs, with --members instead of one SAE's flags.
-from snakemake.resources import Resources
-
-
-def inherit_train_resources(rule_name):
-    """Give a pack's rule what --set-resources (a profile's `set-resources`) gives rule `train`, under what it
-    gives the pack's own rule: those settings are keyed by rule name, and a pack's rule is named after its pack,
-    so without this a cluster profile's GPU request for `train` would miss packed training."""
-    overrides = workflow.resource_settings.overwrite_resources
-    resources = workflow.get_rule(rule_name).resources
-    for name in ("train", rule_name):
-        resources.update(Resources.from_mapping(overrides.get(name, {})))
-
-
 for pack in train_packs(CFG):
 
     rule:
