@@ -2,7 +2,7 @@
 
     nice -n 5 python benchmarks/bench_step.py                 # ~5 min on 2 busy cores
     python benchmarks/bench_step.py --quick                   # smaller shapes, ~1 min
-    python benchmarks/bench_step.py --only ratio              # one part: ratio | memory | microbatch
+    python benchmarks/bench_step.py --only ratio              # one part: ratio|memory|microbatch|gathers
 
 - ratio: step time with 0% and 50% of latents dead (AuxK idle as the trainer runs it when no latent can be dead
   yet; AuxK running over an empty dead set; AuxK over half the latents), interleaved, median of repeats;
@@ -12,6 +12,9 @@
   extrapolates it to batch 131,072, n = 2^17, bf16.
 - microbatch: time of a step with train.microbatch = batch / 4 against the whole batch, and the largest weight
   difference after a few steps from the same start.
+- gathers: bf16 autocast steps (train.precision: bf16) whose sparse passes gather bf16 rows against the same
+  steps gathering float32 rows (as before bf16 gathers), with 0% dead (AuxK idle) and 50% dead, interleaved;
+  wall and CPU time (the CPU time of this process is less disturbed by other jobs on a loaded machine).
 
 Prints JSON lines and a summary; writes every number to benchmarks/out/bench_step.json.
 """
@@ -166,10 +169,43 @@ def microbatch(d: int, n: int, k: int, batch: int, repeats: int) -> dict:
             "max_abs_weight_diff": diff, "max_abs_weight": scale}
 
 
+def gathers(d: int, n: int, k: int, batch: int, repeats: int) -> dict:
+    import saescale.sae.model as model
+
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    native = model.gather_dtype
+    cases = {f"{rows} rows, {int(100 * frac)}% dead": (frac, rows)
+             for frac in (0.0, 0.5) for rows in ("bf16", "float32")}
+    steps = {name: build(d, n, k, batch, frac)[1] for name, (frac, _) in cases.items()}
+
+    def run(name: str) -> tuple[float, float]:
+        frac, rows = cases[name]
+        model.gather_dtype = native if rows == "bf16" else (lambda device_type: None)
+        try:
+            c = time.process_time()
+            return timed(steps[name], autocast=bf16, auxk=frac > 0), time.process_time() - c
+        finally:
+            model.gather_dtype = native
+
+    for name in cases:
+        run(name)  # warm-up
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    for rep in range(repeats):
+        for name in (list(cases) if rep % 2 == 0 else list(cases)[::-1]):
+            w, c = run(name)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return {"d": d, "n": n, "k": k, "batch": batch, "load_average": os.getloadavg(),
+            "wall_ms": {name: [round(1000 * t) for t in v] for name, v in wall.items()},
+            "median_wall_ms": {name: round(1000 * statistics.median(v)) for name, v in wall.items()},
+            "median_cpu_ms": {name: round(1000 * statistics.median(v)) for name, v in cpu.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="n = 8192, batch 2048, fewer repeats")
-    p.add_argument("--only", choices=["ratio", "memory", "microbatch"])
+    p.add_argument("--only", choices=["ratio", "memory", "microbatch", "gathers"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-point", help=argparse.SUPPRESS)
@@ -191,6 +227,9 @@ def main() -> None:
     if a.only in (None, "microbatch"):
         result["microbatch"] = microbatch(d, n, k, batch, repeats)
         print(json.dumps(result["microbatch"]), flush=True)
+    if a.only in (None, "gathers"):
+        result["gathers"] = gathers(d, n, k, batch, repeats)
+        print(json.dumps(result["gathers"]), flush=True)
     result["load_average_after"] = os.getloadavg()
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_step.json").write_text(json.dumps(result, indent=1))

@@ -22,7 +22,7 @@ def bench(d: int, n: int, k: int, batch: int, steps: int, device: torch.device, 
     x = torch.randn(batch, d, device=device)
     x = x / x.norm(dim=1, keepdim=True)
     time_steps(step, [x], 3, 0.0, device)  # warm-up
-    done, dt = time_steps(step, [x], steps, 0.0, device)
+    done, dt, _ = time_steps(step, [x], steps, 0.0, device)
     return {"d": d, "n": n, "k": k, "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
             "dead_fraction": dead_fraction, "tokens_per_s": batch * done / dt, "ms_per_step": 1000 * dt / done}
 

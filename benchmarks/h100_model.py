@@ -37,6 +37,7 @@ CHUNK_ROWS = 32768  # the preset's chunk_windows 512 x ctx_len 64: one stored ch
 TOKEN_CHUNK = 4096  # windows per chunk of the token store (corpus.write_token_store)
 DEAD_FRACTION = 0.01  # ASSUMED: latents dead while AuxK runs (the scenario counted in the total)
 AUX_MARGIN = 1.5  # ASSUMED: latents that can be dead by the next log step, per dead one (Trainer._bound_dead)
+GATHER_BYTES = 2  # the sparse passes gather bf16 rows under bf16 autocast (sae/activations.gather_dtype)
 
 
 @dataclass(frozen=True)
@@ -359,11 +360,12 @@ def train_step(n: int, k: int, d: int, B: int, k_aux: int, auxk: bool, dev: H100
     m = k + (k_aux if auxk else 0)  # slots per token of the one Selection
 
     def gathers(slots: int) -> float:
-        # per slot, 4 row reads of d float32 (embedding_bag/gather kernels and cuSPARSE CSR @ dense; autocast
-        # leaves them float32): the decoder forward (W_dec rows), the values' gradient (W_dec rows against the
-        # bag's gradient row), W_dec's gradient (rows of the [B*bags, d] gradient) and W_enc's gradient (rows of
-        # x - b_pre). No x gradient (the batch needs none), b_pre's is O(n d).
-        return 4 * B * slots * d * 4 / hbm
+        # per slot, 4 row reads of d bf16 (embedding_bag kernels and cuSPARSE CSR @ dense, float32
+        # accumulation; sae/activations.gather_dtype under bf16 autocast): the decoder forward (rows of W_dec's
+        # bf16 copy), the values' gradient (the copy's rows against the bag's gradient row), W_dec's gradient
+        # (rows of the [B*bags, d] gradient) and W_enc's gradient (rows of x - b_pre). No x gradient (the batch
+        # needs none), b_pre's is O(n d). float32 rows (before bf16 gathers) would double this term.
+        return 4 * B * slots * d * GATHER_BYTES / hbm
 
     def index_work(slots: int) -> float:
         # one stable radix sort of int32 keys with int64 order (4 passes, read + write) shared by both weight
@@ -377,6 +379,9 @@ def train_step(n: int, k: int, d: int, B: int, k_aux: int, auxk: bool, dev: H100
          # fused Adam 2 x 7, EMA lerp 2 x 3, decoder-gradient projection 3, renormalization 3, two weight
          # gradients written (zeroed + accumulated) 2 x 2 passes of [n, d] float32
          "optimizer_ema_projection": (26 + 4) * n * d * 4 / hbm,
+         # the bf16 copy of W_dec the gathers read, made once per step (read float32, write bf16), and the
+         # [B, d] rows of x - b_pre and of the decoder's gradient cast to bf16 (none with float32 gathers)
+         "gather_copies": (n * d + 2 * B * d) * (4 + GATHER_BYTES) / hbm if GATHER_BYTES < 4 else 0.0,
          "heldout_fvu_every_log": (2 * 4096 * n * d / (dev.tf32_tflops * 1e12) + 3 * 4096 * n * 4 / hbm) / log_every}
     if auxk:
         t["auxk_mask_topk"] = 2 * B * n * 2 / hbm + 3 * B * n * 2 / hbm  # masked_fill_ in place, top-k_aux over n
@@ -712,6 +717,7 @@ def render(out: dict) -> str:
 
 
 def main() -> None:
+    global GATHER_BYTES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "workflow/configs/gpt2-small.yaml"))
     p.add_argument("--quick", action="store_true", help="smaller measurements (~40 s)")
@@ -719,8 +725,12 @@ def main() -> None:
     p.add_argument("--host-speedup", type=float, default=2.0,
                    help="host of the H100 against this machine's measured rates (ASSUMED; the audit's 2x)")
     p.add_argument("--measurements", help="reuse the measurements of an earlier JSON instead of measuring")
+    p.add_argument("--gather-bytes", type=int, default=GATHER_BYTES, choices=[2, 4],
+                   help="bytes per element the sparse passes gather: 2 (bf16 rows, the code now), "
+                        "4 (float32, before)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/out/h100_model.json"))
     a = p.parse_args()
+    GATHER_BYTES = a.gather_bytes
     from saescale.config import load_config
 
     cfg = load_config(a.config)
@@ -730,6 +740,7 @@ def main() -> None:
     stages, totals = model_stages(cfg, meas, dev, a.host_speedup)
     sensitivity = {str(s): model_stages(cfg, meas, dev, s)[1]["total_h"] for s in (1.0, 2.0, 4.0)}
     out = {"config": a.config, "mode": meas["mode"], "host_speedup": a.host_speedup, "assumptions": asdict(dev),
+           "gather_bytes": GATHER_BYTES,
            "measured": meas, "stages": stages, "totals": totals, "total_h_by_host_speedup": sensitivity,
            "modeled": "not measured on a GPU"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def consumption(data: np.ndarray, n: int, k: int, batch: int, seconds: float) ->
                          contextlib.nullcontext())
     bank = [torch.from_numpy(data[i * batch:(i + 1) * batch].astype(np.float32)) for i in range(4)]
     time_steps(step, bank, 2, 0.0, device)
-    steps, secs = time_steps(step, bank, 2, seconds, device)
+    steps, secs, _ = time_steps(step, bank, 2, seconds, device)
     return steps * batch / secs
 
 

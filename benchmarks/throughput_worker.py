@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -51,7 +52,9 @@ def saescale_step(d: int, n: int, k: int, batch: int, dead: torch.Tensor, device
     opt = adam(sae.parameters(), 1e-4, eps=6.25e-10)  # as train_sae builds them
     if device.type == "cpu":
         retain_freed_memory()
-    k_aux = min(k_aux_for({"k_aux": None}, d), n)  # as cmd_train derives it (REFERENCE A.5)
+    sae.project_decoder_grad_ = labelled(sae.project_decoder_grad_, "projection")
+    sae.normalize_decoder_ = labelled(sae.normalize_decoder_, "projection")
+    k_aux = min(k_aux_for({"k_aux": None}, d), n)  # as cmd_train derives it (method §A.5)
     spec = TrainSpec("topk", n, k, d, 1e-4, batch, batch, 6.25e-10, (0.9, 0.999), 1 / 32, k_aux, 10**9, 0.0,
                      1, 0, 0, str(device))
 
@@ -77,10 +80,12 @@ def sparsify_step(d: int, n: int, k: int, batch: int, dead: torch.Tensor, device
             out = sae(x, dead_mask=dead)
             loss = out.fvu + (1 / 32) * out.auxk_loss
         loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        with torch.profiler.record_function("phase: projection"):
+            sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
+        with torch.profiler.record_function("phase: projection"):
+            sae.set_decoder_norm_to_unit_norm()
 
     return step
 
@@ -108,27 +113,89 @@ def saelens_step(d: int, n: int, k: int, batch: int, dead: torch.Tensor, device:
     return step
 
 
-TOOLS = {"saescale": saescale_step, "sparsify": sparsify_step, "sae-lens": saelens_step}
+def retain_heap() -> None:
+    """glibc keeps freed memory instead of unmapping every block over 32 MB (saescale.sae.train.
+    retain_freed_memory, which the peers' venv cannot import): fresh [B, n] tensors then cost no page
+    faults."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+
+
+def sparsify_heap_step(*args) -> Callable[[torch.Tensor], None]:
+    """sparsify's step in a process whose heap keeps freed memory, as saescale's does: what sparsify's step
+    costs without the page faults of its fresh [B, n] and [n, d] tensors (a diagnostic, not sparsify's
+    default)."""
+    retain_heap()
+    return sparsify_step(*args)
+
+
+TOOLS = {"saescale": saescale_step, "sparsify": sparsify_step, "sae-lens": saelens_step,
+         "sparsify-heap": sparsify_heap_step}
 
 
 def time_steps(step: Callable[[torch.Tensor], None], bank: list[torch.Tensor], min_steps: int,
-               min_seconds: float, device: torch.device) -> tuple[int, float]:
-    """Run at least `min_steps` steps and at least `min_seconds`; return (steps, seconds)."""
+               min_seconds: float, device: torch.device) -> tuple[int, float, float]:
+    """Run at least `min_steps` steps and at least `min_seconds`; return (steps, seconds, CPU seconds of this
+    process: on a loaded machine its threads wait for a core, which wall time counts and CPU time does
+    not)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0, steps = time.perf_counter(), 0
+    t0, c0, steps = time.perf_counter(), time.process_time(), 0
     while steps < min_steps or time.perf_counter() - t0 < min_seconds:
         step(bank[steps % len(bank)])
         steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return steps, time.perf_counter() - t0
+    return steps, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _context(name: str) -> str | None:
+    if name.startswith("autograd::engine::evaluate_function:"):
+        return name.split(": ", 1)[-1].strip()
+    if name.startswith("Optimizer.step"):
+        return "optimizer"
+    if name.startswith("phase: "):
+        return name[len("phase: "):]
+    return None
+
+
+def labelled(fn: Callable, label: str) -> Callable:
+    """fn inside a profiler range "phase: label" (profile_steps sorts its ops under that label)."""
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(f"phase: {label}"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def profile_steps(step: Callable[[torch.Tensor], None], bank: list[torch.Tensor], steps: int) -> dict:
+    """Self CPU time (ms per step) of every op of `steps` steps under torch.profiler, keyed by
+    "context|op|big": context is the autograd backward node the op ran under (or "optimizer" inside
+    Optimizer.step, else "forward"), big is 1 for products of >= 1 GFLOP (the encoder GEMM at the sizes
+    benchmarked). The driver (`profile_step.py`) sorts these into the parts of a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for i in range(steps):
+            step(bank[i % len(bank)])
+    out: dict[str, float] = {}
+    for ev in prof.events():
+        ctx, node = None, ev
+        while ctx is None and node is not None:  # the innermost labelled range
+            ctx, node = _context(node.name), node.cpu_parent
+        ctx = ctx or "forward"
+        key = f"{ctx}|{ev.name}|{int((ev.flops or 0) >= 1e9)}"
+        out[key] = out.get(key, 0.0) + ev.self_cpu_time_total / 1e3 / steps
+    return out
 
 
 def version(tool: str) -> str:
     from importlib.metadata import version as v
 
-    return v({"saescale": "saescale", "sparsify": "eai-sparsify", "sae-lens": "sae-lens"}[tool])
+    return v({"saescale": "saescale", "sparsify": "eai-sparsify", "sparsify-heap": "eai-sparsify",
+              "sae-lens": "sae-lens"}[tool])
 
 
 def serve(tool: str, threads: int, device: torch.device) -> None:
@@ -147,9 +214,17 @@ def serve(tool: str, threads: int, device: torch.device) -> None:
                          device, autocast)
             time_steps(step, bank, req["warmup"], 0.0, device)
             built_for = key
-        steps, seconds = time_steps(step, bank, req["steps"], req["seconds"], device)
-        print(json.dumps({"tool": tool, "steps": steps, "seconds": seconds,
-                          "tokens_per_s": req["batch"] * steps / seconds}), flush=True)
+        if req.get("profile"):
+            profiled = profile_steps(step, bank, req["profile"])
+            print(json.dumps({"tool": tool, "profile": profiled}), flush=True)
+            continue
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        steps, seconds, cpu_seconds = time_steps(step, bank, req["steps"], req["seconds"], device)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # pages first touched
+        print(json.dumps({"tool": tool, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                          "page_faults_per_step": faults / steps,
+                          "tokens_per_s": req["batch"] * steps / seconds}),
+              flush=True)
 
 
 def main() -> None:

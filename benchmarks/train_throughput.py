@@ -10,7 +10,7 @@ times, rotating which tool goes first, so drift in the machine's speed hits all 
 median tokens/s per tool, saescale's ratio to the faster peer, the measured GEMM peak (the encoder's own
 [batch, d] x [d, n] product, timed in this process with the same threads) and the achieved rate of each step
 in model FLOPs: 2·B·n·d for the dense encoder plus 10·B·k·d for the five products that a sparse
-implementation restricts to the k selected latents (REFERENCE A.9), the same count for every tool, so a
+implementation restricts to the k selected latents (method §A.9), the same count for every tool, so a
 dense implementation shows a lower rate. Results go to `--out` (JSON) and a Markdown table on stdout.
 """
 

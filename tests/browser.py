@@ -1,8 +1,8 @@
 """Headless Chromium for tests that check pages as a reader sees them: the report and the feature dashboards.
 
 Debian's `chromium` and `chromium-driver` are driven through selenium (playwright's own browser download is
-not reachable offline). They are installed with apt when absent; without root or apt the tests skip and say
-why. `inspect` reads one page in the browser: console errors, images that did not decode, inline SVGs,
+not reachable offline). They are installed with apt when absent and SAESCALE_SYSTEM_TESTS=1 (as .ci/run sets); otherwise, or
+without root or apt, the tests skip and say why. `inspect` reads one page in the browser: console errors, images that did not decode, inline SVGs,
 links, ids and the visible text; `screenshot` keeps a full-page PNG as a CI artifact.
 """
 
@@ -20,12 +20,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PACKAGES = ["chromium", "chromium-driver", "fonts-liberation"]  # fonts: screenshots show text, not boxes
+SYSTEM_TESTS = "SAESCALE_SYSTEM_TESTS"  # opt-in to apt installs: a user's plain `pytest` changes nothing system-wide
 
 
 def install_chromium() -> str | None:
     """Installs Chromium and its driver with apt when absent; None when they are there, else why not."""
     if Path(CHROMIUM).exists() and Path(DRIVER).exists():
         return None
+    if os.environ.get(SYSTEM_TESTS) != "1":
+        return (f"{CHROMIUM} or {DRIVER} is missing; set {SYSTEM_TESTS}=1 to let the tests install "
+                f"{' '.join(PACKAGES)} with apt (.ci/run does)")
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return f"{CHROMIUM} or {DRIVER} is missing and apt-get cannot install them here (needs root and apt)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

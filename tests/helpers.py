@@ -49,19 +49,8 @@ def write_texts(folder: Path, texts: list[str], copies: int = 40) -> list[str]:
 
 
 def record_authorization(server) -> list[str | None]:
-    """Makes a `saescale.interpret.server` ChatServer note the Authorization header of every POST, so a test
-    can tell that a key was sent; returns the list it appends to."""
-    from saescale.interpret.server import ChatHandler
-
-    seen: list[str | None] = []
-
-    class RecordingHandler(ChatHandler):
-        def do_POST(self) -> None:
-            seen.append(self.headers.get("Authorization"))
-            super().do_POST()
-
-    server.RequestHandlerClass = RecordingHandler
-    return seen
+    """The Authorization header of every POST the test LLM endpoint (test_autointerp.serving) received."""
+    return server.authorizations
 
 
 def tokenized_subject(root: Path, ctx_len: int = 16, eval_tokens: int = 64) -> tuple[str, list[str], str]:

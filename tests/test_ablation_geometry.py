@@ -1,4 +1,4 @@
-"""Ablation sparsity (REFERENCE C.7) and latent geometry (REFERENCE F.3, F.4) against hand-checked cases."""
+"""Ablation sparsity (method §C.7) and latent geometry (method §F.3, F.4) against hand-checked cases."""
 
 import math
 
@@ -230,7 +230,7 @@ def test_blocked_nearest_neighbour_matches_brute_force(block_elements):
 
 def test_random_reference_matches_the_exact_expected_max_cosine():
     # E[nn] from the Beta distribution of random cosines; the per-latent sd is ~0.011 at (4096, 768), so
-    # the mean of 4096 (weakly dependent) values is within 0.002 of it; REFERENCE F.4 quotes ~0.13
+    # the mean of 4096 (weakly dependent) values is within 0.002 of it; method §F.4 quotes ~0.13
     expected = expected_random_nn_cosine(4096, 768)
     assert expected == pytest.approx(0.13, abs=0.005)
     assert expected < math.sqrt(2 * math.log(4096) / 768)

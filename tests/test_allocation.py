@@ -1,4 +1,4 @@
-"""Tests for saescale.scaling.allocation (Michaud et al. 2025 capacity allocation; REFERENCE F.2, F.5) and its
+"""Tests for saescale.scaling.allocation (Michaud et al. 2025 capacity allocation; method §F.2, F.5) and its
 figures: fast solvers against a heap and exhaustive search, closed-form scaling, settings, JSON safety."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every arch's forward semantics and custom gradients against the formulas (REFERENCE A.5, B.1-B.6)."""
+"""Every arch's forward semantics and custom gradients against the formulas (method §A.5, B.1-B.6)."""
 
 import numpy as np
 import pytest
@@ -166,7 +166,7 @@ PRECISIONS = {  # parameter dtype, autocast, tolerance of the sparse path agains
 @pytest.mark.parametrize("arch", ["topk", "multitopk"])
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))
 def test_selected_latent_backward_equals_the_dense_backward(arch, precision):
-    """REFERENCE A.9: the TopK family backpropagates through the selected latents only. On fresh random inputs
+    """method §A.9: the TopK family backpropagates through the selected latents only. On fresh random inputs
     every parameter's gradient of the whole loss (main, Multi-TopK and AuxK terms) equals autograd through
     all n pre-activations, and the forward is unchanged; under bf16 autocast too, to bf16's precision."""
     dtype, autocast_dtype, tol = PRECISIONS[precision]
@@ -219,7 +219,7 @@ def test_selected_latent_backward_equals_the_dense_backward(arch, precision):
 
 
 def test_sparse_decode_and_its_products_equal_dense_ones():
-    """SparseDecode's gradients (REFERENCE A.9) against a dense matmul, with latents repeated across tokens and
+    """SparseDecode's gradients (method §A.9) against a dense matmul, with latents repeated across tokens and
     within one token's slots (they must add), in float64, for one bag per token and for three (main, extra,
     AuxK slots decoded in one pass); and scatter_rows_t, both kernels, against S^T @ dense."""
     from saescale.sae.activations import Selection, SparseDecode, scatter_rows_t

@@ -178,3 +178,17 @@ def test_yaml_anchors_shared_between_sections_are_filled_separately(tmp_path):
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg["evaluate"]["probes"]["archs"] == cfg["evaluate"]["ablation"]["archs"] == ["topk"]
     assert "pairs" in cfg["evaluate"]["ablation"] and "pairs" not in cfg["evaluate"]["probes"]
+
+
+def test_home_paths_are_expanded_for_every_stage(tmp_path, monkeypatch):
+    """`~/...` reaches the jobs expanded: model folders, data files and imported SAEs (no shell expands it)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello\n")
+    subject = {"model": "~/model", "layers": [0],
+               "dataset": {"path": "text", "data_files": {"train": ["~/texts/*.txt"]}}}
+    cfg = validate({"subjects": {"tiny": subject}})
+    assert cfg["subjects"]["tiny"]["model"] == str(tmp_path / "model")
+    assert cfg["subjects"]["tiny"]["dataset"]["data_files"]["train"] == [str(tmp_path / "texts/*.txt")]

@@ -1,4 +1,4 @@
-"""Cross-entropy and KL of the downstream metric against hand-computed answers (REFERENCE C.3)."""
+"""Cross-entropy and KL of the downstream metric against hand-computed answers (method §C.3)."""
 
 import math
 

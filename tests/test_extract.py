@@ -159,6 +159,7 @@ def test_reconstruction_metrics_of_known_reconstructions(store32):
 
     perfect = reconstruction_metrics(identity_sae(32), store32, 1, 50, torch.device("cpu"))
     assert perfect["fvu"] < 1e-10 and perfect["l0"] == pytest.approx(32, abs=0.01) and perfect["eval_tokens"] == 64
+    assert perfect["dead_window_tokens"] == 64  # the dead count's window: every eval token (method §A.8)
     # an SAE that always outputs the eval mean (no latent ever active) scores FVU = 1 and is all dead
     mean_sae = identity_sae(32)
     x = normalize(torch.from_numpy(read_rows(store32, 1, "eval")))[0]
@@ -224,3 +225,30 @@ def test_prefetch_keeps_order_raises_the_producers_error_and_stops_when_abandone
             t.join(timeout=2)
     assert not any(t.name == "saescale-prefetch" for t in threading.enumerate())
     assert len(pulled) <= 5  # it ran at most `depth` (+ one in hand) ahead, then stopped
+
+
+def test_the_cli_passes_the_subjects_loading_keys_and_bos(subject, tmp_path):
+    """`saescale tokenize` / `extract` as the workflow calls them: prepend_bos reaches the windows, torch_dtype
+    the model (bfloat16 activations differ from float32 ones, within bfloat16's precision)."""
+    import json
+
+    from saescale import cli
+
+    root_dir, model_dir, tokens = subject
+    dataset = {"path": "text", "data_files": [str(p) for p in sorted((root_dir / "text").glob("*.txt"))], "seed": 0}
+    bos_tokens = str(tmp_path / "bos.zarr")
+    cli.main(["tokenize", "--tokenizer", model_dir, "--out", bos_tokens, "--spec",
+              json.dumps({"dataset": dataset, "ctx_len": 16, "eval_tokens": 64, "prepend_bos": True})])
+    windows, plain = zarr.open_group(bos_tokens)["windows"][:], zarr.open_group(tokens)["windows"][:]
+    bos = zarr.open_group(bos_tokens).attrs["bos_token_id"]
+    assert (windows[:, 0] == bos).all() and not (plain[:, 0] == bos).all()
+    assert np.array_equal(windows[:, 1:].reshape(-1)[:60], plain.reshape(-1)[:60])
+
+    spec = {"model": "test", "revision": None, "layers": [1], "train_tokens": 256, "dtype": "float32",
+            "batch_windows": 4, "chunk_windows": 4}
+    for name, torch_dtype in (("f32", "float32"), ("bf16", "bfloat16")):
+        cli.main(["extract", "--model", model_dir, "--tokens", tokens, "--out", str(tmp_path / f"{name}.zarr"),
+                  "--spec", json.dumps({**spec, "torch_dtype": torch_dtype})])
+    f32, bf16 = (open_store(str(tmp_path / f"{name}.zarr"))["L1/x"][:] for name in ("f32", "bf16"))
+    assert not np.array_equal(f32, bf16)
+    np.testing.assert_allclose(bf16, f32, atol=0.1 * np.abs(f32).max())

@@ -1,4 +1,4 @@
-"""N2G explanations (REFERENCE C.5) and explanation reconstruction helpers (C.6) on toy activation rules."""
+"""N2G explanations (method §C.5) and explanation reconstruction helpers (C.6) on toy activation rules."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from saescale.interpret.examples import Codes, n2g_examples, n2g_picks
 from saescale.interpret.n2g import (
     WILDCARD,
     BigramBaseline,
@@ -269,3 +270,75 @@ def test_bigram_baseline_recovers_a_bigram_determined_code_and_zeros_unseen_bigr
 def test_build_rejects_non_positive_example_activations():
     with pytest.raises(ValueError, match="positive"):
         build_explanations(CountingActFn("bigram"), {0: [(np.arange(1, 5), 2, 0.0)]}, PAD)
+
+
+# --------------------------------------------------------------------------- example sampling (method §C.5)
+
+def _picks_frequency(sampling: str, n_acts: int, draws: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """How often each nonzero activation (vals ascending, so index = rank) lands in the build / holdout set."""
+    vals = np.linspace(0.1, 5.0, n_acts)
+    rng = np.random.default_rng(seed)
+    build, holdout = np.zeros(n_acts), np.zeros(n_acts)
+    for _ in range(draws):
+        b, h = n2g_picks(vals, 16, 16, rng, sampling)
+        build[b] += 1
+        holdout[h] += 1
+    return build / draws, holdout / draws
+
+
+def test_default_sampling_is_uniform_over_nonzero_activations_with_no_top_bias():
+    from scipy.stats import chisquare
+
+    draws, n_acts = 3000, 60
+    build, holdout = _picks_frequency("random", n_acts, draws)
+    for freq in (build, holdout):
+        # every activation equally likely: 16 / 60 of the draws, whatever its size
+        assert chisquare(freq * draws).pvalue > 1e-3
+        np.testing.assert_allclose(freq, 16 / n_acts, atol=0.04)
+    # the 8 largest activations are picked no more often than the 8 smallest
+    assert abs(build[-8:].mean() - build[:8].mean()) < 0.05
+
+
+def test_top_and_random_sampling_stays_available_and_always_builds_from_the_top_half():
+    build, holdout = _picks_frequency("top_and_random", 60, 500)
+    np.testing.assert_array_equal(build[-8:], 1.0)
+    np.testing.assert_array_equal(holdout[-8:], 0.0)
+    assert build[:-8].mean() == pytest.approx(8 / 52, abs=0.02)
+
+
+@pytest.mark.parametrize("sampling", ["random", "top_and_random"])
+@pytest.mark.parametrize("n_acts", [5, 20, 100])
+def test_recall_examples_are_disjoint_from_the_build_sample(sampling, n_acts):
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        build, holdout = n2g_picks(rng.random(n_acts) + 0.01, 16, 16, rng, sampling)
+        assert build.size == min(16, n_acts) and holdout.size == min(16, n_acts - build.size)
+        assert len(set(build) | set(holdout)) == build.size + holdout.size
+
+
+def test_n2g_examples_are_the_windows_positions_and_values_of_the_picked_activations():
+    rng = np.random.default_rng(2)
+    windows = rng.integers(1, VOCAB, (40, 8))
+    dense = np.where(rng.random(windows.shape) < 0.3, rng.random(windows.shape) + 0.5, 0).astype(np.float32)
+    codes = Codes(windows, sp.csc_matrix(np.stack([dense.reshape(-1), 0 * dense.reshape(-1)], 1)))
+    row_of = {tuple(w): i for i, w in enumerate(windows)}   # random windows: all distinct
+    build, holdout = n2g_examples(codes, 0, 16, 16, rng)
+    assert len(build) == len(holdout) == 16
+    keys = [(row_of[tuple(toks)], idx) for toks, idx, _ in build + holdout]
+    assert [dense[w, i] for w, i in keys] == [act for _, _, act in build + holdout]
+    assert len(set(keys)) == 32 and all(dense[w, i] > 0 for w, i in keys)
+    assert n2g_examples(codes, 1, 16, 16, rng) == ([], [])
+
+
+def test_unknown_sampling_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match="config.interpret.sampling"):
+        n2g_picks(np.ones(4), 2, 2, np.random.default_rng(), "top")
+
+
+def test_config_default_is_the_papers_random_sampling():
+    from saescale.config import validate
+
+    cfg = validate({"subjects": {"tiny": {"model": "builtin", "layers": [2]}}})
+    assert cfg["interpret"]["sampling"] == "random"
+    assert validate({"subjects": {"tiny": {"model": "builtin", "layers": [2]}},
+                     "interpret": {"sampling": "top_and_random"}})["interpret"]["sampling"] == "top_and_random"

@@ -1,4 +1,4 @@
-"""Normalization, the geometric median and FVU against known answers (REFERENCE A.2, A.4, C.1)."""
+"""Normalization, the geometric median and FVU against known answers (method §A.2, A.4, C.1)."""
 
 import numpy as np
 import pytest

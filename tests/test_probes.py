@@ -1,4 +1,4 @@
-"""1-D probe fits, probe loss and the builtin token tasks, code and prose (REFERENCE C.4)."""
+"""1-D probe fits, probe loss and the builtin token tasks, code and prose (method §C.4)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Progressive recovery (REFERENCE C.8) on hand-made and trained SAEs, and the analysis glue."""
+"""Progressive recovery (method §C.8) on hand-made and trained SAEs, and the analysis glue."""
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""Refinement of activation values on a fixed support (REFERENCE C.9) against per-token NNLS and known answers."""
+"""Refinement of activation values on a fixed support (method §C.9) against per-token NNLS and known answers."""
 
 import numpy as np
 import pytest

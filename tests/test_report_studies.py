@@ -52,7 +52,7 @@ def test_joint_verdict_reads_the_signs_of_gamma_and_eta():
     def joint(gamma, eta):
         consts = [{"name": p, "fit": v, "err": 0.01, "gpt4": 0} for p, v in
                   (("alpha", -0.5), ("beta_k", 0.2), ("beta_n", -0.1), ("gamma", gamma), ("zeta", -1), ("eta", eta))]
-        return [{"arch": "topk", "constants": consts}]
+        return [{"arch": "topk", "constants": consts, "regime": "converged"}]
     assert ss.joint_verdict(joint(-0.04, -0.1)).agrees is True
     assert ss.joint_verdict(joint(0.04, -0.1)).agrees is False
 
@@ -124,3 +124,15 @@ def test_compute_study_keeps_a_refusal_for_single_n_archs_and_fits_the_rest():
     assert by["topk"]["fit"]["ok"] and not by["relu"]["fit"]["ok"]
     ns = [p["n"] for p in by["topk"]["points"]]
     assert by["topk"]["fit"]["rmse_log"] < 0.05 and ns[0] == 64 and ns == sorted(ns)  # small SAEs first, large later
+
+
+def test_toy_beta_is_judged_on_its_interval_with_the_papers_words():
+    def sphere(beta, stderr):
+        c = _curve("sphere", 6, [1, 0.9, 0.85, 0.8], beta=beta)
+        c["beta_fit"]["stderr"] = stderr
+        return {"curves": [c]}
+    inside = ms.toy_verdict(sphere(0.08, 0.01))
+    assert inside.agrees is True and "0.05" in inside.quote and "our choice" in " ".join(inside.thresholds)
+    assert ms.toy_verdict(sphere(0.5, 0.01)).agrees is False  # β well above "small"
+    straddles = ms.toy_verdict(sphere(0.18, 0.02))  # 0.18 ± 0.04 crosses 0.2
+    assert straddles.agrees is None and straddles.unsure and "cannot tell" in straddles.text

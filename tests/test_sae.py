@@ -1,4 +1,4 @@
-"""The TopK SAE's math (REFERENCE A.3-A.6), checked on small hand-made cases."""
+"""The TopK SAE's math (method §A.3-A.6), checked on small hand-made cases."""
 
 import numpy as np
 import pytest
@@ -54,7 +54,7 @@ def test_init_decoder_unit_norm_and_reconstruction_norm_matches_input():
     u = torch.randn(512, 32)
     u = u / u.norm(dim=1, keepdim=True)
     r = (sae(u)[0] - sae.b_pre).norm(dim=1).mean()
-    assert abs(float(r) - 1.0) < 0.1  # REFERENCE A.4: encoder rescaled so ||x_hat - b_pre|| ~ ||u||
+    assert abs(float(r) - 1.0) < 0.1  # method §A.4: encoder rescaled so ||x_hat - b_pre|| ~ ||u||
 
 
 def test_decoder_columns_stay_unit_norm_after_a_step():

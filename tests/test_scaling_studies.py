@@ -1,4 +1,4 @@
-"""Gao et al. section 3 studies (REFERENCE D.1): L(C) frontier, tokens to convergence, lr vs n, joint law vs GPT-4,
+"""Gao et al. section 3 studies (method §D.1): L(C) frontier, tokens to convergence, lr vs n, joint law vs GPT-4,
 and the trainer's convergence mode."""
 
 from __future__ import annotations
@@ -101,20 +101,25 @@ def test_best_lr_finds_the_vertex_between_grid_points():
 
 
 def test_lr_study_recovers_the_inverse_square_root_rule():
+    """The largest converging lr planted at 3x the 1/sqrt(n) rule, between grid points: its exponent is -0.5."""
     points = []
     for n in (128, 512, 2048, 8192):
-        for m in (0.25, 0.5, 1, 2, 4):
-            lr = m * 1e-3 * (128 / n) ** 0.5
-            best = 1.3e-3 * (128 / n) ** 0.5
-            points.append({"n": n, "lr": lr, "multiple": m, "loss": 0.05 + 0.01 * np.log(lr / best) ** 2})
+        for m in (0.25, 0.5, 1, 2, 4, 8):
+            rate = m * 1e-3 * (128 / n) ** 0.5
+            points.append({"n": n, "lr": rate, "multiple": m, "loss": 0.05, "converges": m <= 3,
+                           "tokens_to_convergence": None, "tokens": [1], "loss_curve": [0.05]})
     study = lr_study(points)
     assert study["fit"]["ok"] and study["fit"]["slope"] == pytest.approx(-0.5, abs=1e-6)
+    assert all(r["largest"]["interval"] == pytest.approx([2e-3 * (128 / r["n"]) ** 0.5, 4e-3 * (128 / r["n"]) ** 0.5])
+               for r in study["per_n"])
 
 
-def test_lr_study_refuses_when_optima_are_at_the_edge():
-    points = [{"n": n, "lr": m, "multiple": m, "loss": -m} for n in (128, 256, 512) for m in (1, 2)]
+def test_lr_study_refuses_when_every_lr_converges():
+    points = [{"n": n, "lr": m, "multiple": m, "loss": -m, "converges": True, "tokens_to_convergence": None,
+               "tokens": [1], "loss_curve": [-m]} for n in (128, 256, 512) for m in (1, 2)]
     study = lr_study(points)
-    assert not study["fit"]["ok"] and "at the sweep's edge" in study["fit"]["reason"]
+    assert not study["fit"]["ok"] and "0 n with the largest converging lr inside the sweep" in study["fit"]["reason"]
+    assert not study["ratio"]["ok"]
 
 
 def test_loglog_slope_has_an_error_and_refuses_two_points():
@@ -135,7 +140,7 @@ def test_joint_comparison_reports_paper_constants_exponents_and_residuals():
     assert len(out) == 1 and len(out[0]["residuals"]) == 15
     assert out[0]["max_abs_log_residual"] < 1e-3
     k32 = next(e for e in out[0]["exponents"] if e["k"] == 32)
-    assert k32["gpt4"] == pytest.approx(0.017 + 0.042 * math.log(32))  # REFERENCE D.1: 0.163 at k = 32
+    assert k32["gpt4"] == pytest.approx(0.017 + 0.042 * math.log(32))  # method §D.1: 0.163 at k = 32
 
 
 def test_lr_variant_names_round_trip_and_scale_the_lr():

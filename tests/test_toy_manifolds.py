@@ -1,4 +1,4 @@
-"""Michaud et al.'s toy feature-manifold experiments (REFERENCE F.1): generators, toy SAE training at a
+"""Michaud et al.'s toy feature-manifold experiments (method §F.1): generators, toy SAE training at a
 fixed lambda, the beta fit, the shell plateau, circle firing arcs, settings validation, figures."""
 
 from __future__ import annotations

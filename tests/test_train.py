@@ -143,7 +143,7 @@ def test_lr_follows_inverse_sqrt_n_unless_fixed():
 
 
 def test_k_aux_is_a_power_of_two_near_half_d():
-    assert k_aux_for({"k_aux": None}, 768) == 256  # REFERENCE A.5: openai/sparse_autoencoder for GPT-2
+    assert k_aux_for({"k_aux": None}, 768) == 256  # method §A.5: openai/sparse_autoencoder for GPT-2
     assert k_aux_for({"k_aux": None}, 128) == 64
     assert k_aux_for({"k_aux": 7}, 128) == 7
 

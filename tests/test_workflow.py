@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -22,11 +23,12 @@ QUICK = yaml.safe_load((ROOT / "workflow/configs/quick.yaml").read_text())
 pytestmark = pytest.mark.slow
 
 
-def snakemake(wdir: Path, *args: str, config: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(wdir: Path, *args: str, config: dict | None = None, check: bool = True,
+              cores: str | None = "2") -> subprocess.CompletedProcess:
     if config is not None:
         (wdir / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(wdir),
-           "--cores", "2", "--workflow-profile", "none", *args]
+           *(["--cores", cores] if cores else []), "--workflow-profile", "none", *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
@@ -275,8 +277,19 @@ def test_packed_saes_train_in_one_job_to_the_weights_of_lone_jobs(quick_run, tmp
 
 
 def test_snakemake_report_bundles_the_html(quick_run):
-    snakemake(quick_run, "--report", str(quick_run / "bundle.html"), config=QUICK)
+    snakemake(quick_run, "--report", str(quick_run / "bundle.html"), config=QUICK, cores=None)
     assert "saescale" in (quick_run / "bundle.html").read_text()
+
+
+def test_report_zip_and_unlock_work_as_the_readme_writes_them(quick_run):
+    """No --cores: `snakemake --unlock` after a killed run, and a zip bundle holding the data behind the figures."""
+    snakemake(quick_run, "--unlock", config=QUICK, cores=None)
+    snakemake(quick_run, "--report", str(quick_run / "bundle.zip"), config=QUICK, cores=None)
+    names = zipfile.ZipFile(quick_run / "bundle.zip").namelist()
+    for wanted in ("report.html", "metrics.csv", "fits.json"):
+        assert any(name.endswith(wanted) for name in names), (wanted, names)
+    dashboards = [name for name in names if "/latents/" in name or "dashboard" in name.lower()]
+    assert any(name.endswith(".html") and "n" in name for name in dashboards), names
 
 
 def test_malformed_config_is_rejected_naming_the_key(tmp_path):

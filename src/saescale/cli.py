@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import time
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-from saescale.files import file_digest, read_json, setup_logging, write_json_atomic
+from saescale.files import file_digest, read_json, setup_logging, terminal, write_json_atomic
+from saescale.config import ConfigError
+from saescale.stage_specs import BY_HAND
 
 
 def versions() -> dict:
@@ -59,7 +62,8 @@ def cmd_tokenize(a) -> None:
 
     s = a.spec
     tokenize(s["dataset"], a.tokenizer, s["ctx_len"], s["eval_tokens"], a.out, a.corpus,
-             where=f"config.subjects.{a.subject}")
+             where=f"config.subjects.{a.subject}", prepend_bos=s.get("prepend_bos", False),
+             revision=s.get("revision"), trust_remote_code=s.get("trust_remote_code", False))
 
 
 def model_digest(path: str, model, revision: str | None) -> str:
@@ -82,7 +86,8 @@ def cmd_extract(a) -> None:
     torch.set_num_threads(a.threads)
     s = a.spec
     device = pick_device("auto")
-    model = load_model(a.model, s.get("revision"), device, where=f"config.subjects.{a.subject}")
+    model = load_model(a.model, s.get("revision"), device, where=f"config.subjects.{a.subject}",
+                       **model_options(s))
     extract(model, a.tokens, s["layers"], s["train_tokens"], s["dtype"], s["batch_windows"], s["chunk_windows"],
             a.out, model_name=s["model"], device=device, model_digest=model_digest(a.model, model, s.get("revision")),
             where=f"config.subjects.{a.subject}", code=code_version("extract", *EXTRACT_MODULES))
@@ -96,7 +101,8 @@ def cmd_normalize(a) -> None:
     stats = {"site": root.attrs["site"], "layers": {}}
     for layer in root.attrs["layers"]:
         chunks = iter_chunks(root, layer, "train")
-        stats["layers"][str(layer)] = layer_stats(chunks, root.attrs["n_train"], seed=a.seed)
+        stats["layers"][str(layer)] = layer_stats(chunks, root.attrs["n_train"], seed=a.seed,
+                                                  what=f"normalize layer {layer}")
     write_json_atomic(a.out, stats)
 
 
@@ -110,7 +116,8 @@ def cmd_train(a) -> None:
     from saescale.normalize import normalize
     from saescale.provenance import TRAIN_MODULES, code_version
     from saescale.sae.train import SELECTION_ROWS, Trainer, train_together
-    from saescale.store import batch_stream, open_store, read_rows
+    from saescale.scaling.convergence import stopping_rows
+    from saescale.store import batch_stream, open_store, read_rows, split_rows
     from saescale.subject import pick_device
 
     members = a.members if a.members is not None else [
@@ -135,7 +142,11 @@ def cmd_train(a) -> None:
 
     def rows(split: str, count: int) -> np.ndarray:  # normalized, read once per pack
         if (split, count) not in rows_cache:
-            raw = torch.from_numpy(read_rows(root, a.layer, split, count).astype(np.float32))
+            if split == "heldout":  # the eval split's tail, which the final evaluation leaves out
+                tail = stopping_rows(split_rows(root, "eval"), count, root.attrs["ctx_len"])
+                raw = torch.from_numpy(root[f"L{a.layer}/x"][tail].astype(np.float32))
+            else:
+                raw = torch.from_numpy(read_rows(root, a.layer, split, count).astype(np.float32))
             rows_cache[split, count] = normalize(raw)[0].numpy()
         return rows_cache[split, count]
 
@@ -147,7 +158,7 @@ def cmd_train(a) -> None:
         spec = _train_spec(m, stats["d_model"], str(device), data, code)
         out = Path(m["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        heldout = rows("eval", m["spec"]["heldout_rows"]) if m["spec"]["heldout_rows"] else None
+        heldout = rows("heldout", m["spec"]["heldout_rows"]) if m["spec"]["heldout_rows"] else None
         tag = f"{m['name']} n={m['n']} k={m['k']}" if len(members) > 1 else ""
         trainer = Trainer(np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec, out / "checkpoint.pt",
                           rows("train", SELECTION_ROWS), heldout, name=tag)
@@ -167,10 +178,11 @@ def cmd_train(a) -> None:
 def _train_spec(member: dict, d_model: int, device: str, data: str, code: str = ""):
     from saescale.config import k_aux_for, lr_for
     from saescale.sae.train import TrainSpec
+    from saescale.scaling.convergence import token_cap
 
     t, n = member["spec"], member["n"]
     return TrainSpec(arch=member["arch"], n=n, k=member["k"], d_model=d_model, lr=lr_for(t, n),
-                     batch_size=t["batch_size"], tokens=t["tokens"], adam_eps=t["adam_eps"],
+                     batch_size=t["batch_size"], tokens=token_cap(t, n), adam_eps=t["adam_eps"],
                      adam_betas=tuple(t["adam_betas"]), auxk_coef=t["auxk_coef"],
                      k_aux=min(k_aux_for(t, d_model), n), dead_tokens=t["dead_tokens"], ema_decay=t["ema_decay"],
                      log_every=t["log_every"], checkpoint_seconds=t["checkpoint_seconds"], seed=t["seed"],
@@ -198,7 +210,8 @@ def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_siz
            "normalization": normalization.DESCRIPTION,
            "train_spec": {**trainer.spec.__dict__, "data_in_memory": in_memory},
            # a packed SAE's seconds are its job's wall time, shared with the pack_size - 1 others
-           "train": {**summary, "pack_size": pack_size}, "versions": versions()}
+           "train": {**summary, "pack_size": pack_size, "stopping_rows": member["spec"]["heldout_rows"]},
+           "versions": versions()}
     write_json_atomic(out / "cfg.json", cfg)  # written last: its presence marks a finished SAE
 
 
@@ -248,17 +261,44 @@ def cmd_evaluate(a) -> None:
     from saescale.evaluate.reconstruction import reconstruction_metrics
     from saescale.subject import load_model
 
+    from saescale.scaling.convergence import final_eval_rows
+    from saescale.store import split_rows
+
     s = a.spec
     device, cfg, sae, root = _trained_sae(a)
-    recon = reconstruction_metrics(sae, root, a.layer, s["batch_size"], device)
+    # without the rows training may stop on (train.heldout_rows): the stopping decision never sees the rows the
+    # reported metrics use, and every SAE of the layer (imported ones too) is measured on the same rows
+    trained_on = (cfg.get("train") or {}).get("stopping_rows") or 0
+    left_out = s.get("stopping_rows", trained_on)
+    if trained_on > left_out:
+        raise ValueError(f"{a.sae_dir} stopped training on the last {trained_on} eval rows, more than the "
+                         f"{left_out} the evaluation leaves out; raise train.heldout_rows to match")
+    rows = final_eval_rows(split_rows(root, "eval"), left_out, root.attrs["ctx_len"])
+    recon = reconstruction_metrics(sae, root, a.layer, s["batch_size"], device, rows=rows)
     recon.pop("latent_firing_counts")
-    model = load_model(a.model, a.revision, device)
+    model = load_model(a.model, a.revision, device, _where(cfg), **model_options(a.model_options))
     down = downstream_metrics(model, a.layer, sae, eval_windows(root, s["downstream_windows"]),
                               s["downstream_batch"], device)
+    logging.getLogger("saescale.evaluate").info(
+        "FVU %.4f, L0 %.1f, dead %.1f%%, delta CE %.4f nats, KL %.4f", recon["fvu"], recon["l0"],
+        100 * recon["dead_fraction"], down["delta_ce"], down["kl"])
     # an imported SAE (config.imported) has no training record here; where it came from instead
     origin = {"imported_from": cfg["imported_from"]} if "imported_from" in cfg else {}
     write_json_atomic(a.out, _result(cfg, a.layer, device, d_model=cfg["d_model"], **recon, downstream=down,
                                      train=cfg.get("train"), lr=cfg.get("train_spec", {}).get("lr"), **origin))
+
+
+def _where(cfg: dict) -> str:
+    """The config key of the SAE's subject, for error messages about its model."""
+    return f"config.subjects.{cfg.get('subject', '<name>')}"
+
+
+def model_options(settings: dict | None) -> dict:
+    """The subject's model-loading keys (torch_dtype, device_map, trust_remote_code) as load_model takes them:
+    from the extract spec, or from --model-options of the stages that load the model again."""
+    settings = settings or {}
+    return {"torch_dtype": settings.get("torch_dtype") or "auto", "device_map": settings.get("device_map"),
+            "trust_remote_code": bool(settings.get("trust_remote_code", False))}
 
 
 def _sae_identity(cfg: dict, layer: int) -> dict:
@@ -297,7 +337,7 @@ def cmd_analyze(a) -> None:
     if a.experiment == "progressive":
         result = progressive(sae, x, s, mean)
     else:
-        model = load_model(a.model, a.revision, device)
+        model = load_model(a.model, a.revision, device, _where(cfg), **model_options(a.model_options))
         result = refinement(sae, x, s, model, a.layer, eval_windows(root, s["downstream_windows"]),
                             s["downstream_batch"], device, mean)
     write_json_atomic(a.out, _result(cfg, a.layer, device, experiment=a.experiment, **result))
@@ -314,10 +354,11 @@ def cmd_probes(a) -> None:
     s = {**a.spec, "task_set": resolve_task_set(a.spec.get("task_set", "auto"), root.attrs.get("dataset"))}
     windows = eval_windows(root, s["windows"])
     x = torch.from_numpy(root[f"L{a.layer}/x"][eval_rows(root, s["windows"])].astype("float32")).to(device)
-    tokenizer = load_tokenizer(a.tokenizer, a.revision)
+    tokenizer = load_tokenizer(a.tokenizer, a.revision, _where(cfg),
+                               trust_remote_code=model_options(a.model_options)["trust_remote_code"])
     user = {}
     if s["datasets"]:
-        model = load_model(a.model, a.revision, device)
+        model = load_model(a.model, a.revision, device, _where(cfg), **model_options(a.model_options))
         for ds in s["datasets"]:
             ids, labels = load_user_task(ds, tokenizer, root.attrs["ctx_len"])
             user[ds["task"]] = ([r.to(device) for r in text_resids(model, a.layer, ids, device)], labels, ds["pool"])
@@ -334,7 +375,7 @@ def cmd_ablation(a) -> None:
 
     s = a.spec
     device, cfg, sae, root = _trained_sae(a)
-    model = load_model(a.model, a.revision, device)
+    model = load_model(a.model, a.revision, device, _where(cfg), **model_options(a.model_options))
     windows = torch.from_numpy(eval_windows(root, s["windows"])).long().to(device)
     record = ablation_record(model, a.layer, sae, windows, s)
     write_json_atomic(a.out, _result(cfg, a.layer, device, metric="ablation", **record))
@@ -359,8 +400,9 @@ def cmd_interpret(a) -> None:
     from saescale.subject import load_model, load_tokenizer
 
     device, cfg, sae, root = _trained_sae(a)
-    model = load_model(a.model, a.revision, device)
-    tokenizer = load_tokenizer(a.tokenizer, a.revision)
+    model = load_model(a.model, a.revision, device, _where(cfg), **model_options(a.model_options))
+    tokenizer = load_tokenizer(a.tokenizer, a.revision, _where(cfg),
+                               trust_remote_code=model_options(a.model_options)["trust_remote_code"])
     records, summary = interpret_sae(model, a.layer, sae, root, tokenizer, a.spec, device)
     identity = _sae_identity(cfg, a.layer)
     write_text_atomic(a.out_records, "".join(_json.dumps({**identity, **r}) + "\n" for r in records))
@@ -377,7 +419,7 @@ def cmd_autointerp(a) -> None:
     results = run_autointerp(records, make_backend(a.spec), Cache(a.cache), a.spec)
     write_text_atomic(a.out_records, "".join(_json.dumps(r) + "\n" for r in results))
     identity = {key: records[0][key] for key in ("subject", "layer", "arch", "n", "k")} if records else {}
-    write_json_atomic(a.out, {**identity, "metric": "autointerp", **summarize(results),
+    write_json_atomic(a.out, {**identity, "metric": "autointerp", **summarize(results), "round": a.round,
                               "backend": {key: a.spec.get(key) for key in ("backend", "model", "base_url")}})
 
 
@@ -443,16 +485,46 @@ def _json_arg(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"--spec is not valid JSON: {exc}") from exc
 
 
+MODEL_OPTION_KEYS = ("torch_dtype", "device_map", "trust_remote_code")
+
+
+def _model_options_arg(text: str) -> dict:
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    unknown = sorted(set(options) - set(MODEL_OPTION_KEYS)) if isinstance(options, dict) else None
+    if unknown is None or unknown:
+        raise argparse.ArgumentTypeError(f"a JSON object with the keys {', '.join(MODEL_OPTION_KEYS)} "
+                                         f"(got {'unknown keys ' + str(unknown) if unknown else text})")
+    return options
+
+
+MODEL_OPTIONS_HELP = ('how to load the subject model, as JSON: the subject\'s torch_dtype, device_map, '
+                      'trust_remote_code, e.g. \'{"torch_dtype": "bfloat16"}\'')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="saescale", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="saescale", description=__doc__.split("\n\n")[0],
+                                epilog="`saescale <stage> --help` lists a stage's options, with an example.")
+    p.add_argument("--version", action="version", version=f"saescale {_version()}")
     sub = p.add_subparsers(dest="stage", required=True)
 
     def stage(name: str, fn, help: str, spec: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
+        sp = sub.add_parser(name, help=help, description=help, epilog=_example(name),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(fn=fn)
-        sp.add_argument("--log", help="also append log lines to this file")
+        sp.add_argument("--log", help="write log lines, warnings and any traceback to this file (the terminal then "
+                                      "gets one line on failure)")
         if spec:
-            sp.add_argument("--spec", type=_json_arg, required=True, help="stage settings as JSON")
+            where = BY_HAND[name][0] if name in BY_HAND else "config"
+            sp.add_argument("--spec", type=_json_arg,
+                            help=f"settings as JSON, as the workflow passes them (config.{where}); keys left out "
+                                 "take their defaults")
+            sp.add_argument("--config", help="a workflow config (YAML) to take the settings from, validated by the "
+                                             "workflow's schema; without it, the schema's defaults")
+            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"override one config key (dotted, e.g. {_set_example(name)}); repeatable")
         return sp
 
     sp = stage("corpus", cmd_corpus, "write the builtin CPython-stdlib corpus", spec=False)
@@ -522,21 +594,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(f"--{name}", required=True)
     sp.add_argument("--layer", type=int, required=True)
     sp.add_argument("--revision")
+    sp.add_argument("--model-options", type=_model_options_arg, help=MODEL_OPTIONS_HELP)
     sp.add_argument("--threads", type=int, default=1)
 
-    sp = stage("analyze", cmd_analyze, "progressive recovery or refinement of one SAE (REFERENCE C.8, C.9)")
+    sp = stage("analyze", cmd_analyze, "progressive recovery or refinement of one SAE (method §C.8, C.9)")
     sp.add_argument("--experiment", choices=["progressive", "refinement"], required=True)
     for name in ("sae-dir", "activations", "out"):
         sp.add_argument(f"--{name}", required=True)
     sp.add_argument("--model", help="HF id or local path (refinement's delta CE)")
     sp.add_argument("--layer", type=int, required=True)
     sp.add_argument("--revision")
+    sp.add_argument("--model-options", type=_model_options_arg, help=MODEL_OPTIONS_HELP)
     sp.add_argument("--threads", type=int, default=1)
 
-    for name, fn, help in (("probes", cmd_probes, "probe loss of one SAE (REFERENCE C.4)"),
-                           ("ablation", cmd_ablation, "ablation sparsity of one SAE (REFERENCE C.7)"),
-                           ("geometry", cmd_geometry, "frequency-rank and decoder cosines (REFERENCE F.3, F.4)"),
-                           ("interpret", cmd_interpret, "N2G explanations and latent records (REFERENCE C.5, C.6)")):
+    for name, fn, help in (("probes", cmd_probes, "probe loss of one SAE (method §C.4)"),
+                           ("ablation", cmd_ablation, "ablation sparsity of one SAE (method §C.7)"),
+                           ("geometry", cmd_geometry, "frequency-rank and decoder cosines (method §F.3, F.4)"),
+                           ("interpret", cmd_interpret, "N2G explanations and latent records (method §C.5, C.6)")):
         sp = stage(name, fn, help)
         for arg in ("sae-dir", "activations", "out"):
             sp.add_argument(f"--{arg}", required=True)
@@ -544,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--tokenizer", help="HF id or local path of its tokenizer")
         sp.add_argument("--layer", type=int, required=True)
         sp.add_argument("--revision")
+        sp.add_argument("--model-options", type=_model_options_arg, help=MODEL_OPTIONS_HELP)
         sp.add_argument("--threads", type=int, default=1)
         if name == "interpret":
             sp.add_argument("--out-records", required=True, help="per-latent records (JSONL)")
@@ -551,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("autointerp", cmd_autointerp, "LLM explanations and detection scores for sampled latents")
     for arg in ("records", "cache", "out", "out-records"):
         sp.add_argument(f"--{arg}", required=True)
+    sp.add_argument("--round", type=int, default=0,
+                    help="written to --out; the workflow passes one more while failed latents are left to retry, "
+                         "so Snakemake reruns the job (saescale.interpret.autointerp.next_round)")
 
     sp = stage("dashboard", cmd_dashboard, "feature dashboard page of one SAE", spec=False)
     for arg in ("records", "summary", "out"):
@@ -577,19 +655,171 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("report", cmd_report, "render reports/report.html")
     sp.add_argument("--out", required=True)
     sp.add_argument("--figures-dir", help="also write every figure as a PNG file here")
+    _fill_help(p)
     return p
 
 
+EXAMPLES = {
+    "tokenize": "saescale tokenize --tokenizer gpt2 --out data/tokens/gpt2.zarr --set subjects.gpt2.ctx_len=64",
+    "extract": "saescale extract --model gpt2 --tokens data/tokens/gpt2.zarr --out data/activations/gpt2.zarr "
+               "--config my.yaml --subject gpt2",
+    "normalize": "saescale normalize --activations data/activations/tiny.zarr --out data/activations/tiny.norm.json",
+    "train": "saescale train --activations data/activations/tiny.zarr --norm data/activations/tiny.norm.json "
+             "--subject tiny --layer 2 --arch topk --n 512 --k 8 --out-dir my_sae",
+    "evaluate": "saescale evaluate --sae-dir my_sae --activations data/activations/tiny.zarr "
+                "--model data/subjects/tiny/model --layer 2 --out eval.json --set evaluate.batch_size=1024",
+    "probes": "saescale probes --sae-dir my_sae --activations data/activations/tiny.zarr "
+              "--model data/subjects/tiny/model --layer 2 --out probes.json",
+    "interpret": "saescale interpret --sae-dir my_sae --activations data/activations/tiny.zarr "
+                 "--model data/subjects/tiny/model --layer 2 --out n2g.json --out-records records.jsonl",
+    "export": "saescale export --sae-dir data/saes/tiny/L2/topk/n512_k8 --format saelens --out exported/topk",
+    "import": "saescale import --src path/to/saelens_folder --format saelens --out imported/sae",
+    "report": "saescale report --out reports/report.html --config config.yaml",
+    "corpus": "saescale corpus --out-jsonl data/corpus/builtin.jsonl --out-info data/corpus/builtin.json",
+    "tokenizer": "saescale tokenizer --corpus data/corpus/builtin.jsonl --out data/subjects/tiny/tokenizer",
+    "lm": "saescale lm --tokens data/tokens/tiny.zarr --tokenizer data/subjects/tiny/tokenizer --threads 2 "
+          "--out data/subjects/tiny/model",
+    "analyze": "saescale analyze --experiment progressive --sae-dir my_sae --activations data/activations/tiny.zarr "
+               "--layer 2 --out progressive.json",
+    "ablation": "saescale ablation --sae-dir my_sae --activations data/activations/tiny.zarr "
+                "--model data/subjects/tiny/model --layer 2 --out ablation.json",
+    "geometry": "saescale geometry --sae-dir my_sae --activations data/activations/tiny.zarr --layer 2 "
+                "--out geometry.json",
+    "autointerp": "saescale autointerp --records records.jsonl --cache autointerp_cache --out autointerp.json "
+                  "--out-records autointerp.jsonl --set interpret.autointerp.backend=openai "
+                  "--set interpret.autointerp.base_url=http://localhost:8000/v1 --set interpret.autointerp.model=m",
+    "dashboard": "saescale dashboard --records records.jsonl --summary n2g.json --out dashboard.html",
+    "scaling": "saescale scaling --evals data/eval/tiny/L2/*/*.json --out-metrics metrics.csv --out-fits fits.json "
+               "--out-studies studies.json",
+    "toy": "saescale toy --study allocation --out allocation.json",
+}
+SET_EXAMPLES = {"evaluate": "evaluate.batch_size=1024", "probes": "evaluate.probes.windows=64",
+                "interpret": "interpret.latents=32", "autointerp": "interpret.autointerp.latents=10"}
+
+
+def _example(name: str) -> str:
+    return f"example:\n  {EXAMPLES[name]}" if name in EXAMPLES else ""
+
+
+def _set_example(name: str) -> str:
+    return SET_EXAMPLES.get(name, "evaluate.batch_size=1024")
+
+
+# what an option means wherever a stage has it and says nothing more specific
+OPTION_HELP = {
+    "out": "the file or folder to write (written whole, or not at all)",
+    "activations": "the activation store written by `saescale extract` (data/activations/<subject>.zarr)",
+    "tokens": "the token store written by `saescale tokenize` (data/tokens/<subject>.zarr)",
+    "norm": "the normalization statistics written by `saescale normalize`",
+    "sae-dir": "a saescale SAE folder (sae.safetensors and cfg.json)",
+    "layer": "the residual-stream layer (block index) of the SAE",
+    "threads": "CPU threads for torch",
+    "revision": "the model's hub revision (branch, tag or commit)",
+    "corpus": "the builtin corpus JSONL written by `saescale corpus`",
+    "records": "per-latent records (JSONL) written by `saescale interpret`",
+    "cache": "a JSONL cache of LLM answers, reused across runs",
+    "summary": "the interpret summary JSON",
+    "seed": "random seed",
+    "out-records": "per-latent records (JSONL)",
+    "out-jsonl": "the corpus as JSONL, one document per line",
+    "out-info": "a JSON summary of the corpus (Python version, file count, sha256)",
+    "out-dir": "the SAE folder to write",
+    "arch": "the SAE architecture (topk, relu, gated, ...)",
+    "n": "the number of latents",
+    "k": "the number of active latents (TopK) or the target L0 (penalty archs)",
+    "tokenizer": "a Hugging Face tokenizer id or local folder",
+    "model": "a Hugging Face model id or local folder",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    """Every option of every stage says what it is: the specific help where given, else OPTION_HELP's."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                _fill_help(sp)
+        elif action.help is None and action.option_strings:
+            action.help = OPTION_HELP.get(action.option_strings[0].lstrip("-"), action.dest.replace("_", " "))
+
+
+def resolve_spec(a) -> None:
+    """Fill `a.spec` for a stage: from --config (or the schema's defaults) with --set on top, by the same
+    derivation the workflow's rules use (`saescale.stage_specs`), then --spec merged over it. The workflow
+    passes a complete --spec, which this leaves as it is; by hand, any key may be left out."""
+    import yaml
+
+    from saescale.config import validate
+    from saescale.stage_specs import config_for_hand_run, merge_spec, parse_set
+
+    if a.stage not in BY_HAND or not hasattr(a, "config"):
+        return
+    if a.stage == "report" and a.spec is not None:
+        a.spec = validate(a.spec, local_paths=False)
+        return
+    where, derive = BY_HAND[a.stage]
+    config = None
+    if a.config:
+        path = Path(a.config).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {a.config}: no such file")
+        config = yaml.safe_load(path.read_text()) or {}
+    subject = _subject(a, config)
+    a.subject = subject
+    cfg = config_for_hand_run(config, parse_set(a.set), subject, getattr(a, "model", None), getattr(a, "layer", None))
+    if subject not in cfg["subjects"]:
+        raise ConfigError(f"--subject {subject}: not a subject of {a.config} ({', '.join(cfg['subjects'])})")
+    a.spec = cfg if a.stage == "report" else merge_spec(derive(cfg, a), a.spec or {}, where)
+
+
+def _subject(a, config: dict | None) -> str:
+    """The subject a hand run takes its settings from: --subject, else the config's first, else 'subject'."""
+    given = getattr(a, "subject", None)
+    if given and given != "subject":
+        return given
+    return next(iter((config or {}).get("subjects") or {}), "subject")
+
+
+INPUT_OPTIONS = ("sae_dir", "activations", "tokens", "norm", "records", "summary", "corpus", "src")
+
+
+def _check_inputs(a) -> None:
+    """Inputs a stage reads must exist: say which option names a missing one, before any work starts."""
+    for dest in INPUT_OPTIONS:
+        value = getattr(a, dest, None)
+        if isinstance(value, str) and not Path(value).expanduser().exists():
+            raise ConfigError(f"--{dest.replace('_', '-')} {value}: no such file or folder")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("saescale")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_inputs(args)
+        resolve_spec(args)
+    except ConfigError as exc:
+        parser.exit(2, f"saescale {args.stage}: {exc}\n")
     log = setup_logging(args.log)
     log.info("saescale %s %s", args.stage, " ".join(sys.argv[2:])[:500])
     t0 = time.time()
     try:
         args.fn(args)
-    except Exception:
-        log.exception("saescale %s failed", args.stage)  # into the rule's log file, not only stderr
-        raise
+    except Exception as exc:
+        if not args.log:
+            raise  # Python prints the traceback, once
+        log.exception("saescale %s failed", args.stage)
+        # the traceback is in the log; the terminal gets the message once
+        message = str(exc).strip() or type(exc).__name__
+        print(f"saescale {args.stage} failed: {message}\n  (traceback in {args.log})", file=terminal())
+        return 1
     log.info("saescale %s done in %.1f s", args.stage, time.time() - t0)
     return 0
 

@@ -79,9 +79,22 @@ def validate(cfg: dict, local_paths: bool = True) -> dict:
             lines.append(f"{_key_path(err.absolute_path)}: {msg}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     _check_semantics(cfg)
+    cfg = _expand_home(cfg)
     if local_paths:
         _check_local_paths(cfg)
     return cfg
+
+
+def _expand_home(node: Any) -> Any:
+    """`~/...` expanded in every string of the config, so every stage (and the job's shell) reads the same path
+    the check above saw. No key takes text that starts with '~' for another reason."""
+    if isinstance(node, dict):
+        return {key: _expand_home(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_expand_home(value) for value in node]
+    if isinstance(node, str) and (node == "~" or node.startswith("~/")):
+        return str(Path(node).expanduser())
+    return node
 
 
 def _unshared(node: Any) -> Any:
@@ -309,7 +322,7 @@ def load_config(path: str | Path, local_paths: bool = True) -> dict:
 
 
 def lr_for(train: dict, n: int) -> float:
-    """REFERENCE A.7: the largest converging lr scales with 1/sqrt(n), unless train.lr fixes it."""
+    """method §A.7: the largest converging lr scales with 1/sqrt(n), unless train.lr fixes it."""
     scale = float(train.get("lr_scale", 1.0))
     if train["lr"] is not None:
         return float(train["lr"]) * scale
@@ -317,7 +330,7 @@ def lr_for(train: dict, n: int) -> float:
 
 
 def k_aux_for(train: dict, d_model: int) -> int:
-    """REFERENCE A.5 (App. B.1): a power of two close to d_model / 2; rounded down, which gives the 256
+    """method §A.5 (App. B.1): a power of two close to d_model / 2; rounded down, which gives the 256
     that openai/sparse_autoencoder uses for GPT-2's d_model = 768."""
     if train["k_aux"] is not None:
         return int(train["k_aux"])

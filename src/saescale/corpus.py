@@ -21,6 +21,8 @@ from zarr.codecs import ZstdCodec
 from saescale.files import atomic_dir, replace_when_done, write_json_atomic
 from saescale.integrity import CHECKSUM, open_checked, writing_every_chunk
 
+from saescale.progress import Progress
+
 log = logging.getLogger("saescale.corpus")
 
 EOS_TOKEN = "<|endoftext|>"
@@ -111,22 +113,47 @@ def _batched(it: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def window_bos(tokenizer, prepend_bos: bool | str, where: str = "config.subjects.<name>") -> int | None:
+    """The token id put at position 0 of every window, or None (config.subjects.<name>.prepend_bos).
+
+    false: none, windows are plain slices of the token stream (what Gao et al. do with GPT-2, method §A.1).
+    true: the tokenizer's bos_token. auto: the bos_token only where the tokenizer itself starts every text with
+    it (Llama, Mistral, Gemma, OPT), so the model sees inputs the way it was trained; not for GPT-2 or Pythia."""
+    if prepend_bos is False:
+        return None
+    bos = tokenizer.bos_token_id
+    if prepend_bos == "auto":
+        first = tokenizer("a")["input_ids"][:1]
+        return bos if bos is not None and first == [bos] else None
+    if prepend_bos is not True:
+        raise ValueError(f"{where}.prepend_bos: must be true, false or 'auto', not {prepend_bos!r}")
+    if bos is None:
+        raise ValueError(f"{where}.prepend_bos: true, but the tokenizer has no bos_token; set prepend_bos: false")
+    return bos
+
+
 def token_stream_windows(
     texts: Iterable[str], tokenizer, ctx_len: int, max_tokens: int | None = None,
-    where: str = "config.subjects.<name>",
+    where: str = "config.subjects.<name>", bos: int | None = None,
 ) -> np.ndarray:
-    """Concatenate documents separated by EOS and cut the stream into [n_windows, ctx_len] int32 windows."""
+    """Concatenate documents separated by EOS and cut the stream into [n_windows, ctx_len] int32 windows.
+
+    With a `bos` id (window_bos) each window is that token followed by the next ctx_len - 1 stream tokens:
+    position 0 is then the BOS in every window, and `max_tokens` still counts stream tokens."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"{where}.model: the tokenizer has no eos_token; it is needed to separate documents")
     pieces: list[np.ndarray] = []
     total = text_tokens = 0
+    progress = Progress(log, "tokenize", max_tokens or 0, "tokens")  # no total (no ETA) without max_tokens
     for batch in _batched(texts, 256):
+        before = total
         for ids in tokenizer([t or "" for t in batch], add_special_tokens=False)["input_ids"]:
             arr = np.asarray(ids + [eos], dtype=np.int32)
             pieces.append(arr)
             total += len(arr)
             text_tokens += len(ids)
+        progress.update(min(total, max_tokens or total) - min(before, max_tokens or before))
         if max_tokens is not None and total >= max_tokens:
             break
     if text_tokens == 0:
@@ -135,8 +162,12 @@ def token_stream_windows(
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     if max_tokens is not None:
         stream = stream[:max_tokens]
-    n_windows = len(stream) // ctx_len
-    return stream[: n_windows * ctx_len].reshape(n_windows, ctx_len)
+    width = ctx_len - (bos is not None)
+    n_windows = len(stream) // width
+    windows = stream[: n_windows * width].reshape(n_windows, width)
+    if bos is not None:
+        windows = np.concatenate([np.full((n_windows, 1), bos, dtype=np.int32), windows], axis=1)
+    return windows
 
 
 def split_windows(n_windows: int, n_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,13 +193,13 @@ def write_token_store(out: str | Path, windows: np.ndarray, train_ids: np.ndarra
                            "n_eval": int(len(eval_ids)), "ctx_len": int(windows.shape[1]), "complete": True})
 
 
-def context_limit(model_path: str) -> int | None:
+def context_limit(model_path: str, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
     """The longest input the model at `model_path` takes (n_positions / max_position_embeddings), or None
     where there is no model config to read (the builtin tokenizer folder: its LM is trained at ctx_len)."""
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(model_path)
+        cfg = AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
@@ -183,20 +214,22 @@ def open_token_store(path: str | Path) -> zarr.Group:
 
 
 def tokenize(dataset: dict, tokenizer_path: str, ctx_len: int, eval_tokens: int, out: str,
-             builtin_jsonl: str | None = None, where: str = "config.subjects.<name>") -> dict:
+             builtin_jsonl: str | None = None, where: str = "config.subjects.<name>", prepend_bos: bool | str = False,
+             revision: str | None = None, trust_remote_code: bool = False) -> dict:
     from saescale.subject import load_tokenizer
 
-    tok = load_tokenizer(tokenizer_path, where=where)
-    limit = context_limit(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path, revision, where=where, trust_remote_code=trust_remote_code)
+    bos = window_bos(tok, prepend_bos, where)
+    limit = context_limit(tokenizer_path, revision, trust_remote_code)
     if limit is not None and ctx_len > limit:
         raise ValueError(f"{where}.ctx_len: {ctx_len} tokens per window, but the model {tokenizer_path} takes at "
                          f"most {limit} positions; lower ctx_len")
     windows = token_stream_windows(load_texts(dataset, builtin_jsonl, where), tok, ctx_len,
-                                   dataset.get("max_tokens"), where)
+                                   dataset.get("max_tokens"), where, bos)
     n_eval = -(-eval_tokens // ctx_len)
     train_ids, eval_ids = split_windows(len(windows), n_eval, dataset.get("seed", 0))
     attrs = {"tokenizer": str(tokenizer_path), "dataset": dataset, "vocab_size": len(tok),
-             "eos_token_id": tok.eos_token_id}
+             "eos_token_id": tok.eos_token_id, "bos_token_id": bos, "prepend_bos": bos is not None}
     write_token_store(out, windows, train_ids, eval_ids, attrs)
     log.info("tokenized %d windows of %d tokens (%d train, %d eval)", len(windows), ctx_len,
              len(train_ids), len(eval_ids))

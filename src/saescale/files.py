@@ -20,7 +20,16 @@ def replace_when_done(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     yield tmp
+    if tmp.is_file():
+        os.chmod(tmp, 0o666 & ~current_umask())  # some writers (safetensors) create 0600 files
     os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -70,10 +79,36 @@ def file_digest(paths: list[str | Path]) -> str:
 
 
 def setup_logging(log_path: str | None) -> logging.Logger:
-    """Log to stderr and, when the rule gives one, to its log file."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    """Without a log file, log to stderr. With one (a workflow job), send the whole process's stderr there:
+    our log lines, third-party warnings and progress bars, and any traceback, so the terminal shows only
+    Snakemake's progress and the job's one-line result (see `terminal`)."""
     if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="a"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True)
+        _stderr_to(log_path)
+        # progress bars of huggingface_hub, transformers and datasets go to the log at most every 30 s
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+    handler = logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=[handler], force=True)
+    logging.captureWarnings(True)  # warnings.warn lines become log lines with a time and a source
     return logging.getLogger("saescale")
+
+
+_TERMINAL: Any = None
+
+
+def _stderr_to(log_path: str) -> None:
+    """Point file descriptor 2 at the log (appending), keeping a copy of the terminal's stderr for `terminal`.
+    At the descriptor level, so that C extensions and libraries that cached sys.stderr follow too."""
+    global _TERMINAL
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    if _TERMINAL is None:
+        _TERMINAL = os.fdopen(os.dup(2), "w", buffering=1)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+
+
+def terminal() -> Any:
+    """Where a job's one-line result goes: the terminal's stderr (before `setup_logging` redirected it)."""
+    return _TERMINAL or sys.stderr

@@ -1,7 +1,7 @@
 """SAEs out to SAELens and sparsify, and in from SAELens, sparsify and openai/sparse_autoencoder
 (layouts: shared/notes/peers.md section 3).
 
-saescale SAEs read per-token normalized activations: x_n = (x - mean_d x) / ||x - mean_d x|| (REFERENCE A.2).
+saescale SAEs read per-token normalized activations: x_n = (x - mean_d x) / ||x - mean_d x|| (method §A.2).
 SAELens' `layer_norm` normalization, and the LayerNorm openai's TopK SAEs assume, are the same map up to one
 constant: (x - mu) / std with the unbiased std, which is sqrt(d - 1) * x_n (up to their eps of 1e-5 added to
 std). Folding c = sqrt(d - 1) into the weights (encoder / c, decoder and bias * c) makes the exported SAE, run
@@ -45,7 +45,7 @@ def layer_norm_scale(d: int) -> float:
 
 def _threshold(sae: SparseAutoencoder) -> torch.Tensor:
     family = sae.family
-    if sae.arch == "batchtopk":  # one global inference threshold (REFERENCE B.6); clamped at 0 as in encode
+    if sae.arch == "batchtopk":  # one global inference threshold (method §B.6); clamped at 0 as in encode
         return family.threshold.clamp_min(0).expand(sae.n_latents).clone()
     return family.threshold().detach().clone()
 
@@ -105,11 +105,11 @@ def from_saelens(cfg: dict, tensors: dict[str, torch.Tensor]) -> SparseAutoencod
     norm = cfg.get("normalize_activations", "none")
     if norm != "layer_norm":
         raise InteropError(f"cfg.json normalize_activations '{norm}': saescale evaluates SAEs on per-token "
-                           "normalized activations (REFERENCE A.2), which only SAELens' 'layer_norm' maps onto "
+                           "normalized activations (method §A.2), which only SAELens' 'layer_norm' maps onto "
                            "exactly; SAEs of raw activations cannot be imported yet")
     if not cfg.get("apply_b_dec_to_input", True):
         raise InteropError("cfg.json apply_b_dec_to_input false: saescale's encoder always subtracts the decoder "
-                           "bias (REFERENCE A.3)")
+                           "bias (method §A.3)")
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         raise InteropError("cfg.json rescale_acts_by_decoder_norm true: fold the decoder norms first "
                            "(SAELens: sae.fold_W_dec_norm())")
@@ -131,7 +131,7 @@ def from_sparsify(cfg: dict, tensors: dict[str, torch.Tensor], inputs_normalized
                            "can be imported")
     if "saescale_input_normalization" not in cfg and not inputs_normalized:
         raise InteropError("sparsify cfg.json has no saescale_input_normalization: sparsify records no input "
-                           "normalization, and saescale evaluates on per-token normalized activations (REFERENCE "
+                           "normalization, and saescale evaluates on per-token normalized activations (method §"
                            "A.2); only SAEs trained on such inputs can be imported (saescale's own exports, or "
                            "--inputs-normalized when you know they were)")
     d = int(cfg["d_in"])

@@ -1,4 +1,4 @@
-"""Per-token input normalization (REFERENCE A.2) and the per-layer dataset statistics written once.
+"""Per-token input normalization (method §A.2) and the per-layer dataset statistics written once.
 
 Every SAE sees x_norm = (x - mean_j x_j) / ||x - mean_j x_j||_2 (per token), and all MSE metrics live
 in that space. `normalize` also returns each token's (mu, scale) so reconstructions map back to the
@@ -13,11 +13,13 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from saescale.progress import Progress
+
 log = logging.getLogger("saescale.normalize")
 
-GEOMETRIC_MEDIAN_SAMPLES = 32768  # REFERENCE A.4: b_pre from the geometric median of 32,768 activations
+GEOMETRIC_MEDIAN_SAMPLES = 32768  # method §A.4: b_pre from the geometric median of 32,768 activations
 EPS = 1e-8
-DESCRIPTION = "per-token: subtract mean over d, scale to unit L2 norm (REFERENCE A.2)"  # recorded in cfg.json
+DESCRIPTION = "per-token: subtract mean over d, scale to unit L2 norm (method §A.2)"  # recorded in cfg.json
 
 
 
@@ -50,7 +52,7 @@ def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-
 
 
 class MeanAndBaseline:
-    """Streaming sums for the mean of normalized rows and the FVU baseline sum ||x - mean||^2 (REFERENCE C.1)
+    """Streaming sums for the mean of normalized rows and the FVU baseline sum ||x - mean||^2 (method §C.1)
     in one pass, using sum ||x - mean||^2 = sum ||x||^2 - N ||mean||^2 (float64 sums)."""
 
     def __init__(self) -> None:
@@ -71,11 +73,11 @@ class MeanAndBaseline:
         return self.sum_sq - float((self.sum_x**2).sum()) / self.n
 
 
-def layer_stats(chunks: Iterable[np.ndarray], n_rows: int, seed: int = 0) -> dict:
+def layer_stats(chunks: Iterable[np.ndarray], n_rows: int, seed: int = 0, what: str = "normalize") -> dict:
     """Statistics of one layer's training rows, streamed chunk by chunk (memory bounded by one chunk).
 
     All in normalized space but the norms. Because every normalized row has unit norm, the FVU
-    baseline E||x - E[x]||^2 (REFERENCE C.1) is 1 - ||E[x]||^2; it is computed from the sums anyway.
+    baseline E||x - E[x]||^2 (method §C.1) is 1 - ||E[x]||^2; it is computed from the sums anyway.
     """
     rng = np.random.default_rng(seed)
     m = min(GEOMETRIC_MEDIAN_SAMPLES, n_rows)
@@ -83,6 +85,7 @@ def layer_stats(chunks: Iterable[np.ndarray], n_rows: int, seed: int = 0) -> dic
     acc = MeanAndBaseline()
     norm_sum, norm_max, seen = 0.0, 0.0, 0
     sample = []
+    progress = Progress(log, what, n_rows, "rows")
     for chunk in chunks:
         x_norm, _mu, scale = normalize(torch.from_numpy(np.asarray(chunk, dtype=np.float32)))
         acc.add(x_norm)
@@ -91,6 +94,7 @@ def layer_stats(chunks: Iterable[np.ndarray], n_rows: int, seed: int = 0) -> dic
         lo, hi = np.searchsorted(picks, [seen, seen + len(chunk)])
         sample.append(x_norm[torch.from_numpy(picks[lo:hi] - seen)])
         seen += len(chunk)
+        progress.update(len(chunk))
     if seen != n_rows:
         raise ValueError(f"expected {n_rows} rows, read {seen}")
     mean = acc.mean

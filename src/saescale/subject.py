@@ -2,8 +2,11 @@
 and train the builtin tiny GPT-2 that makes the default pipeline run offline.
 
 Layer L means the output of transformer block L (0-indexed), i.e. TransformerLens
-`blocks.L.hook_resid_post` (REFERENCE A.1). We hook the block module instead of using
-`output_hidden_states`, because HF GPT-2 applies the final LayerNorm to the last hidden state.
+`blocks.L.hook_resid_post` (method §A.1; Gao et al. §2.1 use GPT-2 small's layer 8). In Hugging Face terms it is
+`output_hidden_states=True`'s `hidden_states[L + 1]` (index 0 is the embedding output) for every block but the
+last; for the last block, `hidden_states[-1]` is the final norm applied to it (GPT-2's `ln_f`, Llama's `norm`,
+...), so we hook the block module instead of reading hidden_states. Verified per family in
+tests/test_model_families.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from saescale.config import ConfigError
 from saescale.corpus import EOS_TOKEN
 from saescale.devices import lease_gpu
 from saescale.files import write_json_atomic
@@ -41,21 +45,59 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def from_pretrained_kwargs(revision: str | None = None, torch_dtype: str = "auto", device_map=None,
+                           trust_remote_code: bool = False) -> dict:
+    """The keyword arguments of the model's from_pretrained for a subject's loading keys
+    (config.subjects.<name>: revision, torch_dtype, device_map, trust_remote_code)."""
+    import transformers
+
+    if torch_dtype not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}, not {torch_dtype!r}")
+    # transformers 4.56 renamed torch_dtype to dtype (the old name still works, with a deprecation warning)
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    kwargs = {"revision": revision, dtype_key: torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype),
+              "trust_remote_code": bool(trust_remote_code)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
 def load_model(path: str, revision: str | None = None, device: torch.device | str = "cpu",
-               where: str | None = None) -> nn.Module:
-    """AutoModelForCausalLM.from_pretrained, in eval mode: the same call for 'gpt2' and the builtin model."""
+               where: str | None = None, *, torch_dtype: str = "auto", device_map=None,
+               trust_remote_code: bool = False) -> nn.Module:
+    """AutoModelForCausalLM.from_pretrained, in eval mode: the same call for 'gpt2' and the builtin model.
+
+    `torch_dtype` 'auto' is the checkpoint's own dtype (transformers 5's default, so the same on 4.x). With a
+    `device_map` (accelerate places the weights) the model is not moved to `device`. The model's blocks are
+    looked up here, so an unsupported family fails at load time, naming `<where>.model`."""
     from transformers import AutoModelForCausalLM
 
-    with _explained_load_errors(path, where):
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision)
-    return model.to(device).eval()
+    key = where or "config.subjects.<name>"
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError as exc:
+            raise ModelLoadError(f"{key}.device_map: {device_map!r} needs the accelerate package (pip install "
+                                 "accelerate); or remove device_map to load onto the job's device") from exc
+    kwargs = from_pretrained_kwargs(revision, torch_dtype, device_map, trust_remote_code)
+    with _explained_load_errors(path, where), _unsupported_family(path, key):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    transformer_blocks(model, key)
+    if device_map is None:
+        model = model.to(device)
+    return model.eval()
 
 
-def load_tokenizer(path: str, revision: str | None = None, where: str | None = None):
+def load_tokenizer(path: str, revision: str | None = None, where: str | None = None,
+                   trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     with _explained_load_errors(path, where):
-        return AutoTokenizer.from_pretrained(path, revision=revision)
+        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
 
 
 class ModelLoadError(OSError):
@@ -79,9 +121,26 @@ def _explained_load_errors(path: str, where: str | None) -> Iterator[None]:
         ) from exc
 
 
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of residual blocks for the common HF causal-LM families."""
-    for attr in ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"):
+# where each family keeps its list of residual blocks; block L's output (its first element when it returns a
+# tuple) is resid_post of layer L. Each family named here is built and checked in tests/test_model_families.py.
+BLOCK_PATHS = {
+    "transformer.h": "GPT-2, GPT-Neo, GPT-J, CodeGen, BLOOM, Falcon",
+    "model.layers": "Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma 2, Phi/Phi-3, OLMo, StableLM",
+    "gpt_neox.layers": "GPT-NeoX/Pythia",
+    "model.decoder.layers": "OPT",
+    "transformer.blocks": "MPT",
+    "transformer.layers": "remote-code models that keep their blocks there",
+}
+SUPPORTED_FAMILIES = "; ".join(f"{families} ({path})" for path, families in BLOCK_PATHS.items())
+
+
+class UnsupportedModelError(ConfigError):
+    """The subject model is not a causal LM of a family whose residual blocks saescale knows how to hook."""
+
+
+def transformer_blocks(model: nn.Module, where: str = "config.subjects.<name>") -> nn.ModuleList:
+    """The list of residual blocks of a Hugging Face causal LM (BLOCK_PATHS)."""
+    for attr in BLOCK_PATHS:
         obj = model
         try:
             for part in attr.split("."):
@@ -90,8 +149,30 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
             continue
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}; "
-                     "supported: GPT-2, Llama/Gemma/Mistral/Qwen, GPT-NeoX/Pythia, OPT")
+    raise UnsupportedModelError(
+        f"{where}.model: cannot find the transformer blocks of {type(model).__name__} to hook its residual stream; "
+        f"supported families (and where their blocks live): {SUPPORTED_FAMILIES}")
+
+
+@contextlib.contextmanager
+def _unsupported_family(path: str, key: str) -> Iterator[None]:
+    """AutoModelForCausalLM's ValueError for a model that is no causal LM (T5, a BERT encoder, ...), said in
+    terms of the config key and the families that work."""
+    try:
+        yield
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise UnsupportedModelError(
+            f"{key}.model: '{path}' is not a causal language model transformers can load with "
+            f"AutoModelForCausalLM ({str(exc).splitlines()[0][:200]}); supported families: {SUPPORTED_FAMILIES}"
+        ) from exc
+
+
+def _home_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs (and the job's SAE) live: the input embeddings' device. A model spread over
+    devices (device_map) may run a block elsewhere; hooks bring its residual here and back."""
+    return model.get_input_embeddings().weight.device
 
 
 def run_until_recorded(model: nn.Module, input_ids: torch.Tensor) -> None:
@@ -115,12 +196,14 @@ class StopForward(Exception):
 
 @contextlib.contextmanager
 def record_resid(model: nn.Module, layers: list[int], stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
-    """Capture resid_post of each layer on every forward pass into the yielded dict.
+    """Capture resid_post of each layer on every forward pass into the yielded dict, in float32 on the model's
+    input device whatever dtype the model runs in (torch_dtype): SAEs and statistics work in float32.
 
     With stop=True the forward pass ends with StopForward after the deepest layer (catch it with
     `run_until_recorded`); for GPT-2 small at layer 8 that skips a quarter of the blocks and the 50k-way head.
     """
     blocks = transformer_blocks(model)
+    home = _home_device(model)
     captured: dict[int, torch.Tensor] = {}
     handles = []
     last = max(layers)
@@ -129,7 +212,7 @@ def record_resid(model: nn.Module, layers: list[int], stop: bool = False) -> Ite
             raise ValueError(f"layer {layer} does not exist: the model has {len(blocks)} blocks (0-indexed)")
 
         def hook(_m, _inp, out, layer=layer):
-            captured[layer] = _block_output(out).detach()
+            captured[layer] = _block_output(out).detach().to(home, torch.float32)
             if stop and layer == last:
                 raise StopForward
 
@@ -143,12 +226,13 @@ def record_resid(model: nn.Module, layers: list[int], stop: bool = False) -> Ite
 
 @contextlib.contextmanager
 def splice_resid(model: nn.Module, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Replace resid_post of `layer` at all positions by replace(resid) during forward passes (REFERENCE C.3)."""
+    """Replace resid_post of `layer` at all positions by replace(resid) during forward passes (method §C.3)."""
     block = transformer_blocks(model)[layer]
+    home = _home_device(model)
 
-    def hook(_m, _inp, out):
+    def hook(_m, _inp, out):  # replace() sees float32 on the input device, like record_resid's activations
         resid = _block_output(out)
-        return _replace_block_output(out, replace(resid).to(resid.dtype))
+        return _replace_block_output(out, replace(resid.to(home, torch.float32)).to(resid.device, resid.dtype))
 
     handle = block.register_forward_hook(hook)
     try:
@@ -160,13 +244,13 @@ def splice_resid(model: nn.Module, layer: int, replace: Callable[[torch.Tensor],
 @contextlib.contextmanager
 def add_at_positions(model: nn.Module, layer: int, position: torch.Tensor, delta: torch.Tensor) -> Iterator[None]:
     """Add delta[b] [d] to resid_post of `layer` at position[b] of batch row b only, every other position
-    untouched: one edit per row, the ablation of one latent or channel (REFERENCE C.7)."""
+    untouched: one edit per row, the ablation of one latent or channel (method §C.7)."""
     block = transformer_blocks(model)[layer]
 
     def hook(_m, _inp, out):
         resid = _block_output(out).clone()
         rows = torch.arange(resid.shape[0], device=resid.device)
-        resid[rows, position] += delta.to(resid.dtype)
+        resid[rows, position.to(resid.device)] += delta.to(resid.device, resid.dtype)
         return _replace_block_output(out, resid)
 
     handle = block.register_forward_hook(hook)

@@ -1,5 +1,5 @@
 # Section 5 experiments on trained SAEs (config.analysis): progressive recovery under test-time TopK(k') /
-# JumpReLU(theta) (REFERENCE C.8) and refinement of the nonzero values on a fixed support (REFERENCE C.9).
+# JumpReLU(theta) (method §C.8) and refinement of the nonzero values on a fixed support (method §C.9).
 
 
 rule analyze:

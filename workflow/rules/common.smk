@@ -1,5 +1,6 @@
 # Helpers shared by the rules: the grid, per-subject inputs, code versions for rerun triggers, and job sizes.
 import ast
+import os
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
@@ -7,11 +8,17 @@ from types import SimpleNamespace
 from snakemake.resources import Resources
 from snakemake.settings.types import DeploymentMethod
 
-from saescale import hardware
+from saescale import hardware, stage_specs
 from saescale.hardware import gpu_present
+from saescale.files import file_digest
 from saescale.provenance import EXTRACT_MODULES, TRAIN_MODULES, code_version
 
 HAS_CUDA = gpu_present()  # without importing torch: ~1 s of every snakemake start
+# The most threads a rule may ask for. Snakemake scales a rule's threads down to --cores, so this means "all
+# the cores the run was given"; `workflow.cores` itself cannot be read when no --cores is set, which broke
+# `snakemake --unlock` and `snakemake --report`.
+ALL_CPUS = len(os.sched_getaffinity(0))
+METHOD_DOC_VERSION = file_digest([workflow.source_path("../../docs/method.md")])
 TRAIN_GPUS = 1 if HAS_CUDA or CFG["train"]["device"] == "cuda" else 0
 
 
@@ -71,7 +78,8 @@ def train_resources(job):
 
 
 def spec(obj):
-    """A stage's settings as one canonical JSON string: a Snakemake param, so changes rerun only its jobs."""
+    """A stage's settings as one canonical JSON string: a Snakemake param, so changes rerun only its jobs. What
+    goes in it comes from `saescale.stage_specs`, which `saescale <stage>` run by hand uses too."""
     return json.dumps(obj, sort_keys=True)
 
 
@@ -113,10 +121,7 @@ def pack_members(pack):
 
 
 def analysis_spec(experiment):
-    """The settings an analysis job runs with; which SAEs are analysed (archs, n) is not one of them, so
-    widening that selection adds jobs without rerunning the others."""
-    settings = {key: v for key, v in CFG["analysis"][experiment].items() if key not in ("archs", "n")}
-    return {**settings, "downstream_batch": CFG["evaluate"]["downstream_batch"]}
+    return stage_specs.analysis_spec(CFG, experiment)
 
 
 def analyses():
@@ -143,7 +148,10 @@ def option(flag, value):
 
 
 def revision_option(wc):
-    return option("--revision", subject(wc)["revision"])
+    """How a stage loads the subject model: its revision and loading keys (dtype, device_map, remote code),
+    the same as extract used."""
+    loading = {key: subject(wc)[key] for key in ("torch_dtype", "device_map", "trust_remote_code")}
+    return f'{option("--revision", subject(wc)["revision"])} {option("--model-options", json.dumps(loading))}'.strip()
 
 
 def envs():
@@ -175,12 +183,6 @@ def tokenizer_path(wc):
 
 def autointerp_enabled():
     return CFG["interpret"]["autointerp"]["backend"] != "none"
-
-
-def stage_spec(settings, drop=()):
-    """A per-SAE stage's settings without its on/off switch and SAE selectors: widening the selection adds
-    jobs without rerunning the others."""
-    return {key: v for key, v in settings.items() if key not in ("enabled", "archs", "n", *drop)}
 
 
 def sae_results(job):
@@ -224,13 +226,7 @@ def lr_sweep_files_of(wc):
 
 
 def interpret_spec(wc):
-    """The interpret settings of one SAE; whether it runs the explanation reconstruction (C.6) is decided
-    here, so changing interpret.reconstruction.n reruns only the SAEs it adds or removes."""
-    settings = CFG["interpret"]
-    recon = settings["reconstruction"]
-    on = recon["n"] is None or int(wc.n) in recon["n"]
-    return {**stage_spec(settings, drop=("autointerp", "reconstruction")),
-            "reconstruction": on, "reconstruction_windows": recon["windows"]}
+    return stage_specs.interpret_spec(CFG, int(wc.n))
 
 
 def dashboard_inputs(wc):
@@ -245,21 +241,11 @@ TOY_OUTPUTS = {"allocation": paths.TOY_ALLOCATION, "manifolds": paths.TOY_MANIFO
 
 
 def toy_spec(study):
-    """A toy study's settings without its on/off switch."""
-    return {key: v for key, v in CFG["toy"][study].items() if key != "enabled"}
+    return stage_specs.toy_spec(CFG, study)
 
 
 def toy_curve_spec(kind, panels=False):
-    """The settings one toy-manifold curve depends on: not which other kinds, dims and archs run (widening
-    those adds jobs without rerunning the others), and the grid and seeds of its own kind only."""
-    settings = toy_spec("manifolds")
-    out = {key: v for key, v in settings.items() if key not in ("kinds", "dims", "archs", "circle_panels")}
-    for key in ("n", "seeds"):
-        if isinstance(out[key], dict):
-            out[key] = out[key].get(kind, out[key])
-    if panels:
-        out.update(circle_panels=settings["circle_panels"], archs=settings["archs"][:1], kinds=["circle"])
-    return out
+    return stage_specs.toy_curve_spec(CFG, kind, panels)
 
 
 def toy_curve_files(wildcards):

@@ -1,8 +1,8 @@
-# Evaluate one SAE on the held-out windows: FVU, L0, dead fraction, and delta CE / KL by splicing (REFERENCE C).
+# Evaluate one SAE on the held-out windows: FVU, L0, dead fraction, and delta CE / KL by splicing (method §C).
 
 
 # the settings and code of `saescale evaluate`, shared with evaluate_imported (imported.smk)
-EVALUATE_SPEC = spec({key: v for key, v in CFG["evaluate"].items() if key not in paths.METRIC_NAMES})
+EVALUATE_SPEC = spec(stage_specs.evaluate_spec(CFG))
 EVALUATE_CODE = code_version(
     "evaluate", "evaluate/reconstruction.py", "evaluate/downstream.py", "sae", "normalize.py", "subject.py", "store.py"
 )

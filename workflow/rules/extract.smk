@@ -19,12 +19,7 @@ rule extract:
         gpu=1 if HAS_CUDA else 0,
     params:
         model=model_path,
-        spec=lambda wc: spec(
-            {
-                key: subject(wc)[key]
-                for key in ("model", "revision", "layers", "train_tokens", "dtype", "batch_windows", "chunk_windows")
-            }
-        ),
+        spec=lambda wc: spec(stage_specs.extract_spec(CFG, wc.subject)),
         code=code_version("extract", *EXTRACT_MODULES),
     shell:
         "saescale extract --model {params.model:q} --tokens {input.tokens} --subject {wildcards.subject} --threads {threads}"

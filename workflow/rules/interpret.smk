@@ -1,5 +1,5 @@
 # Interpretation of one SAE: N2G explanations with precision / recall and the explanation-reconstruction
-# delta CE (REFERENCE C.5, C.6), latent records (examples, logit lens); optional LLM autointerp; and the
+# delta CE (method §C.5, C.6), latent records (examples, logit lens); optional LLM autointerp; and the
 # feature dashboard page the report links to.
 
 
@@ -27,6 +27,9 @@ rule interpret:
         " --out-records {output.records} --log {log}"
 
 
+from saescale.interpret.autointerp import next_round as next_autointerp_round
+
+
 rule autointerp:
     input:
         records=paths.INTERPRET_RECORDS,
@@ -41,16 +44,20 @@ rule autointerp:
         spec=spec(CFG["interpret"]["autointerp"]),
         cache=paths.AUTOINTERP_CACHE,
         code=code_version("autointerp", "interpret/autointerp.py"),
+        # one more while the last run left failed latents to retry: the changed param reruns this job,
+        # which requests only those (successes come from the cache)
+        round=lambda wc: next_autointerp_round(paths.fmt(paths.AUTOINTERP, **wc)),
     shell:
         "saescale autointerp --records {input.records} --cache {params.cache} --spec {params.spec:q}"
-        " --out {output.summary} --out-records {output.records} --log {log}"
+        " --round {params.round} --out {output.summary} --out-records {output.records} --log {log}"
 
 
 rule dashboard:
     input:
         unpack(dashboard_inputs),
     output:
-        paths.DASHBOARD,
+        report(paths.DASHBOARD, caption="../report/dashboard.rst", category="Feature dashboards",
+               subcategory="{subject} L{layer} {arch}", labels={"n": "{n}", "k": "{k}"}),
     log:
         log_path("dashboard", "{subject}_L{layer}_{arch}_n{n}_k{k}"),
     benchmark:

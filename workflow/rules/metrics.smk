@@ -1,6 +1,6 @@
 # The paper's evaluation suite beyond reconstruction, one rule per metric per SAE, each writing a file
 # beside the SAE's eval record (data/eval/.../n{n}_k{k}.{metric}.json) that the scaling rule merges:
-# probe loss (REFERENCE C.4), ablation sparsity (C.7), frequency-rank and decoder geometry (F.3, F.4).
+# probe loss (method §C.4), ablation sparsity (C.7), frequency-rank and decoder geometry (F.3, F.4).
 
 
 rule probes:
@@ -18,7 +18,7 @@ rule probes:
         gpu=1 if HAS_CUDA else 0,
     params:
         args=sae_args,
-        spec=spec(stage_spec(CFG["evaluate"]["probes"])),
+        spec=spec(stage_specs.metric_spec(CFG, "probes")),
         code=code_version("probes", "evaluate/probes.py", "evaluate/probe_tasks.py", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
         "saescale probes {params.args} --spec {params.spec:q} --out {output} --log {log}"
@@ -39,7 +39,7 @@ rule ablation:
         gpu=1 if HAS_CUDA else 0,
     params:
         args=sae_args,
-        spec=spec(stage_spec(CFG["evaluate"]["ablation"])),
+        spec=spec(stage_specs.metric_spec(CFG, "ablation")),
         code=code_version("ablation", "evaluate/ablation.py", "sae", "normalize.py", "subject.py", "store.py"),
     shell:
         "saescale ablation {params.args} --spec {params.spec:q} --out {output} --log {log}"
@@ -60,7 +60,7 @@ rule geometry:
         gpu=1 if HAS_CUDA else 0,
     params:
         args=sae_args,
-        spec=spec({**stage_spec(CFG["evaluate"]["geometry"]), "batch_size": CFG["evaluate"]["batch_size"]}),
+        spec=spec(stage_specs.metric_spec(CFG, "geometry")),
         code=code_version("geometry", "evaluate/geometry.py", "evaluate/reconstruction.py", "sae", "normalize.py", "store.py"),
     shell:
         "saescale geometry {params.args} --spec {params.spec:q} --out {output} --log {log}"

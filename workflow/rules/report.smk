@@ -22,5 +22,6 @@ rule report:
     params:
         spec=spec(CFG),
         code=code_version("report", "report", "scaling"),
+        method=METHOD_DOC_VERSION,  # the report appends docs/method.md: editing it re-renders the report
     shell:
         "saescale report --spec {params.spec:q} --out {output.html} --figures-dir {output.figures} --log {log}"

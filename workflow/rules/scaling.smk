@@ -1,4 +1,4 @@
-# Scaling: collect every eval JSON of a (subject, layer) into one table, fit the laws (REFERENCE D.1), and run
+# Scaling: collect every eval JSON of a (subject, layer) into one table, fit the laws (method §D.1), and run
 # the section-3 studies on the training logs: L(C), tokens to convergence, lr vs n (scaling.lr_sweep).
 
 
@@ -8,8 +8,9 @@ rule scaling:
         logs=grid_logs_of,
         lr_sweep=lr_sweep_files_of,
     output:
-        metrics=paths.METRICS,
-        fits=paths.FITS,
+        metrics=report(paths.METRICS, caption="../report/metrics.rst", category="Data",
+                       subcategory="{subject} L{layer}"),
+        fits=report(paths.FITS, caption="../report/fits.rst", category="Data", subcategory="{subject} L{layer}"),
         studies=paths.STUDIES,
     log:
         log_path("scaling", "{subject}_L{layer}"),

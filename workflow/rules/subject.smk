@@ -54,7 +54,7 @@ rule lm:
         bench_path("lm", "{subject}")
     conda:
         envs()
-    threads: workflow.cores
+    threads: ALL_CPUS
     resources:
         gpu=1 if HAS_CUDA else 0,
     params:

@@ -17,7 +17,7 @@ rule tokenize:
     params:
         tokenizer=tokenizer_path,
         corpus=lambda wc: f"--corpus {paths.CORPUS}" if subject(wc)["dataset"]["path"] == "builtin" else "",
-        spec=lambda wc: spec({key: subject(wc)[key] for key in ("dataset", "ctx_len", "eval_tokens")}),
+        spec=lambda wc: spec(stage_specs.tokenize_spec(CFG, wc.subject)),
         code=code_version("tokenize", "corpus.py"),
     shell:
         "saescale tokenize --tokenizer {params.tokenizer:q} {params.corpus} --subject {wildcards.subject}"

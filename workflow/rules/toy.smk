@@ -1,4 +1,4 @@
-# Michaud, Gorton & McGrath (2025), the studies that need no subject model (REFERENCE F): the capacity-allocation
+# Michaud, Gorton & McGrath (2025), the studies that need no subject model (method §F): the capacity-allocation
 # model, toy feature manifolds, and SAEs trained on synthetic superposition with a known dictionary.
 
 

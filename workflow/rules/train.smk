@@ -1,4 +1,4 @@
-# Train one SAE per (subject, layer, arch, n, k) with the paper's recipe (REFERENCE A.3-A.7); `arch` is an
+# Train one SAE per (subject, layer, arch, n, k) with the paper's recipe (method §A.3-A.7); `arch` is an
 # arch of sae/archs.py or a named variant (sweep.variants), whose train overrides only rerun its own jobs.
 
 TRAIN_CODE = code_version("train", *TRAIN_MODULES)

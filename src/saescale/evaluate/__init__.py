@@ -1,1 +1,1 @@
-"""Evaluation of trained SAEs on the held-out split (REFERENCE C)."""
+"""Evaluation of trained SAEs on the held-out split (method §C)."""

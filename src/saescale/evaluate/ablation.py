@@ -1,4 +1,4 @@
-"""Ablation sparsity (REFERENCE C.7, Gao et al. 2024 §4.5): how many vocabulary logits one latent moves.
+"""Ablation sparsity (method §C.7, Gao et al. 2024 §4.5): how many vocabulary logits one latent moves.
 
 For a sampled (window, position p, active latent i) we remove the latent's contribution to the residual at
 p only, run the LM on, and compare the logits at positions p..p+T-1 with the clean run. The per-effect
@@ -51,7 +51,7 @@ def _median_last(x: Tensor) -> Tensor:
 def ablation_sparsity(delta_logits: Tensor, atol: float = 0.0) -> Tensor:
     """(||v||_1 / ||v||_2)^2 / (V*T) per effect, in (0, 1]; delta_logits [..., T, V] -> [...] (float64).
 
-    REFERENCE C.7: at each affected position t, Delta_t in R^V has its median over the vocabulary
+    method §C.7: at each affected position t, Delta_t in R^V has its median over the vocabulary
     subtracted (a constant logit shift does not change probabilities), then the T centred vectors are
     concatenated into v in R^{V*T}. 1/(V*T) means a single logit moved; a dense Gaussian effect gives 2/pi.
 
@@ -65,7 +65,7 @@ def ablation_sparsity(delta_logits: Tensor, atol: float = 0.0) -> Tensor:
         )
     T, V = delta_logits.shape[-2:]
     x = delta_logits.double()
-    # REFERENCE C.7: Delta_t <- Delta_t - median over the vocabulary, per position t, then concatenate over t
+    # method §C.7: Delta_t <- Delta_t - median over the vocabulary, per position t, then concatenate over t
     v = (x - _median_last(x).unsqueeze(-1)).flatten(-2)  # [..., T*V]
     l1 = v.abs().sum(-1)
     l2 = v.norm(dim=-1)
@@ -76,7 +76,7 @@ def ablation_sparsity(delta_logits: Tensor, atol: float = 0.0) -> Tensor:
 
 def sparsity_summary(sparsity: Tensor) -> dict:
     """Mean ablation sparsity over pairs with its standard error, skipping and counting the no-effect
-    (NaN) pairs (REFERENCE C.7: average S over (position, latent) pairs)."""
+    (NaN) pairs (method §C.7: average S over (position, latent) pairs)."""
     s = sparsity.detach().double().flatten().cpu()
     ok = s[~s.isnan()]
     m = ok.numel()
@@ -96,7 +96,7 @@ def sample_pairs(
     horizon: int = 1,
 ) -> Pairs:
     """Up to `count` (window, position, unit) triples drawn uniformly without replacement from the active
-    ones, so their mean sparsity estimates the mean over all active pairs (REFERENCE C.7).
+    ones, so their mean sparsity estimates the mean over all active pairs (method §C.7).
 
     codes: dense [B, S, n] (active where != 0; a bool mask gives value 1) or sparse (values, indices), both
     [B, S, k], active where values != 0 (TopK padding slots hold 0). Passing the raw residual [B, S, d]
@@ -133,7 +133,7 @@ def latent_ablation_delta(
 ) -> Tensor:
     """Residual change [P, d] that removes latent i's decoder term at its position: -z_i * d_i * scale.
 
-    REFERENCE C.7 [I], error-preserving: x_abl = x - z_i d_i mapped back to raw space, i.e. scaled by the
+    method §C.7 [I], error-preserving: x_abl = x - z_i d_i mapped back to raw space, i.e. scaled by the
     token's normalization scale ||x - mu|| (A.2; mu is additive and cancels). values, latents: [P];
     W_dec: [n, d] (decoder directions as rows); scale: [P] or [P, 1] or a float.
     """
@@ -143,7 +143,7 @@ def latent_ablation_delta(
 
 def channel_ablation_delta(values: Tensor, channels: Tensor, d: int) -> Tensor:
     """Residual change [P, d] that zeroes raw channel c (value x_c) at its position: -x_c e_c; the
-    reference against which latent effects are compared (REFERENCE C.7)."""
+    reference against which latent effects are compared (method §C.7)."""
     delta = torch.zeros(values.shape[0], d, dtype=values.dtype, device=values.device)
     return delta.scatter_(1, channels[:, None], -values[:, None])
 
@@ -157,7 +157,7 @@ def ablation_effects(
     horizon: int,
     clean_logits: Tensor | None = None,
 ) -> Tensor:
-    """Logit changes [P, T, V] (T = horizon, float32) from one residual edit per row (REFERENCE C.7).
+    """Logit changes [P, T, V] (T = horizon, float32) from one residual edit per row (method §C.7).
 
     tokens [P, S]: row b is the window of pair b; position [P]: where its edit goes; delta [P, d]: what is
     added to the residual there (latent_ablation_delta or channel_ablation_delta). Row b of the result is
@@ -201,7 +201,7 @@ def _histogram(s: Tensor) -> dict:
 @torch.no_grad()
 def ablation_record(model, layer: int, sae, windows: Tensor, spec: dict) -> dict:
     """Mean ablation sparsity of `spec['pairs']` sampled (position, active latent) pairs of one SAE, and
-    of as many (position, residual channel) pairs, the reference (REFERENCE C.7).
+    of as many (position, residual channel) pairs, the reference (method §C.7).
 
     windows [W, S] long on the model's device. A latent is removed in raw space, -z_i d_i ||x - mu||
     (error-preserving); a channel is set to 0.

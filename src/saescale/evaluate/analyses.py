@@ -25,7 +25,7 @@ HIST_BINS = 40
 def eval_sample(root: zarr.Group, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`tokens` normalized eval rows spread evenly over the whole eval split (its rows are grouped by
     window, so the first rows would cover few documents), and the mean of the whole split, the FVU
-    baseline the evaluate rule uses (REFERENCE C.1), so both report FVU on the same scale."""
+    baseline the evaluate rule uses (method §C.1), so both report FVU on the same scale."""
     stats, picked = MeanAndBaseline(), []
     n_eval = root.attrs["n_eval"]
     stride = max(1, n_eval // tokens)

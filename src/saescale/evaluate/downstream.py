@@ -1,7 +1,8 @@
-"""Downstream loss: splice the SAE reconstruction into the LM at all positions (REFERENCE C.3)."""
+"""Downstream loss: splice the SAE reconstruction into the LM at all positions (method §C.3)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -10,15 +11,18 @@ from torch import nn
 
 from saescale.normalize import denormalize, normalize
 from saescale.sae.model import SparseAutoencoder
+from saescale.progress import Progress
 from saescale.subject import splice_resid
+
+log = logging.getLogger("saescale.evaluate")
 
 Reconstruct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_norm [B*S, d], tokens [B, S]) -> x_hat
 
 
 def sae_replacement(reconstruct: Reconstruct, tokens: torch.Tensor):
     """resid -> reconstruction of the normalized resid, mapped back to raw space with each token's own
-    (mu, scale) (REFERENCE A.2). The batch's tokens are passed on for reconstructions that read them
-    (N2G-simulated codes, REFERENCE C.6)."""
+    (mu, scale) (method §A.2). The batch's tokens are passed on for reconstructions that read them
+    (N2G-simulated codes, method §C.6)."""
 
     def replace(resid: torch.Tensor) -> torch.Tensor:
         shape = resid.shape
@@ -58,6 +62,7 @@ def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, win
     def logprobs(toks: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=toks).logits.float(), dim=-1)
 
+    progress = Progress(log, "downstream: clean, spliced and zero-ablated passes", len(windows), "windows")
     for i in range(0, len(windows), batch_size):
         toks = torch.from_numpy(windows[i:i + batch_size]).long().to(device)
         clean = logprobs(toks)
@@ -71,6 +76,7 @@ def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, win
         sums["kl"] += float(_kl(clean, spliced))
         sums["kl_zero"] += float(_kl(clean, zeroed))
         count += toks.shape[0] * (toks.shape[1] - 1)
+        progress.update(toks.shape[0])
     m = {key: value / count for key, value in sums.items()}
     delta, delta_zero = m["ce_spliced"] - m["ce_clean"], m["ce_zero"] - m["ce_clean"]
     return {
@@ -83,6 +89,6 @@ def downstream_metrics(model: nn.Module, layer: int, sae: SparseAutoencoder, win
         "ce_zero_ablation": m["ce_zero"],
         "delta_ce_zero_ablation": delta_zero,
         "kl_zero_ablation": m["kl_zero"],
-        # REFERENCE C.3: reported, though the paper argues against it as a headline number
+        # method §C.3: reported, though the paper argues against it as a headline number
         "loss_recovered": 1 - delta / delta_zero if delta_zero else float("nan"),
     }

@@ -1,4 +1,4 @@
-"""Latent geometry (REFERENCE F.3, F.4, Michaud et al. 2025 Figs 4, 7, 8): the sorted firing-frequency curve
+"""Latent geometry (method §F.3, F.4, Michaud et al. 2025 Figs 4, 7, 8): the sorted firing-frequency curve
 and its slope, and the nearest-neighbour cosine of decoder directions against a random-direction reference.
 """
 
@@ -15,13 +15,13 @@ from torch import Tensor
 
 log = logging.getLogger("saescale.geometry")
 
-NN_THRESHOLDS = (0.9, 0.97)  # REFERENCE F.4: near-duplicates; Gemma Scope shows 10-100 latents above 0.97
-PAPER_RANK_RANGE = (100, 10_000)  # REFERENCE F.3: slope between ranks 10^2 and 10^4
+NN_THRESHOLDS = (0.9, 0.97)  # method §F.4: near-duplicates; Gemma Scope shows 10-100 latents above 0.97
+PAPER_RANK_RANGE = (100, 10_000)  # method §F.3: slope between ranks 10^2 and 10^4
 MIN_N_FOR_PAPER_RANGE = 20_000
 
 
 def firing_frequencies(counts: Tensor | np.ndarray, n_tokens: int) -> np.ndarray:
-    """Fraction of eval tokens on which each latent fired (f_j > 0), float64 [n] (REFERENCE F.3)."""
+    """Fraction of eval tokens on which each latent fired (f_j > 0), float64 [n] (method §F.3)."""
     counts = np.asarray(counts.cpu() if isinstance(counts, Tensor) else counts, dtype=np.float64)
     if n_tokens <= 0:
         raise ValueError(f"firing_frequencies: n_tokens must be positive, got {n_tokens}")
@@ -35,7 +35,7 @@ def firing_frequencies(counts: Tensor | np.ndarray, n_tokens: int) -> np.ndarray
 
 def default_rank_range(n: int) -> tuple[tuple[int, int], bool]:
     """(rank range, flagged): the paper's [10^2, 10^4] for n >= 2*10^4, else [10^2, n/2] flagged as not
-    comparable with the paper (REFERENCE F.3 [I]); below n = 800 the range starts at n/8 instead of 100
+    comparable with the paper (method §F.3 [I]); below n = 800 the range starts at n/8 instead of 100
     so that it still spans a factor of 4."""
     if n >= MIN_N_FOR_PAPER_RANGE:
         return PAPER_RANK_RANGE, False
@@ -44,7 +44,7 @@ def default_rank_range(n: int) -> tuple[tuple[int, int], bool]:
 
 def rank_frequency_fit(freqs: Tensor | np.ndarray, rank_range: tuple[int, int] = PAPER_RANK_RANGE) -> dict:
     """OLS slope of log frequency vs log rank over ranks [lo, hi] (1-based, inclusive) of the alive latents
-    sorted by decreasing frequency (REFERENCE F.3).
+    sorted by decreasing frequency (method §F.3).
 
     Both readings of alpha are reported because the paper's mapping is inconsistent with its own model:
     `alpha_paper` = |slope| (how the paper reads Fig 4: slope -0.74 / -0.57 -> alpha ~ 0.5-0.7) and
@@ -85,7 +85,7 @@ def nearest_neighbour_cosines(
     W_dec: Tensor, max_block_elements: int = 1 << 25, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
     """(nn_i = max_{j != i} cos(d_i, d_j) [n], argmax j [n]) for decoder directions = rows of W_dec [n, d]
-    (REFERENCE F.4). Rows are processed in blocks so that a block's similarity matrix [b, n] holds at most
+    (method §F.4). Rows are processed in blocks so that a block's similarity matrix [b, n] holds at most
     max_block_elements entries (2^25 floats = 128 MB; never the full n x n). Runs on W_dec's device.
     A zero row has cosine 0 with everything. Duplicated rows give exactly 1 (clamped against rounding).
     """
@@ -115,7 +115,7 @@ def random_reference(
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
     """nearest_neighbour_cosines of n random unit directions in R^d (isotropic Gaussian rows): the
-    reference histogram for a decoder of the same shape (REFERENCE F.4). The directions are drawn on the CPU
+    reference histogram for a decoder of the same shape (method §F.4). The directions are drawn on the CPU
     (the same ones on any device, for a given generator) and compared on `device`: the n^2 d products are
     what costs (7 min on one CPU thread at n = 2^17, d = 768; about a second on a GPU)."""
     directions = torch.randn(n, d, generator=generator).to(device)
@@ -125,7 +125,7 @@ def random_reference(
 def expected_random_nn_cosine(n: int, d: int) -> float:
     """E[nn_i] for n random unit vectors in R^d, exactly: given d_i, its n-1 cosines are i.i.d. with
     (1 + t)/2 ~ Beta((d-1)/2, (d-1)/2), so E[max] = int_{-1}^{1} (1 - F(t)^(n-1)) dt - 1.
-    About 0.13 at n = 4096, d = 768 (REFERENCE F.4 [SIM]); sqrt(2 ln n / d) slightly overestimates it."""
+    About 0.13 at n = 4096, d = 768 (method §F.4 [SIM]); sqrt(2 ln n / d) slightly overestimates it."""
     a = (d - 1) / 2
 
     def tail(t: float) -> float:
@@ -142,7 +142,7 @@ def nn_summary(
     thresholds: tuple[float, ...] = NN_THRESHOLDS,
     bins: int = 200,
 ) -> dict:
-    """JSON-ready summary of nearest-neighbour cosines (REFERENCE F.4): mean/median, count and fraction
+    """JSON-ready summary of nearest-neighbour cosines (method §F.4): mean/median, count and fraction
     above each threshold, split by whether the latent and its neighbour are alive (Gemma Scope's
     near-duplicates had dead neighbours), and a histogram on [-1, 1] (plot with log counts).
     alive [n] bool: latents that fired on the eval tokens; None (e.g. the random reference) skips the split.

@@ -1,10 +1,10 @@
-"""Probe loss: recover known binary features with 1-D logistic probes (REFERENCE C.4).
+"""Probe loss: recover known binary features with 1-D logistic probes (method §C.4).
 
 For each task and each column i of an activation matrix (SAE pre-activation latents, or the raw
 residual channels for the baseline) a logistic regression on that single column is fit with Newton's
 method; the task's probe loss is the held-out binary cross-entropy of the best column.
 
-The paper's 61 tasks were not recovered (REFERENCE C.4, gap); the builtin tasks, defined over the text of
+The paper's 61 tasks were not recovered (method §C.4, gap); the builtin tasks, defined over the text of
 each window for Python source or for prose, are in `saescale.evaluate.probe_tasks`.
 
 Labels arrive as numpy arrays and are moved to the device of the columns they meet (`_labels`), so the fits
@@ -217,7 +217,7 @@ def best_probes(X_train, labels_train: Mapping[str, object], X_test, labels_test
                 progress: bool = False, candidates: int | None = None) -> dict[str, dict]:
     """Best single-column probe for every task: {task: {loss, column, train_loss, baseline}}.
 
-    REFERENCE C.4: probe_loss(task) = min over (i, w, b) of the BCE of sigmoid(w z_i + b), with z_i
+    method §C.4: probe_loss(task) = min over (i, w, b) of the BCE of sigmoid(w z_i + b), with z_i
     the *pre-activation* latents for an SAE and the residual channels for the baseline; the paper
     reports the mean over tasks. The minimum over (w, b) is the Newton fit on the train rows; the
     minimum over i is also taken on the train rows, and `loss` is the held-out BCE of that column.
@@ -269,7 +269,7 @@ def best_probe(X_train, y_train, X_test, y_test, chunk: int | None = None, iters
 class CodeColumns:
     """Columns of an SAE code computed on demand, so `best_probes` never holds [N, n] at once.
 
-    which='pre': the encoder's pre-activations (REFERENCE C.4 as recalled); 'post': the sparse latents.
+    which='pre': the encoder's pre-activations (method §C.4 as recalled); 'post': the sparse latents.
     Supports the `X.shape` / `X[:, i:j]` protocol of `best_probes`.
     """
 
@@ -304,14 +304,14 @@ def _summary(per_task: dict[str, dict]) -> dict:
 def probe_suite(features: Mapping[str, tuple[object, object]], labels_train: Mapping[str, np.ndarray],
                 labels_test: Mapping[str, np.ndarray], iters: int) -> dict[str, dict]:
     """{feature set: {mean_loss, n_tasks, tasks}} for each (train X, test X) feature set, e.g. the SAE's
-    pre-activations, its latents and the residual channels (the baseline of REFERENCE C.4)."""
+    pre-activations, its latents and the residual channels (the baseline of method §C.4)."""
     return {name: _summary(best_probes(Xt, labels_train, Xe, labels_test, iters=iters))
             for name, (Xt, Xe) in features.items()}
 
 
 def pooled_codes(sae, resid: list[torch.Tensor], which: str, pool: str) -> torch.Tensor:
     """[texts, n] one row per text: its tokens' codes (or raw channels, which='resid') averaged, or the
-    last token's, for user tasks labelled per text (the SAEBench-style substitute of REFERENCE C.4)."""
+    last token's, for user tasks labelled per text (the SAEBench-style substitute of method §C.4)."""
     from saescale.normalize import normalize
 
     rows = []

@@ -1,4 +1,4 @@
-"""Progressive recovery (REFERENCE C.8, Gao et al. Fig 10): swap a trained SAE's activation at test time for
+"""Progressive recovery (method §C.8, Gao et al. Fig 10): swap a trained SAE's activation at test time for
 TopK(k') over a range of k', and for JumpReLU(theta) over a range of thresholds, and trace FVU against L0.
 
 A code is progressive when FVU keeps falling as k' (or L0) grows. The paper: TopK-trained SAEs are
@@ -28,7 +28,7 @@ def threshold_grid(scores: torch.Tensor, l0_targets: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def progressive_curves(sae: SparseAutoencoder, x: torch.Tensor, k_values: list[int], thresholds: np.ndarray,
                        mean: torch.Tensor) -> dict:
-    """FVU (against `mean`, REFERENCE C.1) and mean L0 of the trained activation, of TopK(k') for each
+    """FVU (against `mean`, method §C.1) and mean L0 of the trained activation, of TopK(k') for each
     k', and of JumpReLU(theta) on the ReLU'd scores for each theta, over the normalized rows `x`."""
 
     def code_fns():

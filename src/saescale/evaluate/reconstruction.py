@@ -1,4 +1,4 @@
-"""Reconstruction metrics over the eval split: FVU, L0, dead fraction (REFERENCE C.1, C.2, A.8)."""
+"""Reconstruction metrics over the eval split: FVU, L0, dead fraction (method §C.1, C.2, A.8)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from saescale.store import split_rows
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int, batch_size: int,
-                           device: torch.device) -> dict:
-    """FVU as a ratio of sums over the whole eval set against the eval set's own mean (REFERENCE C.1; not a
-    mean of per-batch ratios), L0, and the fraction of latents that never fire on any eval token."""
+                           device: torch.device, rows: slice | None = None) -> dict:
+    """FVU as a ratio of sums over the whole eval set against the eval set's own mean (method §C.1; not a
+    mean of per-batch ratios), L0, and the fraction of latents that never fire on any eval token, with that
+    window's length (`dead_window_tokens`: every token evaluated, the whole of `rows`; method §A.8)."""
     x_store = root[f"L{layer}/x"]
-    rows = split_rows(root, "eval")
+    rows = split_rows(root, "eval") if rows is None else rows  # cmd_evaluate: without the stopping rows
     err = l0_sum = 0.0
     baseline = MeanAndBaseline()
     fired = torch.zeros(sae.n_latents, dtype=torch.float64, device=device)
@@ -39,5 +40,6 @@ def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int,
         "l0": l0_sum / n_tokens,
         "dead_fraction": float((fired == 0).float().mean()),
         "dead_latents": int((fired == 0).sum()),
+        "dead_window_tokens": n_tokens,
         "latent_firing_counts": fired.cpu().numpy().astype(np.int64),
     }

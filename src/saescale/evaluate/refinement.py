@@ -1,4 +1,4 @@
-"""Activation refinement (REFERENCE C.9, Gao et al. 2024 §5.1): keep the support the encoder chose, re-fit
+"""Activation refinement (method §C.9, Gao et al. 2024 §5.1): keep the support the encoder chose, re-fit
 only the nonzero values by non-negative least squares. If refined values are larger on average, the encoder
 was shrinking its activations (the ReLU/L1 failure TopK is meant to avoid).
 

@@ -1,1 +1,1 @@
-"""Explaining SAE latents: activating-example records, LLM autointerp, and a local chat server."""
+"""Explaining SAE latents: activating-example records, N2G explanations and LLM autointerp."""

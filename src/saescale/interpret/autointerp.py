@@ -5,10 +5,17 @@ Detection: the scorer sees the explanation and a shuffled, unmarked mix of held-
 (never the ones the explainer saw) and non-activating ones, and answers a JSON list of 0/1, one per
 context. Accuracy (threshold 0.5) and AUROC of those answers against the truth are the latent's score.
 A response that cannot be parsed is retried, then recorded as failed: it is never scored.
+
+Requests go through the `openai` client (an optional extra: `pip install 'saescale[autointerp]'`) to any
+OpenAI-compatible endpoint: a hosted API, `vllm serve`, `transformers serve`. A transient failure (HTTP 429,
+408, 409, 5xx, a timeout, a refused connection) is retried with exponential backoff and jitter, waiting at
+least the server's `Retry-After`. A latent that still fails is recorded as failed with the error and tried
+again on the next run; a latent that succeeded is kept and never requested again.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import logging
@@ -17,11 +24,14 @@ import os
 import random
 import re
 import tempfile
-import urllib.error
-import urllib.request
+import threading
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -30,9 +40,10 @@ from saescale.config import ConfigError
 log = logging.getLogger("saescale.interpret")
 
 CONFIG_KEY = "config.interpret.autointerp"
+INSTALL = "pip install 'saescale[autointerp]'  (or: pip install 'openai>=1.30')"
 DEFAULTS: dict[str, Any] = {
     "latents": None,       # None: every record; an int: the first N records; a list: these latent ids
-    "max_retries": 2,      # extra attempts after a failed or unparseable response, per stage
+    "max_retries": 2,      # extra attempts after an unparseable response, per stage and run
     "n_top": 8,            # top-activating examples shown to the explainer
     "n_random": 4,         # random activating examples shown to the explainer
     "n_score_pos": 10,     # held-out activating contexts shown to the scorer
@@ -41,12 +52,24 @@ DEFAULTS: dict[str, Any] = {
     "max_tokens": 128,
     "temperature": 0.0,
     "workers": 1,          # latents in flight at once (an HTTP backend can serve several)
+    "retry_runs": 3,       # later runs that try a failed latent again
 }
+PROMPT_KEYS = ("n_top", "n_random", "n_score_pos", "n_score_neg", "seed", "max_tokens", "temperature")
 Messages = list[dict[str, str]]
+T = TypeVar("T")
+UNSCORABLE = "detection needs held-out activating and non-activating contexts; the record lacks one"
 
 
 class BackendError(RuntimeError):
     """The model endpoint could not answer (network, HTTP status, bad payload); the message names it."""
+
+
+class TransientError(BackendError):
+    """A failure worth waiting out (rate limit, overload, timeout); `retry_after`: the server's wait (s)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ParseError(ValueError):
@@ -59,42 +82,153 @@ class Backend(Protocol):
     def complete(self, messages: Messages, max_tokens: int, temperature: float) -> str: ...
 
 
+# --------------------------------------------------------------------------- backoff
+
+@dataclass(frozen=True)
+class Backoff:
+    """`interpret.autointerp.backoff`: requests per completion (the first included), the first wait and
+    the cap on one wait (seconds, doubled per retry), and the cap on all waits of one completion."""
+
+    attempts: int = 6
+    initial: float = 1.0
+    max_delay: float = 60.0
+    max_total: float = 300.0
+
+
+def backoff_delay(retry: int, policy: Backoff, retry_after: float | None, rand: float) -> float:
+    """Seconds to wait before retry number `retry` (1 for the first): initial * 2^(retry-1) capped at
+    max_delay, half of it fixed and half uniform in `rand` in [0, 1) ("equal jitter": clients refused
+    together spread out, and none retries at once), and never less than the server's Retry-After."""
+    base = min(policy.max_delay, policy.initial * 2 ** (retry - 1))
+    delay = base / 2 + rand * base / 2
+    return max(delay, retry_after) if retry_after is not None else delay
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
+    """The wait a response asks for: `retry-after-ms` (OpenAI's), else `Retry-After` as seconds or as an
+    HTTP date (RFC 9110 §10.2.3); None when absent or unreadable. A date in the past means no wait."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = lower.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
+        except ValueError:
+            pass
+        if name == "retry-after":
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                return None
+            when = when if when.tzinfo else when.replace(tzinfo=UTC)
+            return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return None
+
+
+def call_with_backoff(call: Callable[[], T], policy: Backoff, sleep: Callable[[float], None] = time.sleep,
+                      rand: Callable[[], float] = random.random) -> T:
+    """`call()`, retried after each TransientError up to policy.attempts requests and policy.max_total
+    seconds of waiting; then the last error as a BackendError saying so. Other errors pass at once."""
+    waited = 0.0
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return call()
+        except TransientError as e:
+            remaining = policy.max_total - waited
+            if attempt == policy.attempts:
+                raise BackendError(f"{e} (gave up after {attempt} requests and {waited:.1f} s of waiting: "
+                                   f"{CONFIG_KEY}.backoff.attempts)") from None
+            if e.retry_after is not None and e.retry_after > remaining:
+                raise BackendError(f"{e} (the server asks to wait {e.retry_after:.1f} s, more than the "
+                                   f"{remaining:.1f} s left of {CONFIG_KEY}.backoff.max_total)") from None
+            delay = min(backoff_delay(attempt, policy, e.retry_after, rand()), remaining)
+            log.info("%s; retry %d of %d in %.1f s", e, attempt, policy.attempts - 1, delay)
+            sleep(delay)
+            waited += delay
+    raise AssertionError("unreachable: policy.attempts >= 1")
+
+
 # --------------------------------------------------------------------------- backends
 
-class OpenAIBackend:
-    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, `python -m saescale.interpret.server`).
+def require_openai():
+    """The `openai` module, or a ConfigError naming the key that asked for it and the install command."""
+    try:
+        import openai
+    except ImportError:
+        raise ConfigError(f"{CONFIG_KEY}.backend: 'openai' needs the openai package, which is not installed. "
+                          f"Install it with: {INSTALL}") from None
+    return openai
 
-    The key is read from `api_key_env` at each call and sent only in the Authorization header; it is
-    not stored on the object, so it cannot leak into the identity, the cache or a repr.
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat endpoint (OpenAI, `vllm serve`, `transformers serve`) through the
+    `openai` client, with our backoff in place of its own (`max_retries=0`) so that waits are configurable.
+
+    The key is read from `api_key_env` when the client is first needed and held only inside the `openai`
+    client: it is in no attribute of ours, so not in the identity, the cache, a result or a repr.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 timeout: float = 120.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+                 timeout: float = 120.0, backoff: Backoff | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.openai = require_openai()
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model, self.api_key_env, self.timeout = model, api_key_env, timeout
-        self.identity = f"openai:{model}@{base_url.rstrip('/')}"
+        self.backoff, self.sleep = backoff or Backoff(), sleep
+        self.identity = f"openai:{model}@{self.base_url}"
+        self._client = None
+        self._lock = threading.Lock()
+        for name in ("httpx", "httpx2"):  # the client's transport logs each request at INFO: a line per call
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend({self.identity!r})"
+
+    def _key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                # a local server needs no key, but the client insists on one: send a placeholder
+                self._client = self.openai.OpenAI(base_url=self.base_url, api_key=self._key() or "no-key-set",
+                                                  timeout=self.timeout, max_retries=0)
+            return self._client
 
     def complete(self, messages: Messages, max_tokens: int, temperature: float) -> str:
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        return call_with_backoff(lambda: self._request(messages, max_tokens, temperature), self.backoff,
+                                 self.sleep)
+
+    def _request(self, messages: Messages, max_tokens: int, temperature: float) -> str:
+        o, key = self.openai, self._key()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read(300).decode(errors="replace")
-            hint = f" (is ${self.api_key_env} set to a valid key?)" if e.code in (401, 403) else ""
-            raise BackendError(_redact(f"{self.url} answered HTTP {e.code}{hint}: {detail}", key)) from None
-        except (urllib.error.URLError, OSError) as e:
-            raise BackendError(_redact(f"cannot reach {self.url}: {getattr(e, 'reason', e)}", key)) from None
-        except json.JSONDecodeError:
-            raise BackendError(f"{self.url} answered something that is not JSON") from None
+            response = self.client().chat.completions.create(model=self.model, messages=messages,
+                                                             max_tokens=max_tokens, temperature=temperature)
+        except o.APIStatusError as e:
+            status = e.status_code
+            hint = ""
+            if status in (401, 403):
+                hint = (f" (is ${self.api_key_env} set to a valid key?)" if key else
+                        f" (${self.api_key_env} is not set: {CONFIG_KEY}.api_key_env names the variable)")
+            message = _redact(f"{self.url} answered HTTP {status}{hint}: {e.response.text[:300]}", key)
+            if status in (408, 409, 429) or status >= 500:
+                raise TransientError(message, retry_after_seconds(e.response.headers)) from None
+            raise BackendError(message) from None
+        except o.APITimeoutError:
+            raise TransientError(f"{self.url} did not answer within {self.timeout:g} s "
+                                 f"({CONFIG_KEY}.timeout)") from None
+        except o.APIConnectionError as e:
+            raise TransientError(_redact(f"cannot reach {self.url}: {e.__cause__ or e}", key)) from None
+        except o.APIError as e:  # e.g. an answer that is not JSON
+            raise BackendError(_redact(f"{self.url} answered something unusable: {e}", key)) from None
         try:
-            return payload["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
+            return response.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError):
             raise BackendError(f"{self.url} answered without choices[0].message.content") from None
 
 
@@ -104,7 +238,8 @@ def _redact(text: str, secret: str | None) -> str:
 
 
 class TransformersBackend:
-    """A local causal LM: chat template when the tokenizer has one, else a plain "role: content" transcript."""
+    """A local causal LM in the job's own process: the offline path, no server needed. Chat template when
+    the tokenizer has one, else a plain "role: content" transcript."""
 
     def __init__(self, model_path: str, device: str = "cpu"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,14 +248,12 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
         self.device = device
         self.identity = f"transformers:{model_path}"
+        self._lock = threading.Lock()  # one generation at a time: a torch model is not re-entrant
 
     def prompt(self, messages: Messages) -> str:
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text).input_ids)
 
     def complete(self, messages: Messages, max_tokens: int, temperature: float) -> str:
         import torch
@@ -135,10 +268,14 @@ class TransformersBackend:
         ids = ids.to(self.device)
         sample = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                       pad_token_id=pad, **sample)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def make_backoff(cfg: dict) -> Backoff:
+    return Backoff(**{**Backoff().__dict__, **(cfg.get("backoff") or {})})
 
 
 def make_backend(cfg: dict) -> Backend:
@@ -151,7 +288,7 @@ def make_backend(cfg: dict) -> Backend:
     kind = cfg.get("backend")
     if kind == "openai":
         return OpenAIBackend(need("base_url"), need("model"), cfg.get("api_key_env", "OPENAI_API_KEY"),
-                             cfg.get("timeout", 120.0))
+                             cfg.get("timeout", 120.0), make_backoff(cfg))
     if kind == "transformers":
         return TransformersBackend(need("model"), cfg.get("device", "cpu"))
     raise ConfigError(f"{CONFIG_KEY}.backend: {kind!r} is not one of 'openai', 'transformers'")
@@ -159,38 +296,87 @@ def make_backend(cfg: dict) -> Backend:
 
 # --------------------------------------------------------------------------- cache
 
-class Cache:
-    """Responses on disk, one JSON file per sha256 of (identity, messages, max_tokens, temperature, attempt).
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Atomic: a killed run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(obj, f)
+    os.replace(f.name, path)
 
-    A rerun with the same prompts is free; `attempt` is in the key so a retry asks again instead of
-    reading back the response that failed.
+
+def _sha256(obj: Any) -> str:
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Cache:
+    """On disk, two kinds of JSON file.
+
+    `<2 hex>/<sha256>.json`: a response, keyed by the sha256 of (identity, messages, max_tokens, temperature,
+    attempt), so a rerun with the same prompts is free; `attempt` is in the key so a retry asks again
+    instead of reading back the response that failed. Backend errors are never stored: they may pass.
+
+    `latents/<2 hex>/<sha256>.json`: each latent's last result and its round (0 on its first run, one more
+    on each run that tried it again after a failure). A latent that succeeded is returned from here, never re-requested;
+    one that failed is run again with a further `max_retries + 1` attempts per stage.
     """
 
     def __init__(self, dir: str | Path):
         self.dir = Path(dir)
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
 
     @staticmethod
     def key(identity: str, messages: Messages, max_tokens: int, temperature: float, attempt: int) -> str:
-        canonical = json.dumps([identity, messages, max_tokens, float(temperature), attempt],
-                               sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return _sha256([identity, messages, max_tokens, float(temperature), attempt])
 
     def complete(self, backend: Backend, messages: Messages, max_tokens: int, temperature: float,
                  attempt: int) -> str:
-        """Asks the backend only on a miss. Backend errors are not cached: they may pass."""
+        """Asks the backend only on a miss."""
         key = self.key(backend.identity, messages, max_tokens, temperature, attempt)
         path = self.dir / key[:2] / f"{key}.json"
         if path.exists():
-            self.hits += 1
+            with self._lock:
+                self.hits += 1
             return json.loads(path.read_text())["response"]
-        self.misses += 1
+        with self._lock:
+            self.misses += 1
         text = backend.complete(messages, max_tokens, temperature)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump({"identity": backend.identity, "attempt": attempt, "response": text}, f)
-        os.replace(f.name, path)  # atomic: a killed run never leaves a half-written response
+        _write_json_atomic(path, {"identity": backend.identity, "attempt": attempt, "response": text})
         return text
+
+    def _latent_path(self, key: str) -> Path:
+        return self.dir / "latents" / key[:2] / f"{key}.json"
+
+    def load_latent(self, key: str) -> dict | None:
+        path = self._latent_path(key)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # damaged: run the latent again
+            log.warning("unreadable autointerp result %s: running its latent again", path)
+            return None
+
+    def save_latent(self, key: str, round: int, result: dict) -> None:
+        _write_json_atomic(self._latent_path(key), {"round": round, "result": result})
+
+
+def latent_key(record: dict, explainer: str, scorer: str, cfg: dict) -> str:
+    """What a latent's result depends on: its record, both models and every setting that shapes a prompt."""
+    return _sha256([explainer, scorer, {k: cfg[k] for k in PROMPT_KEYS}, record])
+
+
+def next_round(summary_path: str | Path) -> int:
+    """The `--round` of the autointerp job that writes `summary_path`: the last run's round when it left no
+    failed latent to retry, one more when it did. Snakemake sees a changed param and reruns the job, which
+    asks only for the failed latents; once none is left the round stops changing and the job stays done."""
+    try:
+        summary = json.loads(Path(summary_path).read_text())
+        last = int(summary.get("round", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+    return last + 1 if summary.get("n_retry", summary.get("n_failed")) else last
 
 
 # --------------------------------------------------------------------------- prompts and parsing
@@ -305,49 +491,75 @@ def detection_set(record: dict, cfg: dict, rng: random.Random) -> tuple[list[lis
     return [t for t, _ in items], [y for _, y in items]
 
 
-def _ask(stage: str, messages: Messages, parse, backend: Backend, cache: Cache, cfg: dict, out: dict):
-    """Up to 1 + max_retries attempts; the parsed answer, or None with out["error"] saying why."""
-    for attempt in range(cfg["max_retries"] + 1):
+def _ask(stage: str, messages: Messages, parse, backend: Backend, cache: Cache, cfg: dict, out: dict,
+         round: int = 0):
+    """Attempts 0 .. (round + 1) * (1 + max_retries) - 1, each its own cache key: a later round replays the
+    earlier rounds' unparseable responses from the cache (free) and then asks anew. The parsed answer, or
+    None with out["error"] saying why. A BackendError ends the stage: its retries were the backoff's."""
+    for attempt in range((round + 1) * (cfg["max_retries"] + 1)):
         out["attempts"] += 1
         out["prompt_hashes"].append(cache.key(backend.identity, messages, cfg["max_tokens"], cfg["temperature"],
                                               attempt))
         try:
             return parse(cache.complete(backend, messages, cfg["max_tokens"], cfg["temperature"], attempt))
-        except (BackendError, ParseError) as e:
+        except ParseError as e:
             out["error"] = f"{stage} attempt {attempt + 1}: {e}"
+        except BackendError as e:
+            out["error"] = f"{stage} attempt {attempt + 1}: {e}"
+            return None
     return None
 
 
-def interpret_latent(record: dict, backend: Backend, cache: Cache, cfg: dict, scorer: Backend | None = None) -> dict:
+def interpret_latent(record: dict, backend: Backend, cache: Cache, cfg: dict, scorer: Backend | None = None,
+                     round: int = 0) -> dict:
     """One latent's result. `attempts` counts completions asked for (cached or not) over both stages;
-    `prompt_hashes` holds their cache keys, so every response behind a score can be found on disk."""
+    `prompt_hashes` holds their cache keys, so every response behind a score can be found on disk.
+    `retry`: whether a later run tries this latent again (a failure that may pass, within retry_runs)."""
     out = {"latent": record["latent"], "explanation": None, "status": "failed", "error": None,
-           "accuracy": None, "auroc": None, "n_scored": 0, "attempts": 0, "prompt_hashes": []}
+           "accuracy": None, "auroc": None, "n_scored": 0, "attempts": 0, "prompt_hashes": [],
+           "round": round, "retry": False}
     rng = random.Random(f"{cfg['seed']}:{record['latent']}")  # per latent: a subset run gives the same prompts
     contexts, labels = detection_set(record, cfg, rng)
-    if not any(labels) or all(labels):
-        out["error"] = "detection needs held-out activating and non-activating contexts; the record lacks one"
+    if not any(labels) or all(labels):  # the record decides this: another run cannot change it
+        out["error"] = UNSCORABLE
         return out
+    out["retry"] = round < cfg["retry_runs"]
     explanation = _ask("explainer", explainer_messages(record, cfg["n_top"], cfg["n_random"]),
-                       parse_explanation, backend, cache, cfg, out)
+                       parse_explanation, backend, cache, cfg, out, round)
     if explanation is None:
         return out
     out["explanation"] = explanation
-    scores = _ask("detection", detection_messages(explanation, contexts),
-                  lambda text: parse_detection(text, len(contexts)), scorer or backend, cache, cfg, out)
+    scores = _ask("detection", detection_messages(explanation, contexts), lambda text: parse_detection(
+        text, len(contexts)), scorer or backend, cache, cfg, out, round)
     if scores is None:
         return out
     metrics = detection_metrics(scores, labels)
-    out.update(status="ok", error=None, accuracy=metrics["accuracy"], auroc=metrics["auroc"],
+    out.update(status="ok", error=None, retry=False, accuracy=metrics["accuracy"], auroc=metrics["auroc"],
                n_scored=metrics["n"])
     return out
+
+
+def _resume_latent(record: dict, backend: Backend, cache: Cache, cfg: dict, scorer: Backend | None) -> dict:
+    """The stored result when it is final (a success, or a record that cannot be scored) or was already
+    tried on retry_runs later runs; else a new round of the latent, stored."""
+    key = latent_key(record, backend.identity, (scorer or backend).identity, cfg)
+    stored = cache.load_latent(key)
+    if stored is not None:
+        last = stored["result"]
+        if last["status"] == "ok" or last["error"] == UNSCORABLE or stored["round"] >= cfg["retry_runs"]:
+            return {**last, "retry": False, "reused": True}
+    round = stored["round"] + 1 if stored is not None else 0
+    result = interpret_latent(record, backend, cache, cfg, scorer, round)
+    cache.save_latent(key, round, result)
+    return {**result, "reused": False}
 
 
 def run_autointerp(records: list[dict], backend: Backend, cache: Cache, cfg: dict | None = None,
                    scorer: Backend | None = None) -> list[dict]:
     """Explain each latent with `backend` and score it with `scorer` (default: the same model).
 
-    A failure is recorded in the latent's result, never raised, so one bad response cannot stop a run.
+    A failure is recorded in the latent's result, never raised, so one bad response cannot stop a run; the
+    next run asks again for the failed latents only (see Cache). `reused` marks results from an earlier run.
     """
     cfg = {**DEFAULTS, **(cfg or {})}
     chosen = cfg["latents"]
@@ -357,12 +569,15 @@ def run_autointerp(records: list[dict], backend: Backend, cache: Cache, cfg: dic
         wanted = set(chosen)
         records = [r for r in records if r["latent"] in wanted]
     with ThreadPoolExecutor(max(1, cfg["workers"])) as pool:
-        jobs = pool.map(lambda r: interpret_latent(r, backend, cache, cfg, scorer), records)
+        jobs = pool.map(lambda r: _resume_latent(r, backend, cache, cfg, scorer), records)
         results = list(tqdm(jobs, total=len(records), desc="autointerp", unit="latent"))
     for r in results:
-        if r["status"] == "failed":
-            log.warning("latent %s failed: %s", r["latent"], r["error"])
-    log.info("autointerp: %d latents, cache %d hits / %d misses", len(results), cache.hits, cache.misses)
+        if r["status"] == "failed" and not r["reused"]:
+            log.warning("latent %s failed (%s): %s", r["latent"],
+                        "tried again on the next run" if r["retry"] else "not retried", r["error"])
+    reused, failed = sum(r["reused"] for r in results), sum(r["status"] == "failed" for r in results)
+    log.info("autointerp: %d latents (%d kept from earlier runs), %d failed; responses: %d cached, %d requested",
+             len(results), reused, failed, cache.hits, cache.misses)
     return results
 
 
@@ -375,4 +590,5 @@ def summarize(results: list[dict]) -> dict:
         return sum(values) / len(values) if values else None
 
     return {"n_latents": len(results), "n_ok": len(ok), "n_failed": len(results) - len(ok),
+            "n_retry": sum(bool(r.get("retry")) for r in results),
             "mean_accuracy": mean("accuracy"), "mean_auroc": mean("auroc")}

@@ -1,5 +1,5 @@
 """Activating examples of SAE latents, read from the activation store: the material N2G explanations,
-LLM autointerp and the feature dashboards are built from (REFERENCE C.5).
+LLM autointerp and the feature dashboards are built from (method §C.5).
 
 Codes are kept as one sparse [tokens, n] matrix, so every latent's activations are a column slice and
 examples for all n latents (needed by the explanation reconstruction, C.6) cost one pass.
@@ -83,20 +83,37 @@ def sample_latents(acts: sp.csc_matrix, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(alive, size=min(count, alive.size), replace=False))
 
 
-def n2g_examples(codes: Codes, latent: int, n_build: int, n_holdout: int, rng: np.random.Generator
-                 ) -> tuple[list, list]:
-    """(build, holdout) lists of (window tokens [S], position, activation) for N2G (REFERENCE C.5).
+SAMPLINGS = ("random", "top_and_random")
 
-    The build set is the top half by activation plus a random half of the other positive activations
-    (sampled per activation, not per document); the holdout set, for recall, is another random sample
-    of positive activations disjoint from the build set.
+
+def n2g_picks(vals: np.ndarray, n_build: int, n_holdout: int, rng: np.random.Generator, sampling: str = "random"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(build, holdout) indices into a latent's nonzero activations `vals`, disjoint.
+
+    "random" (default): a uniformly random sample of up to n_build nonzero activations builds the explanation
+    and up to n_holdout others measure recall (Gao et al. §4.3; method §C.5: "a random sample of up to 16
+    nonzero activations to build the graph, and another 16 as true positives for computing recall").
+    "top_and_random": the top n_build // 2 activations plus random others build it, the reading of the released
+    `explanations.py` (method §C.5); max-activating contexts give more specific patterns, so precision rises
+    and recall on random positives falls. Both sample per activation, not per document.
     """
-    rows, vals = column(codes.acts, latent)
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"config.interpret.sampling: {sampling!r} is not one of {', '.join(SAMPLINGS)}")
+    if sampling == "random":
+        order = rng.permutation(vals.size)
+        return order[:n_build], order[n_build:n_build + n_holdout]
     order = np.argsort(-vals, kind="stable")
     n_top = n_build // 2
     top, rest = order[:n_top], rng.permutation(order[n_top:])
-    build = np.concatenate([top, rest[:n_build - n_top]])
-    holdout = rest[n_build - n_top:n_build - n_top + n_holdout]
+    return np.concatenate([top, rest[:n_build - n_top]]), rest[n_build - n_top:n_build - n_top + n_holdout]
+
+
+def n2g_examples(codes: Codes, latent: int, n_build: int, n_holdout: int, rng: np.random.Generator,
+                 sampling: str = "random") -> tuple[list, list]:
+    """(build, holdout) lists of (window tokens [S], position, activation) for N2G (method §C.5), chosen by
+    `n2g_picks`: the holdout examples, on which recall is measured, never built the explanation."""
+    rows, vals = column(codes.acts, latent)
+    build, holdout = n2g_picks(vals, n_build, n_holdout, rng, sampling)
     S = codes.windows.shape[1]
 
     def as_examples(picks: np.ndarray) -> list:

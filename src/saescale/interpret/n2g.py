@@ -1,4 +1,4 @@
-"""Neuron-to-Graph (N2G) explanations of SAE latents (REFERENCE C.5) and the reconstruction helpers of C.6.
+"""Neuron-to-Graph (N2G) explanations of SAE latents (method §C.5) and the reconstruction helpers of C.6.
 
 An explanation is a set of token patterns stored in a trie that is walked backwards from the current
 token. It is built from a latent's activating examples by asking the subject model how the latent responds
@@ -29,6 +29,16 @@ Example = tuple[np.ndarray, int, float]   # (window tokens [S], position idx, ac
 WILDCARD = -1      # pattern element matching any token: the paper's token(*)
 _START = -2        # trie edge label for "before the sequence start": the paper's token(^)
 _FIRST_ROUND = 4   # suffix lengths 1..4 are tried first, then 5..8, 9..16, ...: most minimal ones are short
+
+# Thresholds and their provenance (method §C.5). Released code (openai/sparse_autoencoder `explanations.py`):
+# the minimal suffix keeps >= ACT_FRACTION of the original activation, the start padding test uses the same
+# fraction, and a token with saliency below SALIENCY_THRESHOLD becomes a wildcard. Paper text (Gao et al. §4.3):
+# a latent "fires" when its activation is > 0, and up to 16 random nonzero activations build the explanation
+# with 16 others for recall (interpret.examples / holdout / sampling). Our choice: MAX_SUFFIX, the longest
+# suffix searched (config interpret.max_suffix), since the paper does not state one.
+ACT_FRACTION = 0.5
+SALIENCY_THRESHOLD = 0.5
+MAX_SUFFIX = 16
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ class Explanation:
     depth: int = field(init=False, repr=False)                  # longest root-to-leaf path
 
     def __post_init__(self):
-        # REFERENCE C.5 step 5: patterns go in reversed (walked from the token at t backwards); anchored
+        # method §C.5 step 5: patterns go in reversed (walked from the token at t backwards); anchored
         # ones get a '^' edge after their first token; the leaf stores the activation.
         children: list[dict[int, int]] = [{}]
         values = [math.nan]
@@ -90,7 +100,7 @@ class Explanation:
     def predict(self, windows: np.ndarray) -> np.ndarray:
         """[W, S] token windows -> [W, S] float32 predicted activation, 0 where no pattern matches.
 
-        Greedy walk as in the paper's code (REFERENCE C.5 step 6): exact-token child if present, else the
+        Greedy walk as in the paper's code (method §C.5 step 6): exact-token child if present, else the
         wildcard child, else stop, with no backtracking; past the window start only '^' can be taken; the
         first terminal node reached gives the prediction. Vectorized level by level over all positions.
         """
@@ -144,7 +154,7 @@ class Explanation:
         return cls(patterns, int(data["n_examples"]), int(data["n_skipped"]))
 
 
-# --------------------------------------------------------------------------- building (REFERENCE C.5)
+# --------------------------------------------------------------------------- building (method §C.5)
 
 def _evaluate(act_fn: ActFn, rows: np.ndarray, lengths: np.ndarray, latents: np.ndarray,
               batch_size: int) -> np.ndarray:
@@ -171,7 +181,7 @@ def _suffix_rows(ctx: np.ndarray, ex: np.ndarray, lengths: np.ndarray, pad: int)
 
 
 def _pattern_tokens(suffix: np.ndarray, wild: np.ndarray, anchored: bool) -> tuple[int, ...]:
-    """REFERENCE C.5 step 4: non-salient tokens become wildcards, the last token included as in the paper's
+    """method §C.5 step 4: non-salient tokens become wildcards, the last token included as in the paper's
     code, so "token after X" latents get X *. Leading wildcards constrain nothing unless anchored and are
     dropped; an unanchored all-wildcard pattern would fire everywhere, so it keeps its last token exact."""
     toks = np.where(wild, WILDCARD, suffix)
@@ -182,9 +192,10 @@ def _pattern_tokens(suffix: np.ndarray, wild: np.ndarray, anchored: bool) -> tup
 
 
 def build_explanations(act_fn: ActFn, examples: Mapping[int, Sequence[Example]], pad_token: int,
-                       max_suffix: int = 16, act_fraction: float = 0.5, saliency_threshold: float = 0.5,
+                       max_suffix: int = MAX_SUFFIX, act_fraction: float = ACT_FRACTION,
+                       saliency_threshold: float = SALIENCY_THRESHOLD,
                        batch_size: int = 512) -> dict[int, Explanation]:
-    """N2G explanation per latent from its activating examples (REFERENCE C.5, `create_n2g_explanation`).
+    """N2G explanation per latent from its activating examples (method §C.5, `create_n2g_explanation`).
 
     examples[latent] = [(window tokens [S], idx, activation at idx > 0), ...]. All model queries of all
     latents go through `act_fn` in batches of `batch_size`. An example whose activation needs more than
@@ -200,8 +211,8 @@ def build_explanations(act_fn: ActFn, examples: Mapping[int, Sequence[Example]],
     latents = np.array([f[0] for f in flat], np.int64)
     orig = np.array([f[3] for f in flat], np.float64)
     if (orig <= 0).any():
-        raise ValueError("N2G examples need a positive activation at idx (REFERENCE C.5)")
-    # REFERENCE C.5 step 2 truncates after idx: ctx = the last max_suffix tokens up to idx, right-aligned.
+        raise ValueError("N2G examples need a positive activation at idx (method §C.5)")
+    # method §C.5 step 2 truncates after idx: ctx = the last max_suffix tokens up to idx, right-aligned.
     ctx = np.full((n, max_suffix), pad_token, np.int64)
     cap = np.empty(n, np.int64)   # longest suffix that may be tried
     for i, (latent, toks, idx, _) in enumerate(flat):
@@ -260,7 +271,7 @@ def build_explanations(act_fn: ActFn, examples: Mapping[int, Sequence[Example]],
     return out
 
 
-# --------------------------------------------------------------------------- scoring (REFERENCE C.5)
+# --------------------------------------------------------------------------- scoring (method §C.5)
 
 def score_explanation(expl: Explanation, windows: np.ndarray, acts: np.ndarray,
                       holdout: Sequence[Example]) -> dict:
@@ -293,7 +304,7 @@ def score_explanation(expl: Explanation, windows: np.ndarray, acts: np.ndarray,
             "n_true_positive": n_tp, "n_holdout": len(holdout), "n_recalled": n_recalled}
 
 
-# --------------------------------------------------------------------------- reconstruction (REFERENCE C.6)
+# --------------------------------------------------------------------------- reconstruction (method §C.6)
 
 def predict_codes(explanations: Mapping[int, Explanation], windows: np.ndarray, n_latents: int,
                   scale: Mapping[int, float] | np.ndarray | None = None) -> sp.csr_matrix:
@@ -316,7 +327,7 @@ def predict_codes(explanations: Mapping[int, Explanation], windows: np.ndarray, 
 
 
 def scale_factors(pred: sp.spmatrix, true: sp.spmatrix | np.ndarray) -> np.ndarray:
-    """Per-latent least-squares factor c_i = E[s a] / E[s^2] (REFERENCE C.6); 0 where s is never nonzero."""
+    """Per-latent least-squares factor c_i = E[s a] / E[s^2] (method §C.6); 0 where s is never nonzero."""
     pred = sp.csr_matrix(pred, dtype=np.float64)
     true = true if sp.issparse(true) else np.asarray(true, np.float64)
     num = np.asarray(pred.multiply(true).sum(0), np.float64).ravel()
@@ -335,7 +346,7 @@ def _bigram_keys(windows: np.ndarray) -> np.ndarray:
 
 @dataclass(eq=False)
 class BigramBaseline:
-    """REFERENCE C.6 baseline explanation: each latent's mean activation given (previous, current token)."""
+    """method §C.6 baseline explanation: each latent's mean activation given (previous, current token)."""
 
     keys: np.ndarray        # [n_bigrams] sorted bigram keys seen in training
     means: sp.csr_matrix    # [n_bigrams + 1, n_latents]; the last, empty row answers unseen bigrams

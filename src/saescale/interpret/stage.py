@@ -1,4 +1,4 @@
-"""The interpret rule for one SAE: N2G explanations scored by precision / recall (REFERENCE C.5), the
+"""The interpret rule for one SAE: N2G explanations scored by precision / recall (method §C.5), the
 explanation-reconstruction delta CE against a bigram baseline (C.6), the decoder logit lens, and the
 per-latent records the dashboards and LLM autointerp read.
 
@@ -58,7 +58,7 @@ def make_act_fn(model: nn.Module, layer: int, sae, device: torch.device):
     return act_fn
 
 
-PAD_CANDIDATES = (" _", "_", " ")  # REFERENCE C.5: GPT-2's " _" (id 4808) first
+PAD_CANDIDATES = (" _", "_", " ")  # method §C.5: GPT-2's " _" (id 4808) first
 
 
 def pad_token_id(tokenizer, text: str | None) -> int:
@@ -147,8 +147,10 @@ def interpret_sae(model, layer: int, sae, root, tokenizer, spec: dict, device) -
     alive = np.flatnonzero(np.diff(train.acts.indptr) > 0)
     explain = alive if spec["reconstruction"] else sampled
     build, holdout = {}, {}
+    sampling = spec.get("sampling", "random")  # the paper's random sample unless the config asks otherwise
     for latent in explain:
-        build[int(latent)], holdout[int(latent)] = n2g_examples(train, latent, spec["examples"], spec["holdout"], rng)
+        build[int(latent)], holdout[int(latent)] = n2g_examples(train, latent, spec["examples"], spec["holdout"], rng,
+                                                                sampling)
     act_fn = make_act_fn(model, layer, sae, device)
     log.info("building N2G explanations for %d latents", len(build))
     pad = pad_token_id(tokenizer, spec["pad_token"])
@@ -169,7 +171,7 @@ def interpret_sae(model, layer: int, sae, root, tokenizer, spec: dict, device) -
     summary = {
         "latents_sampled": len(records), "alive_latents": int(alive.size), "n_latents": sae.n_latents,
         "example_tokens": int(train.windows.size), "eval_tokens": int(evals.windows.size),
-        "pad_token": {"id": pad, "text": strings(pad)},
+        "pad_token": {"id": pad, "text": strings(pad)}, "n2g_sampling": sampling,
         "n2g": {key: _nanmean([s[key] for s in scores]) for key in ("precision", "recall", "f1")},
         "n2g_never_fires": sum(s["n_predicted"] == 0 for s in scores),
     }

@@ -1,4 +1,4 @@
-"""Figures of the capacity-allocation study (Michaud et al. 2025, Fig. 2; REFERENCE F.2): pure functions from
+"""Figures of the capacity-allocation study (Michaud et al. 2025, Fig. 2; method §F.2): pure functions from
 the `saescale.scaling.allocation.allocation_study` dict to base64 PNGs.
 
 Like `figures`, each function returns None when there is nothing finite to draw. Colour is β throughout (the

@@ -15,7 +15,8 @@ import pandas as pd
 from saescale import paths
 from saescale.report import arch_figures as af
 from saescale.report import comparison as cmp
-from saescale.report.tables import _col, num, pct, table, text
+from saescale.evaluate.dead_window import paper_comparison, window_text
+from saescale.report.tables import _col, _isnum, dead_windows, num, pct, table, text
 
 MAX_PANELS = 12  # more analysed SAEs than this: show those at compare_n only
 
@@ -24,8 +25,12 @@ CSS_CLASS = {True: "agrees", False: "disagrees", None: "unknown"}
 
 
 def verdict_view(v: cmp.Verdict) -> dict:
-    """A verdict for the template: its label, the claim with this run's evidence, and a CSS class."""
-    return {"label": v.label, "text": v.text, "cls": CSS_CLASS[v.agrees]}
+    """A verdict for the template and the scorecard: its label and CSS class, the claim with this run's
+    evidence (`text`), the paper's words and place, the paper's and this run's numbers, where its thresholds
+    come from, and the section id it belongs to (`anchor`; render.py adds a unique element `id`)."""
+    return {"label": v.label, "text": v.text, "cls": CSS_CLASS[v.agrees], "paper": v.paper, "quote": v.quote,
+            "source": v.source, "paper_value": v.paper_value, "run_value": v.run_value or v.tally or "—",
+            "thresholds": list(v.thresholds), "anchor": v.anchor}
 
 
 def _cell(value: float, how: str | None) -> str:
@@ -67,7 +72,7 @@ def matched_section(m: pd.DataFrame, n: int | None, styles: dict, src: dict) -> 
         failed = f" (fails: {'; '.join(order.failed)})" if order.failed else ""
         finding = (f"Architectures at n = {num(n)}, L0 = {num(l0)}: "
                    f"FVU {cmp.ranking(cmp.values_at(fvu, l0))}. "
-                   f"Paper's TopK ≈ Gated < ProLU < ReLU (Fig. 2a): {order.label}{failed}; "
+                   f"Paper's TopK below ProLU and ReLU, ≈ Gated (Fig. 2a): {order.label}{failed}; "
                    f"TopK lowest ΔCE (Fig. 5a): {lowest.label}.")
     return {
         "note": None, "n": num(n), "finding": finding,
@@ -82,34 +87,56 @@ def matched_section(m: pd.DataFrame, n: int | None, styles: dict, src: dict) -> 
     }
 
 
+def off_target(m: pd.DataFrame, tol: float = cmp.L0_TOLERANCE) -> pd.Series:
+    """Penalty-arch SAEs (a calibrated λ) whose achieved L0 misses the target k by more than `tol`: compared
+    at their k they would stand in for a sparsity they do not have (issue 19, item 6)."""
+    penalized = _col(m, "penalty").notna()
+    miss = (_col(m, "l0") / pd.to_numeric(m["k"], errors="coerce") - 1).abs() > tol
+    return penalized & miss
+
+
 def slopes_section(m: pd.DataFrame, styles: dict, src: dict) -> dict:
-    """Fig 2b: FVU against n at each k shared by topk and relu, with log-log slopes."""
+    """Fig 2b: FVU against n at each k shared by topk and relu, with log-log slopes. SAEs whose calibration
+    missed its target L0 are left out (this figure compares at the target k, not at the achieved L0)."""
+    miss = off_target(m) & m["arch"].astype(str).isin(["topk", "relu"])
+    left_out = "; ".join(f"{r.arch} n = {num(r.n)}: L0 {num(r.l0, 3)} for target {num(r.k)}"
+                         for r in m[miss].assign(l0=_col(m[miss], "l0")).itertuples())
+    m = m[~miss]
     slopes = cmp.n_slopes(m, ("topk", "relu"))
     verdict = cmp.steeper_verdict(slopes)
+    missed = (f" Left out, achieved L0 more than {cmp.L0_TOLERANCE:.0%} off its target: {left_out}."
+              if left_out else "")
     if not slopes:
         return {"note": "Not run in this configuration: needs topk and relu each trained at >= 2 values of n "
                         "with a common k (add e.g. {archs: [relu], n: [...], k: [...]} to sweep.extra; "
-                        "workflow/configs/archs.yaml does)."}
+                        "workflow/configs/archs.yaml does)." + missed}
     rows = [[num(s["k"]), num(s["topk"], 3), num(s["relu"], 3),
              "topk" if s["topk"] < s["relu"] else "relu"] for s in slopes]
     return {"note": None, "table": table(["k (target L0)", "slope topk", "slope relu", "steeper"], rows),
             "verdict": verdict_view(verdict), "fig": af.fvu_vs_n(m, slopes, styles),
             "caption": "Fig. 2b analogue: eval FVU against n at each target L0, topk and relu, log-log; the "
-                       "legend gives the least-squares slope of log FVU on log n (relu's achieved L0 may "
-                       f"differ from its target, see the matched-L0 table). {verdict.short}",
+                       "legend gives the least-squares slope of log FVU on log n (relu's achieved L0 is "
+                       f"within {cmp.L0_TOLERANCE:.0%} of its target, see the matched-L0 table).{missed} "
+                       f"{verdict.short}",
             "src": src["metrics"]}
 
 
 def dead_section(m: pd.DataFrame, logs: pd.DataFrame, n: int | None, styles: dict, src: dict) -> dict:
-    """Dead fraction over training per arch at n, and the AuxK x tied-init ablation table (REFERENCE A.8)."""
+    """Dead fraction over training per arch at n, and the AuxK x tied-init ablation table (method §A.8)."""
     variants = set(m.loc[cmp.is_variant(m), "arch"].astype(str))
     at_n = logs[logs["n"] == n] if n is not None and "n" in logs.columns else logs.iloc[0:0]
     at_n = at_n.assign(dead_pct=100 * _col(at_n, "dead_fraction"))
     curves = None
     if at_n["arch"].nunique() > 1:  # one arch at n: the training-curves section already shows it
         curves = af.arch_training_curves(at_n, "dead_pct", "dead latents (%)", styles, variants)
+    windows = dead_windows(m)
+    train_window = f"train.dead_tokens = {window_text(windows['train'])}" if _isnum(windows["train"]) else \
+        "train.dead_tokens"
     out = {"curves": curves, "n": num(n), "log_src": src["log"],
-           "curves_caption": "Dead latents (no activation within the last train.dead_tokens tokens) against "
+           "windows": {"eval": window_text(windows["eval"]), "train": train_window,
+                       "paper": "; ".join(f"{key} window: {paper_comparison(windows[key])}" for key in ("train", "eval")
+                                          if _isnum(windows[key]))},
+           "curves_caption": f"Dead latents (no activation within the last {train_window} tokens) against "
                              f"training tokens at n = {num(n)}, one line per architecture; variants dashed."}
     rows = cmp.ablation_rows(m)
     if rows.empty:
@@ -123,8 +150,8 @@ def dead_section(m: pd.DataFrame, logs: pd.DataFrame, n: int | None, styles: dic
     cells = [[text(r.arch), num(r.n), num(r.k), yes[cmp.bool_cell(r.auxk)], yes[cmp.bool_cell(r.tied_init)],
               pct(r.train_dead_fraction), pct(r.dead_fraction), num(r.dead_latents), num(r.fvu)]
              for r in numbers.itertuples()]
-    columns = ["arch", "n", "k", "AuxK", "tied init", "dead, end of training", "dead, eval", "dead latents",
-               "FVU"]
+    columns = ["arch", "n", "k", "AuxK", "tied init", f"dead, end of training (last {train_window})",
+               f"dead, eval ({window_text(windows['eval'])})", "dead latents, eval", "FVU"]
     return {**out, "note": None, "verdict": verdict_view(verdict), "table": table(columns, cells),
             "cfg_src": src["cfg"], "metrics_src": src["metrics"]}
 

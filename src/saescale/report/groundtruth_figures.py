@@ -1,6 +1,6 @@
 """Figures of the ground-truth superposition study (`saescale.toy.superposition.groundtruth_study`): the
 features an SAE discovers against its number of latents, D(N), on a purely discrete dictionary and on one
-whose most frequent features are manifolds (Michaud et al. 2025, REFERENCE F.0), and the latents those
+whose most frequent features are manifolds (Michaud et al. 2025, method §F.0), and the latents those
 manifolds absorb. Pure functions from the study dict to base64 PNGs; None when nothing is drawable.
 """
 

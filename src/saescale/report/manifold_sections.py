@@ -1,4 +1,4 @@
-"""Template context of the "Feature manifolds" section (Michaud, Gorton & McGrath 2025, REFERENCE F): toy
+"""Template context of the "Feature manifolds" section (Michaud, Gorton & McGrath 2025, method §F): toy
 manifold L(n) curves and the circle figure (F.1), the capacity-allocation model (F.2, F.5), D(N) measured on
 SAEs trained on synthetic superposition with a known dictionary, and the pipeline's own SAEs read through the
 model (F.3, F.4). Reads data/toy/*.json and metrics.csv; verdicts use `comparison.Verdict`.
@@ -19,10 +19,20 @@ from saescale.report.suite_sections import headline
 from saescale.report.tables import _col, _isnum, num, table
 from saescale.scaling.allocation import regime, theory_D_slope
 
-PLATEAU_FACTOR = 2.0  # a shell "plateaus near 2d" when its plateau starts within a factor 2 of n = 2d
-NO_PLATEAU = 0.01  # a sphere has not plateaued while its last doubling of n still lowers L by more than 1%
-MOST_LATENTS = 0.5  # ground truth: below N = m, most latents should find a feature of their own (D/N > 0.5)
-HIGH_DIM, SMALL_BETA = 6, 0.2  # Fig. 5: spheres of dimension 6-8 give beta ~ 0.05 without a plateau; ours: < 0.2
+PLATEAU_FACTOR = 2.0  # our choice: a shell "plateaus near 2d" when its plateau starts within a factor 2 of 2d
+NO_PLATEAU = 0.01  # our choice: a sphere has not plateaued while its last doubling of n lowers L by > 1%
+MOST_LATENTS = 0.5  # our choice: below N = m, most latents should find a feature of their own (D/N > 0.5)
+HIGH_DIM, SMALL_BETA = 6, 0.2  # paper: spheres of dimension 6-8 give β ≈ 0.05; our choice: "small" = < 0.2
+
+THRESHOLDS = {
+    "plateau": f"plateau near 2d = the shell's plateau starts within a factor {PLATEAU_FACTOR:g} of n = 2d (our "
+               "choice; the paper: 'roughly 2d_i latents')",
+    "no_plateau": f"no plateau = the last doubling of n still lowers L by > {NO_PLATEAU:.0%} (our choice)",
+    "beta": f"small β = 0 < β < {SMALL_BETA} with the ±{cmp.Z:g}σ interval inside (our choice; the paper's β ≈ "
+            f"0.05 is for d = 6–8 over n ∈ [10², 10⁴]); spheres of d >= {HIGH_DIM} (paper)",
+    "most": f"most latents find a feature = D/N > {MOST_LATENTS} below N = m (our choice)",
+    "allocation": "closed-form checks: tolerances stated per check (method §F.5)",
+}
 
 
 # ---- the allocation model -----------------------------------------------------------------------------------
@@ -34,11 +44,16 @@ def allocation_verdict(study: dict) -> cmp.Verdict:
     held = tuple(f"{c['name']}: {num(c['value'], 4)}" for c in study["checks"] if c["ok"])
     failed = tuple(f"{c['name']}: {num(c['value'], 4)} (expected {num(c['expected'], 4)} ± {num(c['tolerance'], 2)})"
                    for c in study["checks"] if not c["ok"])
-    return cmp.Verdict(not failed, paper, held, failed)
+    return cmp.with_run_value(cmp.Verdict(
+        not failed, paper, held, failed,
+        quote="if β ≪ α, then a simulated SAE with 100 million latents discovers only 3 million features.",
+        source="Michaud et al. Fig. 2 caption; D ∝ N^((1+β)/(1+α)) for β < α: §2.5, App. B",
+        paper_value="D(10^8) ≈ 3 million for β ≪ α = 0.5", anchor="manifolds-allocation",
+        thresholds=(THRESHOLDS["allocation"],)))
 
 
 def allocation_tables(study: dict) -> dict[str, dict]:
-    checks = table(["check", "this run", "expected", "tolerance", "holds", "REFERENCE"],
+    checks = table(["check", "this run", "expected", "tolerance", "holds", "method §"],
                    [[c["name"], num(c["value"], 4), num(c["expected"], 4), num(c["tolerance"], 2),
                      "yes" if c["ok"] else "no", c.get("source", "")] for c in study["checks"]])
     last = {}
@@ -117,7 +132,7 @@ def toy_verdict(toy: dict) -> cmp.Verdict:
     paper = ("Figs. 3, 5, 6: on shells {0.5 < ‖x‖ < 2} the loss plateaus near n ≈ 2d (the ± basis); higher-dimensional "
              "hyperspheres accommodate more latents before plateauing, and for d = 6–8 the loss keeps falling as n^−β "
              "with small β (≈ 0.05 over n ∈ [10², 10⁴]); the circle takes dozens of latents before it plateaus (Fig. 1).")
-    held, failed = [], []
+    held, failed, unsure = [], [], []
     for c in toy.get("curves", []):
         where = f"{c['kind']} d = {c['d']} ({c['arch']})"
         if c["kind"] == "shell" and (c.get("plateau") or {}).get("plateau_n"):
@@ -130,7 +145,8 @@ def toy_verdict(toy: dict) -> cmp.Verdict:
                 (held if gain > NO_PLATEAU else failed).append(
                     f"{where}: no plateau, the last doubling of n lowers L by {num(100 * gain, 2)}%")
             if fit.get("ok"):
-                (held if 0 < fit["beta"] < SMALL_BETA else failed).append(
+                small = _small_beta(fit["beta"], fit.get("stderr"))
+                {True: held, False: failed, None: unsure}[small].append(
                     f"{where}: β = {num(fit['beta'], 2)} ± {num(fit['stderr'], 1)} over n ∈ [{num(fit['range'][0])}, "
                     f"{num(fit['range'][1])}]{'' if fit.get('paper_range') else ' (not the paper’s range)'}")
     for arch in sorted({c["arch"] for c in toy.get("curves", [])}):
@@ -140,9 +156,32 @@ def toy_verdict(toy: dict) -> cmp.Verdict:
             claim = f"{arch}: gain of the last doubling of n by d " + ", ".join(f"{d}: {num(100 * g, 2)}%"
                                                                                for d, g in spheres)
             (held if all(np.diff([g for _, g in spheres]) > 0) else failed).append(claim + " (rises with d)")
-    if not held and not failed:
-        return cmp.Verdict(None, paper, note="No toy curves with a shell plateau or a sphere fit.")
-    return cmp.Verdict(not failed, paper, tuple(held), tuple(failed))
+    fields = dict(quote="we see that when reconstructing hollow hyperspheres, we can observe gradual L(n) scaling. "
+                        "The higher-dimensional hyperspheres in particular can accommodate at least 10^4 latents "
+                        "without loss plateauing. … measure a β of roughly 0.05 for hyperspheres with dimension "
+                        "6-8. … [on shells our SAEs] plateau after allocating roughly 2d_i latents",
+                  source="Michaud et al. App. A.1 and Fig. 6 caption", anchor="manifolds-toy",
+                  paper_value="β ≈ 0.05 (d = 6–8); shells plateau at n ≈ 2d",
+                  thresholds=(THRESHOLDS["plateau"], THRESHOLDS["no_plateau"], THRESHOLDS["beta"]))
+    if not held and not failed and not unsure:
+        return cmp.with_run_value(cmp.Verdict(None, paper, note="No toy curves with a shell plateau or a sphere "
+                                                                "fit.", **fields))
+    agrees = False if failed else (None if unsure else True)
+    betas = [c["beta_fit"]["beta"] for c in toy.get("curves", [])
+             if c["kind"] == "sphere" and c["d"] >= HIGH_DIM and (c.get("beta_fit") or {}).get("ok")]
+    return cmp.with_run_value(cmp.Verdict(agrees, paper, tuple(held), tuple(failed), unsure=tuple(unsure),
+                                          **fields),
+                              f"β {', '.join(num(b, 2) for b in betas)} (d >= {HIGH_DIM})" if betas else "")
+
+
+def _small_beta(beta: float, se: float | None) -> bool | None:
+    """0 < β < SMALL_BETA, judged on β ± Z·se: True when the interval lies inside, False when it lies wholly
+    outside on either side, None when it straddles an edge (without a finite se: the point value)."""
+    lo_ok = cmp.sign_claim(beta, se)
+    hi_ok = cmp.sign_claim(SMALL_BETA - beta, se)
+    if lo_ok is False or hi_ok is False:
+        return False
+    return None if lo_ok is None or hi_ok is None else True
 
 
 def toy_table(toy: dict) -> dict:
@@ -196,8 +235,16 @@ def groundtruth_verdict(study: dict) -> cmp.Verdict:
         on = [r["latents_on_manifolds"] for r in dics["manifolds"]]
         (held if on[-1] > on[0] else failed).append(
             f"latents in manifold subspaces: {num(on[0])} → {num(on[-1])} as N grows")
-    return cmp.Verdict(not failed, paper, tuple(held), tuple(failed)) if held or failed else \
-        cmp.Verdict(None, paper, note="No ground-truth runs.")
+    fields = dict(quote="We find that, with only a single feature with power-law L(n_i) scaling, when β < α this "
+                        "feature begins to absorb the vast majority of latents in the SAE once N is large.",
+                  source="Michaud et al. §2.5 (the model behind Fig. 2)", anchor="manifolds-groundtruth",
+                  paper_value="D(N) rises (D = N while features are discrete); manifolds take latents",
+                  thresholds=(THRESHOLDS["most"], cmp.THRESHOLDS["point"]))
+    if not held and not failed:
+        return cmp.with_run_value(cmp.Verdict(None, paper, note="No ground-truth runs.", **fields))
+    last = {name: runs[-1] for name, runs in dics.items() if runs}
+    value = "; ".join(f"{name}: D = {num(r['D'])} at N = {num(r['n'])}" for name, r in last.items())
+    return cmp.with_run_value(cmp.Verdict(not failed, paper, tuple(held), tuple(failed), **fields), value)
 
 
 def groundtruth_context(study: dict | None) -> dict[str, Any]:

@@ -8,7 +8,8 @@ paths come from users and files, and are never trusted as HTML.
 
 This module loads files (`Sources`, `load_layer`, `load_analyses`, `load_suite`), assembles the template
 context (`layer_context`, `subject_context`, `run_context`, `build_context`) and renders (`write_figures`,
-`render_report`); the tables, cell formatting and findings live in `saescale.report.tables`, the
+`render_report`); the opening scorecard in `scorecard`; the tables, cell formatting and findings live in
+`saescale.report.tables`, the
 architecture comparison in `comparison` (numbers, verdicts), `arch_sections` and `arch_figures`, the
 evaluation suite (probes, N2G, ablation, geometry, dashboards) in `suite_sections` and `suite_figures`.
 """
@@ -29,9 +30,9 @@ import pandas as pd
 from saescale import paths
 from saescale.config import analysed, evaluated, recipe, sae_jobs
 from saescale.files import read_json, write_text_atomic
-from saescale.report import figures
-from saescale.report.arch_sections import arch_context
-from saescale.report.comparison import scaling_archs
+from saescale.report import figures, method_doc, scorecard
+from saescale.report.arch_sections import arch_context, verdict_view
+from saescale.report.comparison import downstream_fits, power_law_verdict, scaling_archs
 from saescale.report.manifold_sections import manifolds_context
 from saescale.report.scaling_sections import studies_context
 from saescale.report.scaling_sections import subject_context as subject_size_context
@@ -135,7 +136,7 @@ def _dir_bytes(path: str | Path) -> int:
 
 
 def _last_doubling_gain(log: pd.DataFrame) -> float:
-    """Relative FVU improvement between half the tokens and the end (REFERENCE D.1 convergence rule)."""
+    """Relative FVU improvement between half the tokens and the end (method §D.1 convergence rule)."""
     log = log[["tokens", "fvu"]].apply(pd.to_numeric, errors="coerce").dropna().sort_values("tokens")
     if len(log) < 2:
         return math.nan
@@ -176,7 +177,7 @@ def load_layer(src: Sources, subject: str, layer: int, config: dict) -> dict:
         extra.append({"arch": arch, "n": n, "k": k,
                       "last_doubling_gain": _last_doubling_gain(log) if log is not None else math.nan,
                       "auxk": spec.get("auxk"), "tied_init": spec.get("tied_init"),
-                      "train_dead_fraction": _final_dead(train, log)})
+                      "train_dead_fraction": _final_dead(train, log), "train_dead_tokens": spec.get("dead_tokens")})
         saes.append({"versions": (cfg or {}).get("versions") or {}, "device": train.get("device"),
                      "dtype": train.get("dtype"), "k_aux": spec.get("k_aux")})
     metrics = metrics.assign(arch=metrics["arch"].astype(str), n=metrics["n"].astype(int),
@@ -185,7 +186,7 @@ def load_layer(src: Sources, subject: str, layer: int, config: dict) -> dict:
         metrics["base_arch"] = [recipe(config, a)[0] if a in config["sweep"]["variants"] else a
                                 for a in metrics["arch"]]
     extra_df = pd.DataFrame(extra, columns=["arch", "n", "k", "last_doubling_gain", "auxk", "tied_init",
-                                            "train_dead_fraction"])
+                                            "train_dead_fraction", "train_dead_tokens"])
     metrics = metrics.merge(extra_df, on=["arch", "n", "k"], how="left")
     metrics = metrics.sort_values(["arch", "k", "n"]).reset_index(drop=True)
     logs_df = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=["arch", "n", "k"])
@@ -206,8 +207,8 @@ def _final_dead(train: dict, log: pd.DataFrame | None) -> float:
 
 def load_analyses(src: Sources, jobs: list[dict], config: dict) -> dict[str, list[dict]]:
     """{experiment: [analysis JSON + arch, base_arch, n, k]} for the SAEs config.analysis selects."""
-    what = {"progressive": "progressive recovery: test-time TopK(k') / JumpReLU(θ) sweeps (REFERENCE C.8)",
-            "refinement": "refinement of nonzero activations on a fixed support (REFERENCE C.9)"}
+    what = {"progressive": "progressive recovery: test-time TopK(k') / JumpReLU(θ) sweeps (method §C.8)",
+            "refinement": "refinement of nonzero activations on a fixed support (method §C.9)"}
     out: dict[str, list[dict]] = {e: [] for e in what}
     for experiment, desc in what.items():
         for job in jobs:
@@ -260,8 +261,19 @@ def load_suite(src: Sources, jobs: list[dict], config: dict) -> dict:
         lines = src.jsonl(paths.fmt(paths.INTERPRET_RECORDS, **job), f"{what}: per-latent records",
                           paths.fmt(paths.INTERPRET_RECORDS, **pattern))
         shown = sum(bool(r.get("dashboard", True)) for r in lines) if lines is not None else None
-        dashboards.append({**job, "exists": exists, "shown": shown})
+        dashboards.append({**job, "exists": exists, "shown": shown, "n2g_se": n2g_standard_errors(lines)})
     return {"jobs": jobs, "selected": selected, "records": records, "dashboards": dashboards}
+
+
+def n2g_standard_errors(lines: list[dict] | None) -> dict[str, float]:
+    """Standard errors of one SAE's mean N2G precision, recall and F1 over its sampled latents (std / √count
+    of the finite per-latent values in the interpret records), so TopK-vs-ReLU comparisons carry a spread."""
+    out = {}
+    for key in ("precision", "recall", "f1"):
+        vals = np.array([float(v) for r in lines or [] for v in [(r.get("n2g") or {}).get(key)]
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)])
+        out[f"n2g_{key}_se"] = float(vals.std(ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else math.nan
+    return out
 
 
 # ---- per-section context -----------------------------------------------------------------------------
@@ -307,6 +319,7 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
         "missing": [f"{a} n={n} k={k}" for a, n, k in data["missing"]], "norm": norm_table,
         "grid": grid_table(everything), "findings": findings(m, fits) + archs["findings"] + suite["findings"] + scaling["findings"],
         "fits": fit_tables(fits), "exponents": exponent_table(fits), "saes": data["saes"], "arch": archs,
+        "downstream": verdict_view(power_law_verdict(downstream_fits(m))),
         "suite": suite, "scaling": scaling, "metrics_all": everything,
         "zero_ablation": {"delta_ce": num(ref["delta_ce"]), "kl": num(ref["kl"]),
                           "ce_clean": num(_col(m, "ce_clean").median())},
@@ -469,12 +482,14 @@ def build_context(config: dict, report_dir: str = os.path.dirname(paths.REPORT))
         n_params = (subjects[-1]["lm"] or {}).get("n_params")
         layers += [{**layer_context(src, name, layer, config, norm, report_dir), "n_params": n_params}
                    for layer in subj["layers"]]
-    return {"title": config["report"]["title"], "subjects": subjects, "layers": layers,
-            "subject_size": subject_size_context(layers, config),
-            "manifolds": manifolds_context(*toy_studies(src, config), layers),
-            "run": run_context(config, layers), "imported": imported_context(src, config, layers),
-            "files": src.listing(),
-            "n_missing_files": sum(not r["present"] for r in src.rows)}
+    context = {"title": config["report"]["title"], "subjects": subjects, "layers": layers,
+               "subject_size": subject_size_context(layers, config),
+               "manifolds": manifolds_context(*toy_studies(src, config), layers),
+               "run": run_context(config, layers), "imported": imported_context(src, config, layers),
+               "files": src.listing(),
+               "n_missing_files": sum(not r["present"] for r in src.rows)}
+    rows = scorecard.collect(context)  # after every section: it gives each verdict its element id
+    return {**context, "scorecard": rows, "scorecard_counts": scorecard.counts(rows)}
 
 
 # ---- rendering ---------------------------------------------------------------------------------------
@@ -509,4 +524,4 @@ def render_report(config: dict, out: str, figures_dir: str | None = None) -> Non
     if figures_dir:
         write_figures(context, figures_dir)
     html = _environment().get_template("report.html").render(**context)
-    write_text_atomic(out, html)
+    write_text_atomic(out, method_doc.embed(html))  # the method document as an appendix; citations link into it

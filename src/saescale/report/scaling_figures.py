@@ -1,4 +1,4 @@
-"""Figures of the scaling studies (Gao et al. §3, REFERENCE D.1/D.2: Figs 1a, 1b, 3, 4, 11) from studies.json,
+"""Figures of the scaling studies (Gao et al. §3, method §D.1/D.2: Figs 1a, 1b, 3, 4, 11) from studies.json,
 the training logs and the metrics tables. Pure functions to base64 PNGs, None when nothing is drawable."""
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def compute_frontier(logs: pd.DataFrame, compute: list[dict]) -> str | None:
             _log(ax)
             ax.set_title(f"{entry['arch']}, k = {entry['k']}")
             ax.set_xlabel("training FLOPs (6·tokens·n·d)")
-        axes[0].set_ylabel("held-out FVU" if entries[0]["loss"] == "heldout_fvu" else "training FVU")
+        axes[0].set_ylabel({"heldout_fvu_best": "held-out FVU, min(EMA, raw)", "heldout_fvu": "held-out FVU"}
+                           .get(entries[0]["loss"], "training FVU"))
         handles = [Line2D([], [], color=c, lw=2, label=f"n = {n}") for n, c in colours.items()]
         handles += [Line2D([], [], color="black", marker="o", ls="none", label="frontier"),
                     Line2D([], [], color="crimson", ls="--", label="a·C^−b + e")]
@@ -80,7 +81,9 @@ def tokens_to_convergence(convergence: list[dict]) -> str | None:
 
 
 def lr_sweep(lr: dict | None) -> str | None:
-    """Fig. 3: final loss against lr per n (left; the best lr marked) and best lr against n (right)."""
+    """Fig. 3: held-out loss against lr per n (left; filled: the run converges by lr.converges, open: it does
+    not; ★ the L(N)-optimal lr, ◆ the L(C)-optimal one) and the largest converging lr against n (right; a
+    triangle where it is a bound: ▲ the largest lr tried still converged, ▼ none did) with its fit."""
     if not lr or not lr.get("per_n"):
         return None
     colours = _palette([r["n"] for r in lr["per_n"]], "viridis")
@@ -88,20 +91,31 @@ def lr_sweep(lr: dict | None) -> str | None:
         fig, axes = _panels(2, sharey=False)
         for r in lr["per_n"]:
             sweep = pd.DataFrame(r["sweep"]).sort_values("lr")
-            axes[0].plot(sweep["lr"], sweep["loss"], "o-", color=colours[r["n"]], label=f"n = {r['n']}")
-            if r["best"].get("ok"):
-                axes[0].plot([r["best"]["lr"]], [r["best"]["loss"]], "*", color=colours[r["n"]], ms=11, mec="black")
+            col = colours[r["n"]]
+            axes[0].plot(sweep["lr"], sweep["loss"], "-", color=col, label=f"n = {r['n']}")
+            ok = sweep.get("converges", pd.Series(True, index=sweep.index)).astype(bool)
+            axes[0].plot(sweep["lr"][ok], sweep["loss"][ok], "o", color=col)
+            axes[0].plot(sweep["lr"][~ok], sweep["loss"][~ok], "o", mfc="none", color=col)
+            opt = r.get("optima") or {}
+            for key, marker in (("ln", "*"), ("lc", "D")):
+                o = opt.get(key) or {}
+                if o.get("ok"):
+                    axes[0].plot([o["lr"]], [o["loss"]], marker, color=col, ms=10 if marker == "*" else 6, mec="black")
         _log(axes[0])
         axes[0].set_xlabel("learning rate")
-        axes[0].set_ylabel(f"final {pd.DataFrame(lr['per_n'][0]['sweep'])['loss_column'].iloc[0]}"
-                           if "loss_column" in lr["per_n"][0]["sweep"][0] else "final loss")
-        axes[0].set_title(f"{lr.get('arch', '')} k = {lr.get('k', '')}: ★ best lr")
+        axes[0].set_ylabel("final held-out FVU")
+        axes[0].set_title(f"{lr.get('arch', '')} k = {lr.get('k', '')}: ★ L(N)-opt, ◆ L(C)-opt")
         axes[0].legend(fontsize=8)
-        best = [(r["n"], r["best"]["lr"], r["best"]["at_edge"]) for r in lr["per_n"] if r["best"].get("ok")]
-        for n, b, edge in best:
-            axes[1].plot([n], [b], "o", color=colours[n], mfc="none" if edge else colours[n])
+        rows = [r for r in lr["per_n"] if (r.get("largest") or {}).get("ok")]
+        for r in rows:
+            big, col = r["largest"], colours[r["n"]]
+            marker = {0: "o", -1: "^", 1: "v"}[big["bound"]]
+            axes[1].plot([r["n"]], [big["lr"]], marker, color=col, mfc=col if big["bound"] == 0 else "none")
+            lo, hi = big["interval"]
+            if lo and hi:
+                axes[1].plot([r["n"], r["n"]], [lo, hi], "-", color=col, lw=1)
         fit = lr["fit"]
-        if _ok(fit) and best:
+        if _ok(fit) and rows:
             ns = np.array([fit["x_min"], fit["x_max"]])
             axes[1].plot(ns, np.exp(fit["intercept"]) * ns ** fit["slope"], "--", color="crimson",
                          label=f"fit: n^{fit['slope']:.2f} ± {fit['slope_err']:.2f}")
@@ -111,8 +125,46 @@ def lr_sweep(lr: dict | None) -> str | None:
             axes[1].legend(fontsize=8)
         _log(axes[1])
         axes[1].set_xlabel("n (latents)")
-        axes[1].set_ylabel("best learning rate")
-        axes[1].set_title("best lr vs n (open: at the sweep's edge)")
+        axes[1].set_ylabel("largest converging lr")
+        axes[1].set_title("bar: between the largest converging and the next lr")
+    return to_base64_png(fig)
+
+
+def ln_points(fits: list[dict]) -> str | None:
+    """L(N) per k (Fig. 1b analogue) from the per-k fits: converged SAEs filled, censored ones (hit their
+    token cap before the rule) as open ▼ at their capped loss, an upper bound, fixed-budget ones as open
+    squares; the fitted law, its label saying whether it is a converged L(N) or a fixed-budget L(n)."""
+    entries = [f for f in fits if f.get("points")]
+    if not entries:
+        return None
+    colours = _palette([f["k"] for f in entries], "flare")
+    marker = {"converged": dict(marker="o"), "censored": dict(marker="v", mfc="none"),
+              "fixed-budget": dict(marker="s", mfc="none")}
+    archs = sorted({str(f["arch"]) for f in entries})
+    with _style():
+        fig, axes = _panels(len(archs))
+        for ax, arch in zip(axes, archs):
+            for f in (f for f in entries if str(f["arch"]) == arch):
+                col = colours[f["k"]]
+                pts = pd.DataFrame(f["points"]).sort_values("n")
+                for status, g in pts.groupby("status"):
+                    ax.plot(g["n"], g["y"], ls="none", color=col, **marker.get(status, {"marker": "x"}))
+                if _ok(f):
+                    ns = np.geomspace(pts["n"].min(), pts["n"].max(), 50)
+                    ax.plot(ns, predict_power_law(f, ns), "--", color=col,
+                            label=f"k = {f['k']}: b = {f['b']:.3f}, e = {f['e']:.3g}")
+                else:
+                    ax.plot([], [], ls="none", color=col, marker="o", label=f"k = {f['k']}: not fitted")
+            _log(ax)
+            ax.set_xlabel("n (latents)")
+            label = {f.get("label") for f in entries if str(f["arch"]) == arch}
+            ax.set_title(f"{arch}: " + ", ".join(sorted(x for x in label if x)))
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("eval FVU")
+        handles = [Line2D([], [], color="grey", ls="none", label=lab, **marker[st])
+                   for st, lab in (("converged", "converged"), ("censored", "censored (≤: hit its cap)"),
+                                   ("fixed-budget", "fixed budget"))]
+        fig.legend(handles=handles, loc="outside right upper", frameon=False)
     return to_base64_png(fig)
 
 

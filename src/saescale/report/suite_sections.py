@@ -1,5 +1,5 @@
 """Template context of the evaluation-suite sections: probe loss, N2G explanations, explanation
-reconstruction, ablation sparsity (Gao §4.2–4.5, REFERENCE C.4–C.7), latent geometry (Michaud Figs 4, 7;
+reconstruction, ablation sparsity (Gao §4.2–4.5, method §C.4–C.7), latent geometry (Michaud Figs 4, 7;
 F.3, F.4), LLM autointerp and the feature-dashboard index.
 
 Headline numbers come from metrics.csv (the suite columns `scaling.collect` merges in); distributions from
@@ -29,7 +29,7 @@ from saescale.report.suite_verdicts import (
     probe_verdict,
     reconstruction_verdict,
 )
-from saescale.report.tables import _col, num, pct, table, text
+from saescale.report.tables import _col, _isnum, num, pct, table, text
 
 SELECTOR = {"probes": "evaluate.probes", "ablation": "evaluate.ablation", "geometry": "evaluate.geometry",
             "interpret": "interpret", "reconstruction": "interpret.reconstruction.n"}  # what selects SAEs
@@ -37,11 +37,11 @@ SELECTOR = {"probes": "evaluate.probes", "ablation": "evaluate.ablation", "geome
 
 def headline(title: str, v: cmp.Verdict) -> str:
     """The line of the summary of findings for one suite section."""
-    if v.agrees is None:
+    if v.agrees is None and not v.tally:
         return f"{title}: cannot tell. {v.note}"
     fails = f"; fails: {'; '.join(v.failed)}" if v.failed else ""
-    checks = len(v.held) + len(v.failed)
-    return f"{title}: {v.label} with the paper ({len(v.held)} of {checks} checks hold{fails})."
+    label = "cannot tell" if v.agrees is None else f"{v.label} with the paper"
+    return f"{title}: {label} ({v.tally}{fails})."
 
 
 def not_run(what: str, stage: str, config: dict, suite: dict) -> str:
@@ -175,14 +175,21 @@ def n2g_section(m: pd.DataFrame, suite: dict, config: dict, src: dict) -> dict:
         return {"note": note}
     rows = _merge(rows, records, sampled=lambda r: r.get("latents_sampled"),
                   never=lambda r: r.get("n2g_never_fires"))
+    spread = {(str(d["arch"]), int(d["n"]), int(d["k"])): d.get("n2g_se") or {} for d in suite["dashboards"]}
+    rows = _merge(rows, [{"arch": a, "n": n, "k": k} for a, n, k in spread],
+                  **{f"n2g_{c}_se": (lambda r, c=c: spread[(r["arch"], r["n"], r["k"])].get(f"n2g_{c}_se"))
+                     for c in ("precision", "recall", "f1")})
     rows["never_share"] = _col(rows, "never") / _col(rows, "sampled")
     v = n2g_verdict(rows)
     panels = [{"title": t, "ylabel": t, "series": [(c, "-", "N2G")]} for c, t in
               (("n2g_precision", "precision"), ("n2g_recall", "recall"), ("n2g_f1", "F1"),
                ("never_share", "share never firing"))]
-    cells = [c + [f"{num(r['never'])} ({pct(r['never_share'])})"] for c, (_, r) in
-             zip(_cells(rows, ("l0", 3), ("n2g_precision", 3), ("n2g_recall", 3), ("n2g_f1", 3),
-                        ("sampled", 4)), rows.iterrows())]
+    def with_se(r, c: str) -> str:
+        se = r.get(f"{c}_se")
+        return num(r.get(c), 3) + (f" ± {num(se, 2)}" if _isnum(se) else "")
+    cells = [[text(r["arch"]), num(r["n"]), num(r["k"]), num(r.get("l0"), 3),
+              *(with_se(r, c) for c in ("n2g_precision", "n2g_recall", "n2g_f1")), num(r.get("sampled"), 4),
+              f"{num(r['never'])} ({pct(r['never_share'])})"] for _, r in rows.iterrows()]
     never = rows["never_share"].dropna()
     return {
         "note": None, "verdict": verdict_view(v), "src": src["interpret"],
@@ -190,7 +197,7 @@ def n2g_section(m: pd.DataFrame, suite: dict, config: dict, src: dict) -> dict:
         "caption": "Gao Figs. 24/25 analogue: N2G precision, recall and F1 against n, a line per k, and the "
                    "share of sampled latents whose explanation never fires on the eval tokens (their "
                    f"precision is undefined and left out of the mean, their F1 counts as 0). {v.short}",
-        "table": table(["arch", "n", "k", "L0", "precision", "recall", "F1", "latents sampled",
+        "table": table(["arch", "n", "k", "L0", "precision ± se", "recall ± se", "F1 ± se", "latents sampled",
                         "explanation never fires"], cells),
         "never": (f"Explanations that never fire: {_span([100 * x for x in never], 3)}% of the sampled "
                   "latents." if len(never) else "")}

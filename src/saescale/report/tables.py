@@ -15,16 +15,19 @@ import numpy as np
 import pandas as pd
 
 from saescale import paths
+from saescale.report.comparison import downstream_fits, sign_claim
+from saescale.evaluate.dead_window import dead_window_comparable, paper_comparison, window_text
+from saescale.report.comparison import L0_TOLERANCE
 
 if TYPE_CHECKING:
     from saescale.report.render import Sources
 
-# REFERENCE D.1 / E.1: Gao et al. eq. 3 constants fitted on GPT-4; shown for scale, not expected to transfer.
+# method §D.1 / E.1: Gao et al. eq. 3 constants fitted on GPT-4; shown for scale, not expected to transfer.
 GPT4_JOINT = {"alpha": -0.50, "beta_k": 0.26, "beta_n": -0.017, "gamma": -0.042, "zeta": -1.32,
               "eta": -0.085}
 GREEK = {"alpha": "α", "beta_k": "β_k", "beta_n": "β_n", "gamma": "γ", "zeta": "ζ", "eta": "η"}
 LABELS = {"fvu": "FVU", "delta_ce": "ΔCE (nats)"}
-CONVERGED_GAIN = 0.01  # REFERENCE D.1: converged when the loss improves < 1% over the last doubling of tokens
+CONVERGED_GAIN = 0.01  # method §D.1: converged when the loss improves < 1% over the last doubling of tokens
 
 
 # ---- formatting: every cell is a string, so the template never formats or trusts a value -------------
@@ -87,19 +90,29 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
 
 
 def grid_table(m: pd.DataFrame) -> dict:
-    """One row per SAE: the eval metrics of REFERENCE C.1-C.3 plus throughput and convergence."""
+    """One row per SAE: the eval metrics of method §C.1-C.3 plus throughput and convergence."""
     multi = m["arch"].nunique() > 1
-    cols = ["n", "k", "FVU", "L0", "dead %", "dead latents", "ΔCE (nats)", "KL (nats)", "loss recovered",
+    over = f"over {window_text(dead_windows(m)['eval'])} of eval"  # method §A.8: a count needs its window
+    cols = ["n", "k", "FVU", "L0", f"dead % ({over})", "dead latents", "ΔCE (nats)", "KL (nats)", "loss recovered",
             "train tokens", "tokens/s", "lr", "weights", "FVU gain, last doubling"]
     rows = []
     for _, r in m.iterrows():
         rows.append(([r["arch"]] if multi else []) + [
-            num(r["n"]), num(r["k"]), num(r.get("fvu")), num(r.get("l0")), pct(r.get("dead_fraction")),
+            num(r["n"]), num(r["k"]), num(r.get("fvu")), _l0_cell(r), pct(r.get("dead_fraction")),
             num(r.get("dead_latents")), num(r.get("delta_ce")), num(r.get("kl")),
             pct(r.get("loss_recovered")),
             num(r.get("train_tokens")), num(r.get("tokens_per_s"), 3), num(r.get("lr"), 3),
             text(r.get("weights")), pct(r.get("last_doubling_gain"))])
     return table((["arch"] if multi else []) + cols, rows)
+
+
+def _l0_cell(r: pd.Series) -> str:
+    """Achieved L0; for a penalty arch (calibrated λ) more than L0_TOLERANCE off its target k, flagged with ⚠ and
+    the miss, since k is then not the sparsity it was trained at."""
+    l0, k = r.get("l0"), r.get("k")
+    if _isnum(r.get("penalty")) and _isnum(l0) and _isnum(k) and k > 0 and abs(l0 / k - 1) > L0_TOLERANCE:
+        return f"{num(l0)} ⚠ ({l0 / k - 1:+.0%} vs target {num(k)})"
+    return num(l0)
 
 
 def _fit_status(fit: dict, params: tuple[str, ...]) -> str:
@@ -154,13 +167,13 @@ def exponent_table(fits: dict) -> dict:
     return table(["arch", "k", "b, per-k fit", "b, joint law", "b, GPT-4 eq. 3"], rows)
 
 
-def _loglog_slope(x: pd.Series, y: pd.Series) -> tuple[float, float, int]:
-    """Least-squares slope and Pearson r of log y on log x (the Fig. 5b power-law relation)."""
-    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    lx, ly = np.log(x[keep].to_numpy(float)), np.log(y[keep].to_numpy(float))
-    if len(lx) < 3 or np.ptp(lx) == 0 or np.ptp(ly) == 0:
-        return math.nan, math.nan, int(len(lx))
-    return float(np.polyfit(lx, ly, 1)[0]), float(np.corrcoef(lx, ly)[0, 1]), int(len(lx))
+def _sign_read(value: float, err: Any, negative_means: str) -> str:
+    """Whether a fitted constant is negative (the paper's sign) beyond 2σ, positive beyond 2σ, or not
+    resolved by its error bar (method §D.1; the ±2σ rule is our choice)."""
+    if not _isnum(err):
+        return f"{'negative' if value < 0 else 'positive'} as a point value; no error bar"
+    return {True: f"negative beyond 2σ: {negative_means}", False: "positive beyond 2σ: the opposite sign",
+            None: "sign not resolved within 2σ"}[sign_claim(-value, float(err))]
 
 
 def findings(m: pd.DataFrame, fits: dict) -> list[str]:
@@ -189,30 +202,70 @@ def findings(m: pd.DataFrame, fits: dict) -> list[str]:
     if gain.notna().any():
         still = int((gain > CONVERGED_GAIN).sum())
         out.append(f"{still} of {int(gain.notna().sum())} SAEs still improved training FVU by more than "
-                   f"{CONVERGED_GAIN:.0%} over their last doubling of tokens (not converged by REFERENCE "
+                   f"{CONVERGED_GAIN:.0%} over their last doubling of tokens (not converged by method §"
                    "D.1's rule).")
     joint = [f for f in (fits.get("fvu") or {}).get("joint", []) if f.get("ok")]
     for f in joint:
-        g, e = f["gamma"], f["eta"]
-        out.append(f"Joint law ({f['arch']}): γ = {num(g, 3)} (paper −0.042; "
-                   f"{'same' if g < 0 else 'opposite'} sign: L(N) {'steeper' if g < 0 else 'shallower'} for "
-                   f"larger k); η = {num(e, 3)} (paper −0.085; here the irreducible loss "
-                   f"{'falls' if e < 0 else 'rises'} with k).")
-    slope, r, npts = _loglog_slope(_col(m, "fvu"), _col(m, "delta_ce"))
-    if _isnum(slope):
-        out.append(f"ΔCE vs FVU pooled over the grid (all n and k): log-log slope {num(slope, 3)}, "
-                   f"Pearson r = {num(r, 3)} on {npts} SAEs (Gao Fig. 5b finds a clean power law at fixed L0 "
-                   "as n varies).")
-    dead = _col(m, "dead_fraction")
-    if dead.notna().any():
-        i = dead.idxmax()
-        out.append(f"Dead latents over the eval tokens: at most {pct(dead[i])} (n = {m.loc[i, 'n']}, "
-                   f"k = {m.loc[i, 'k']}); the paper reports few dead latents with TopK + AuxK "
-                   "(7% for GPT-4 16M).")
+        out.append(f"Joint law ({f['arch']}): γ = {pm(f['gamma'], f.get('gamma_err'))} (paper −0.042; "
+                   f"{_sign_read(f['gamma'], f.get('gamma_err'), 'L(N) steeper for larger k')}); "
+                   f"η = {pm(f['eta'], f.get('eta_err'))} (paper −0.085; "
+                   f"{_sign_read(f['eta'], f.get('eta_err'), 'the irreducible loss falls with k')}).")
+    fits_5b = downstream_fits(m)
+    if fits_5b:
+        out.append("ΔCE vs FVU at fixed k as n varies (Gao Fig. 5b holds L0 fixed; k is never pooled): "
+                   + "; ".join(f"{f['arch']} k = {f['k']}: slope {num(f['slope'], 3)}"
+                               + (f" ± {num(f['se'], 2)}, r² = {num(f['r2'], 3)}" if _isnum(f["se"])
+                                  else " (2 SAEs: no fit quality)") for f in fits_5b) + ".")
+    out += dead_findings(m)
     rec = _col(m, "loss_recovered")
     if rec.notna().any():
         out.append(f"Loss recovered: {pct(rec.min())} to {pct(rec.max())} (GPT-4 16M SAE: 98.2%; the paper "
                    "prefers ΔCE, since this number looks good even for poor SAEs).")
+    return out
+
+
+def dead_windows(m: pd.DataFrame) -> dict[str, float]:
+    """The token window of each dead-latent count (method §A.8): `eval`, every eval token (the record's
+    dead_window_tokens, else eval_tokens), and `train`, the last train.dead_tokens training tokens (column
+    train_dead_tokens; NaN when the table does not carry it). One value each: the largest, if SAEs differ."""
+    def widest(*names: str) -> float:
+        for name in names:
+            v = _col(m, name)
+            if v.notna().any():
+                return float(v.max())
+        return math.nan
+    return {"eval": widest("dead_window_tokens", "eval_tokens"), "train": widest("train_dead_tokens")}
+
+
+def dead_findings(m: pd.DataFrame) -> list[str]:
+    """The most dead latents over each window, each labelled with its token count, and the paper's numbers
+    (~10M-token window) only beside a window of comparable length; otherwise why they cannot be compared."""
+    windows, out = dead_windows(m), []
+    counts = [("eval", "dead_fraction"), ("train", "train_dead_fraction")]
+    comparable = []
+    for key, column in counts:
+        dead = _col(m, column)
+        if not dead.notna().any():
+            continue
+        i = dead.idxmax()
+        windows[key] = dead_windows(m.loc[[i]])[key]  # the window of the SAE quoted
+        how = (f"never fired on any of the {window_text(windows['eval'])} evaluated" if key == "eval" else
+               "not fired within the last train.dead_tokens" + (
+                   f" = {window_text(windows['train'])} of training" if _isnum(windows["train"]) else
+                   " training tokens, at the end of training"))
+        out.append(f"Dead latents ({how}): at most {pct(dead[i])} (n = {m.loc[i, 'n']}, k = {m.loc[i, 'k']}).")
+        if dead_window_comparable(windows[key]):
+            comparable.append(key)
+    if out:
+        paper = "The paper reports few dead latents with TopK + AuxK (7% for GPT-4 16M)"
+        if comparable:
+            out.append(f"{paper}; {paper_comparison(windows[comparable[0]])}, so compare the "
+                       f"{comparable[0]} count with it.")
+        else:
+            shown = [k for k, c in counts if _col(m, c).notna().any() and _isnum(windows[k])]
+            why = "; ".join(f"{k} window: {paper_comparison(windows[k])}" for k in shown) or \
+                paper_comparison(None)
+            out.append(f"{paper}. No count here uses a comparable window ({why}).")
     return out
 
 
@@ -262,10 +315,10 @@ def _derived(key: str, value: Any, saes: list[dict]) -> str:
     if value is not None:
         return _plain(value)
     if key == "lr":
-        return "null: lr ∝ 1/√n from lr_ref at lr_ref_n (REFERENCE A.7); per-SAE values in the grid table"
+        return "null: lr ∝ 1/√n from lr_ref at lr_ref_n (method §A.7); per-SAE values in the grid table"
     if key == "k_aux":
         used = ", ".join(num(k) for k in sorted({s["k_aux"] for s in saes if _isnum(s.get("k_aux"))}))
-        return f"null: power of two near d_model/2 (REFERENCE A.5); used {used or '—'}"
+        return f"null: power of two near d_model/2 (method §A.5); used {used or '—'}"
     return "null"
 
 

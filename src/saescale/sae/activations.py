@@ -1,4 +1,4 @@
-"""Sparsifying activations and their custom gradients (REFERENCE A.3, B.3, B.5, B.6, C.8).
+"""Sparsifying activations and their custom gradients (method §A.3, B.3, B.5, B.6, C.8).
 
 Codes come in two layouts: TopK-style codes keep `k` (value, index) slots per token, so decoding gathers
 only k decoder rows; codes whose support size varies per token (ReLU, JumpReLU, BatchTopK) are dense
@@ -42,7 +42,7 @@ class Latents(NamedTuple):
 
 
 def topk(pre_acts: torch.Tensor, k: int) -> Latents:
-    """REFERENCE A.3: the k largest pre-activations per token, then ReLU (as openai/sparse_autoencoder), so
+    """method §A.3: the k largest pre-activations per token, then ReLU (as openai/sparse_autoencoder), so
     L0 <= k and is below k only when fewer than k pre-activations are positive."""
     values, indices = pre_acts.topk(k, dim=-1, sorted=False)
     return Latents(torch.relu(values), indices)
@@ -135,6 +135,17 @@ def scatter_rows_t(sel: Selection, weights: torch.Tensor, dense: torch.Tensor, b
     return F.embedding_bag(rows, dense, offsets.long(), per_sample_weights=w, mode="sum", include_last_offset=True)
 
 
+def gather_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype the sparse passes gather rows in: bf16 under bf16 autocast (train.precision: bf16, or auto on
+    CUDA), so each gathered row is half the bytes; None (the weights' own float32) otherwise, so float32 and
+    float32-strict steps are unchanged. The kernels accumulate in float32 and round each output once
+    (embedding_bag and its per-sample-weights backward on CPU and CUDA, cuSPARSE's bf16 SpMM), as a bf16
+    matmul under autocast does."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
 def gather_dot(sel: Selection, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """grad[row(s)] . weight[latent(s)] for every slot s [batch, m]: the gradient of a decoded code's values,
     by embedding_bag's own backward kernel (2x faster on CPU than gathering the [batch, m, d] rows)."""
@@ -155,11 +166,12 @@ class SelectedPreActs(torch.autograd.Function):
     through all n pre-activations costs. The pre-bias gradient reduces over the batch first, as Gao et al.'s
     kernels do: with c = sum_b grad[b, :] scattered to latents ([n], which is the b_enc gradient),
     d/d b_pre = -sum_b sum_j grad[b, j] W[idx[b, j]] = -c @ W, O(n * d) rather than a batch * m * d gather.
+    `rows_dtype` (bf16: `gather_dtype`) is the dtype the weight gradient gathers the rows of x - b_pre in.
     """
 
     @staticmethod
-    def forward(ctx, values, x, b_pre, weight, bias, sel: Selection):
-        ctx.sel = sel
+    def forward(ctx, values, x, b_pre, weight, bias, sel: Selection, rows_dtype: torch.dtype | None = None):
+        ctx.sel, ctx.rows_dtype = sel, rows_dtype
         ctx.save_for_backward(x, b_pre, weight)
         return values.clone()
 
@@ -176,10 +188,11 @@ class SelectedPreActs(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b_pre = -(per_latent @ weight).to(b_pre.dtype)
         if ctx.needs_input_grad[3]:
-            grad_w = scatter_rows_t(sel, g, (x - b_pre).to(weight.dtype))
+            low = ctx.rows_dtype or weight.dtype
+            grad_w = scatter_rows_t(sel, grad.to(low), (x - b_pre).to(low)).to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_b = per_latent
-        return None, grad_x, grad_b_pre, grad_w, grad_b, None
+        return None, grad_x, grad_b_pre, grad_w, grad_b, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -189,31 +202,36 @@ class SparseDecode(torch.autograd.Function):
     The backward replaces embedding_bag's decoder gradient (a dense, sort-based kernel that cost more than the
     forward on CPU) with the sparse product S^T @ grad the encoder uses too (sharing its sort), and reads the
     values' gradient from embedding_bag's own per-sample-weights kernel without recomputing the forward.
+
+    `rows`: the weight's rows to gather, when they are a lower-precision copy of `weight` (bf16: see
+    `gather_dtype` and `SparseAutoencoder.decoder_rows`); the output and every row the backward gathers (the
+    copy's, the gradient's) are then in that dtype, and the weight's gradient is returned in the weight's own.
     """
 
     @staticmethod
-    def forward(ctx, values, weight, sel: Selection):
-        ctx.sel = sel
-        ctx.save_for_backward(values, weight)
-        out = F.embedding_bag(sel.indices.flatten(), weight, sel.bag_offsets(), per_sample_weights=values.flatten(),
-                              mode="sum")
-        return out if not sel.bounds else out.view(-1, sel.bags, weight.shape[1])
+    def forward(ctx, values, weight, sel: Selection, rows: torch.Tensor | None = None):
+        rows = weight.detach() if rows is None else rows
+        ctx.sel, ctx.weight_dtype = sel, weight.dtype
+        ctx.save_for_backward(values, rows)
+        out = F.embedding_bag(sel.indices.flatten(), rows, sel.bag_offsets(),
+                              per_sample_weights=values.flatten().to(rows.dtype), mode="sum")
+        return out if not sel.bounds else out.view(-1, sel.bags, rows.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
-        values, weight = ctx.saved_tensors
+        values, rows = ctx.saved_tensors
         sel = ctx.sel
-        g = grad.reshape(-1, weight.shape[1]).to(weight.dtype).contiguous()
+        g = grad.reshape(-1, rows.shape[1]).to(rows.dtype).contiguous()
         grad_values = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_values = gather_dot(sel, weight.detach(), g).to(values.dtype)
+            grad_values = gather_dot(sel, rows, g).to(values.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = scatter_rows_t(sel, values, g, by_bag=True)
-        return grad_values, grad_w, None
+            grad_w = scatter_rows_t(sel, values, g, by_bag=True).to(ctx.weight_dtype)
+        return grad_values, grad_w, None, None
 
 
 def batch_topk(acts: torch.Tensor, k: int) -> tuple[Latents, torch.Tensor]:
-    """REFERENCE B.6: keep the batch * k largest entries of the (non-negative) batch of activations, so the
+    """method §B.6: keep the batch * k largest entries of the (non-negative) batch of activations, so the
     mean L0 over the batch is k while each token's varies. Also returns the smallest kept positive value,
     from which inference estimates its single threshold."""
     flat = acts.flatten()
@@ -224,17 +242,17 @@ def batch_topk(acts: torch.Tensor, k: int) -> tuple[Latents, torch.Tensor]:
 
 
 def jump(pre_acts: torch.Tensor, threshold: torch.Tensor | float) -> Latents:
-    """JumpReLU at inference: a * 1[a > theta] (REFERENCE B.5, and C.8's test-time sweep)."""
+    """JumpReLU at inference: a * 1[a > theta] (method §B.5, and C.8's test-time sweep)."""
     return Latents(pre_acts * (pre_acts > threshold))
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
-    """The rectangle kernel K(u) = 1[-1/2 < u < 1/2] of the JumpReLU pseudo-derivatives (REFERENCE B.5)."""
+    """The rectangle kernel K(u) = 1[-1/2 < u < 1/2] of the JumpReLU pseudo-derivatives (method §B.5)."""
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
 class JumpReLUFunction(torch.autograd.Function):
-    """f = pre * H(pre - theta) with straight-through pseudo-derivatives (REFERENCE B.5):
+    """f = pre * H(pre - theta) with straight-through pseudo-derivatives (method §B.5):
     df/dtheta := -(theta / eps) K((pre - theta) / eps); df/dpre := H(pre - theta), plus, for Anthropic's tanh
     variant ("the STE passes gradient to the input as well"), (theta / eps) K((pre - theta) / eps)."""
 
@@ -258,7 +276,7 @@ class JumpReLUFunction(torch.autograd.Function):
 
 class StepFunction(torch.autograd.Function):
     """H(pre - theta), the L0 count, with dH/dtheta := -(1/eps) K((pre - theta) / eps) and no gradient into
-    pre (REFERENCE B.5): the penalty moves thresholds, not the encoder."""
+    pre (method §B.5): the penalty moves thresholds, not the encoder."""
 
     @staticmethod
     def forward(ctx, pre, theta, bandwidth: float):
@@ -275,7 +293,7 @@ class StepFunction(torch.autograd.Function):
 
 
 class ProLUFunction(torch.autograd.Function):
-    """ProLU (REFERENCE B.3): z = m * 1[m > 0 and m + b > 0]; the bias only gates, never shifts magnitudes.
+    """ProLU (method §B.3): z = m * 1[m > 0 and m + b > 0]; the bias only gates, never shifts magnitudes.
     Its true gradient is zero a.e., so b gets the straight-through ProLU_STE gradient dz/db := m * 1[active]."""
 
     @staticmethod

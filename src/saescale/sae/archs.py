@@ -1,6 +1,6 @@
 """SAE families: each plugs an activation and a sparsity objective into the one SparseAutoencoder.
 
-An `Arch` owns what differs between the paper's baselines (REFERENCE B): how pre-activations become a
+An `Arch` owns what differs between the paper's baselines (method §B): how pre-activations become a
 code, extra parameters (gates, thresholds), extra loss terms, and whether decoder rows are held at unit
 norm. Everything else (b_pre, init, Adam, EMA, checkpoints) is shared by the trainer.
 
@@ -52,9 +52,9 @@ def auxk_latents(pre_acts: torch.Tensor, dead: torch.Tensor, k_aux: int,
 class Arch(nn.Module):
     name: ClassVar[str]
     penalized: ClassVar[bool] = False  # k is a target L0 reached by calibrating `penalty`
-    unit_norm_decoder: ClassVar[bool] = True  # REFERENCE A.6; decoder-norm-weighted penalties leave it free
-    auxk: ClassVar[bool] = False  # AuxK revival of dead latents (REFERENCE A.5)
-    rescale_encoder: ClassVar[bool] = False  # REFERENCE A.4 (4): TopK models only; baselines keep torch's init
+    unit_norm_decoder: ClassVar[bool] = True  # method §A.6; decoder-norm-weighted penalties leave it free
+    auxk: ClassVar[bool] = False  # AuxK revival of dead latents (method §A.5)
+    rescale_encoder: ClassVar[bool] = False  # method §A.4 (4): TopK models only; baselines keep torch's init
     # the step's graph holds no [batch, n] tensor (selected latents only), so train.microbatch bounds memory
     sparse_backward: ClassVar[bool] = False
     calibration_rate: ClassVar[float] = 0.05  # default of train.calibration.rate (measured, see README)
@@ -77,7 +77,7 @@ class Arch(nn.Module):
 
     def scores(self, sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
         """The pre-activations a test-time TopK(k') or JumpReLU(theta) replaces this arch's activation on
-        (REFERENCE C.8)."""
+        (method §C.8)."""
         return sae.pre_acts(x)
 
     def activate(self, pre_acts: torch.Tensor) -> Latents:
@@ -103,7 +103,7 @@ class Arch(nn.Module):
 
 
 class TopKArch(Arch):
-    """REFERENCE A.3: z = ReLU(TopK(W_enc (x - b_pre) + b_enc)); L0 = k exactly (when k values are positive)."""
+    """method §A.3: z = ReLU(TopK(W_enc (x - b_pre) + b_enc)); L0 = k exactly (when k values are positive)."""
 
     name = "topk"
     auxk = True
@@ -154,7 +154,7 @@ class TopKArch(Arch):
 
 
 class MultiTopKArch(TopKArch):
-    """REFERENCE A.5: L(k) + L(4k)/8 from one top-4k selection, for a code that stays progressive at k' > k.
+    """method §A.5: L(k) + L(4k)/8 from one top-4k selection, for a code that stays progressive at k' > k.
     Inference uses TopK(k). The first k and the other 3k slots decode as two bags of one pass."""
 
     name = "multitopk"
@@ -172,7 +172,7 @@ class MultiTopKArch(TopKArch):
 
 
 class BatchTopKArch(Arch):
-    """REFERENCE B.6: top B*k activations over the batch in training; at inference one global threshold,
+    """method §B.6: top B*k activations over the batch in training; at inference one global threshold,
     the running mean of the smallest kept activation per batch."""
 
     name = "batchtopk"
@@ -199,7 +199,7 @@ class BatchTopKArch(Arch):
 
 
 class ReLUArch(Arch):
-    """REFERENCE B.1: z = ReLU(W_enc (x - b_pre) + b_enc), L = MSE + lambda * ||z||_1 with unit-norm decoder
+    """method §B.1: z = ReLU(W_enc (x - b_pre) + b_enc), L = MSE + lambda * ||z||_1 with unit-norm decoder
     rows (so the L1 equals the decoder-norm-weighted L1)."""
 
     name = "relu"
@@ -214,7 +214,7 @@ class ReLUArch(Arch):
 
 
 class ReLUDecoderNormArch(ReLUArch):
-    """REFERENCE B.2 (Anthropic, April 2024): unconstrained decoder, L1 weighted by each row's norm."""
+    """method §B.2 (Anthropic, April 2024): unconstrained decoder, L1 weighted by each row's norm."""
 
     name = "relu_dn"
     unit_norm_decoder = False
@@ -224,7 +224,7 @@ class ReLUDecoderNormArch(ReLUArch):
 
 
 class ProLUArch(ReLUArch):
-    """REFERENCE B.3: m = W_enc (x - b_pre); z = m * 1[m > 0 and m + b_enc > 0] with the ProLU_STE bias
+    """method §B.3: m = W_enc (x - b_pre); z = m * 1[m > 0 and m + b_enc > 0] with the ProLU_STE bias
     gradient; L1 penalty."""
 
     name = "prolu"
@@ -242,7 +242,7 @@ class ProLUArch(ReLUArch):
 
 
 class GatedArch(Arch):
-    """REFERENCE B.4 (Rajamanoharan et al. 2024a) with weight sharing: the gate path is W_enc, b_enc; the
+    """method §B.4 (Rajamanoharan et al. 2024a) with weight sharing: the gate path is W_enc, b_enc; the
     magnitude path is exp(r_mag) * W_enc (x - b_pre) + b_mag. L = MSE + lambda ||ReLU(pi_gate)||_1 + the
     gate path's reconstruction through a frozen copy of the decoder (it trains the gate, never the decoder)."""
 
@@ -276,9 +276,9 @@ class GatedArch(Arch):
 
 
 class JumpReLUArch(Arch):
-    """REFERENCE B.5 (Rajamanoharan et al. 2024b): f = pre * H(pre - theta), learned log-thresholds, an L0
+    """method §B.5 (Rajamanoharan et al. 2024b): f = pre * H(pre - theta), learned log-thresholds, an L0
     penalty, rectangle-kernel pseudo-derivatives of bandwidth eps; unit-norm decoder as in Gemma Scope.
-    GDM's eps = theta_init = 0.001 are for inputs of unit mean squared norm, which ours are (REFERENCE A.2)."""
+    GDM's eps = theta_init = 0.001 are for inputs of unit mean squared norm, which ours are (method §A.2)."""
 
     name = "jumprelu"
     penalized = True
@@ -311,7 +311,7 @@ class JumpReLUArch(Arch):
 
 
 class JumpReLUTanhArch(JumpReLUArch):
-    """REFERENCE B.5, Anthropic's January 2025 variant: unconstrained decoder, the STE passes gradient to the
+    """method §B.5, Anthropic's January 2025 variant: unconstrained decoder, the STE passes gradient to the
     input too, a tanh sparsity penalty sum_i tanh(c |f_i| ||d_i||), and a pre-activation term
     lambda_P sum_i ReLU(theta_i - pre_i) ||d_i|| on dead latents (as SAELens) that pulls them back. Constants
     are for our unit-norm inputs: Anthropic's c = 4 and bandwidth 2 are for E||x||^2 = d, i.e. activations

@@ -1,4 +1,4 @@
-"""The sparse autoencoder (REFERENCE A.3): z = act(W_enc (x - b_pre) + b_enc), x_hat = W_dec^T z + b_pre.
+"""The sparse autoencoder (method §A.3): z = act(W_enc (x - b_pre) + b_enc), x_hat = W_dec^T z + b_pre.
 
 Decoder directions are the rows of W_dec [n, d] (SAELens' orientation), at unit norm unless the arch
 weights its penalty by their norms. A TopK code decodes by gathering only its k rows (`embedding_bag`, with
@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from saescale.files import replace_when_done
-from saescale.sae.activations import Latents, SelectedPreActs, Selection, SparseDecode, topk
+from saescale.sae.activations import Latents, SelectedPreActs, Selection, SparseDecode, gather_dtype, topk
 from saescale.sae.archs import ARCHS
 
-ENCODER_RESCALE_SAMPLES = 256  # REFERENCE A.4: openai init_from_data_ uses 256 random unit inputs
+ENCODER_RESCALE_SAMPLES = 256  # method §A.4: openai init_from_data_ uses 256 random unit inputs
 
 
 class SparseAutoencoder(nn.Module):
@@ -38,6 +38,8 @@ class SparseAutoencoder(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d_model))
         nn.init.kaiming_uniform_(self.W_enc, a=5**0.5)  # nn.Linear's default: U(-1/sqrt(d), 1/sqrt(d))
         self.family = ARCHS[arch](n_latents, d_model, k, arch_params)
+        self._rows: torch.Tensor | None = None  # decoder_rows' copy of W_dec, and what it was copied from
+        self._rows_key: tuple | None = None
 
     # ---- the forward pass, in the paper's words ---------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +53,12 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             pre = F.linear(x - self.b_pre, self.W_enc, self.b_enc)
 
+        rows_dtype = gather_dtype(x.device.type)
+
         def take(sel: Selection, values: torch.Tensor | None = None) -> torch.Tensor:
             if values is None:
                 values = pre.gather(1, sel.indices)
-            return SelectedPreActs.apply(values, x, self.b_pre, self.W_enc, self.b_enc, sel)
+            return SelectedPreActs.apply(values, x, self.b_pre, self.W_enc, self.b_enc, sel, rows_dtype)
 
         return pre, take
 
@@ -71,14 +75,32 @@ class SparseAutoencoder(nn.Module):
         return self.decode_selection(latents.values, Selection(latents.indices, self.n_latents))
 
     def decode_selection(self, values: torch.Tensor, sel: Selection) -> torch.Tensor:
-        """W_dec^T z of each bag of a slot code, one pass over the decoder: [batch, d], or [batch, bags, d]."""
-        return SparseDecode.apply(values.to(self.W_dec.dtype), self.W_dec, sel)
+        """W_dec^T z of each bag of a slot code, one pass over the decoder: [batch, d], or [batch, bags, d].
+        Under bf16 autocast the pass gathers a bf16 copy of W_dec's rows (`decoder_rows`) and returns bf16."""
+        low = gather_dtype(self.W_dec.device.type)
+        rows = None if low is None else self.decoder_rows(low)
+        return SparseDecode.apply(values.to(self.W_dec.dtype if low is None else low), self.W_dec, sel, rows)
+
+    def decoder_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """A copy of W_dec in `dtype` for the sparse passes to gather from, made once per change of W_dec: the
+        training step drops it after its optimizer step (`drop_decoder_rows`; fused Adam writes W_dec without
+        bumping its version counter), and any other in-place change bumps the version the copy is keyed on. A
+        new tensor each time, so a graph that saved the old one keeps it intact."""
+        w = self.W_dec
+        key = (dtype, w.device, w.data_ptr(), w._version)
+        if self._rows is None or self._rows_key != key:
+            self._rows, self._rows_key = w.detach().to(dtype), key
+        return self._rows
+
+    def drop_decoder_rows(self) -> None:
+        """W_dec changed (an optimizer step): the next decoder_rows copies it again."""
+        self._rows = self._rows_key = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Latents]:
         latents = self.encode(x)
         return self.decode(latents), latents
 
-    # ---- initialization (REFERENCE A.4) -----------------------------------------------------------
+    # ---- initialization (method §A.4) -----------------------------------------------------------
     @torch.no_grad()
     def init_from_data_(self, b_pre: torch.Tensor, generator: torch.Generator | None = None,
                         tied: bool = True) -> None:
@@ -100,7 +122,7 @@ class SparseAutoencoder(nn.Module):
         r = (x_hat - self.b_pre).norm(dim=1).mean()
         self.W_enc.div_(r.clamp_min(1e-12))
 
-    # ---- decoder constraint (REFERENCE A.6) --------------------------------------------------------
+    # ---- decoder constraint (method §A.6) --------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))

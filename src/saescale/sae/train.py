@@ -1,4 +1,4 @@
-"""The training loop (REFERENCE A.3-A.7), in plain sight: batch -> loss (+ the arch's terms, + AuxK) ->
+"""The training loop (method §A.3-A.7), in plain sight: batch -> loss (+ the arch's terms, + AuxK) ->
 backward -> project the decoder gradient -> Adam -> renormalize decoder rows -> calibrate the penalty ->
 EMA -> dead-latent bookkeeping -> log/checkpoint. Every arch (sae/archs.py) shares it.
 """
@@ -31,11 +31,11 @@ from saescale.scaling.convergence import converged_at
 
 log = logging.getLogger("saescale.train")
 
-FIRING_THRESHOLD = 1e-3  # REFERENCE A.5: a latent "fires" when selected with value > 1e-3
-SELECTION_ROWS = 32768  # training rows used to choose EMA vs raw weights at the end (REFERENCE A.7)
+FIRING_THRESHOLD = 1e-3  # method §A.5: a latent "fires" when selected with value > 1e-3
+SELECTION_ROWS = 32768  # training rows used to choose EMA vs raw weights at the end (method §A.7)
 
 LOG_COLUMNS = ["step", "tokens", "loss", "fvu", "heldout_fvu", "auxk_loss", "arch_loss", "penalty", "l0",
-               "dead_fraction", "lr", "elapsed_s", "flops"]
+               "dead_fraction", "lr", "elapsed_s", "flops", "heldout_fvu_ema"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class TrainSpec:
     arch_params: dict = field(default_factory=dict)  # constants of the arch (sae/archs.py defaults)
     calibrate_fraction: float = 0.9  # penalty archs: share of steps lambda is calibrated before it is frozen
     calibrate_rate: float | None = None  # step of log(lambda) per unit of log(L0 / k); None: the arch's own
-    # convergence mode (REFERENCE D.1): stop once the held-out FVU improved by less than this fraction over the
+    # convergence mode (method §D.1): stop once the held-out FVU improved by less than this fraction over the
     # last doubling of tokens; `tokens` is then a cap. 0: train the whole budget.
     convergence_tolerance: float = 0.0
     convergence_smoothing: float = 0.0  # EMA decay over log points of the held-out FVU the rule reads
@@ -82,7 +82,7 @@ class TrainSpec:
 
 
 class Ema:
-    """EMA of parameters with Adam-style bias correction (REFERENCE A.7, openai EmaModel)."""
+    """EMA of parameters with Adam-style bias correction (method §A.7, openai EmaModel)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay, self.t = decay, 0
@@ -142,6 +142,7 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
     opt.step()
     if family.unit_norm_decoder:
         sae.normalize_decoder_()
+    sae.drop_decoder_rows()  # a bf16 step gathers from a copy of W_dec: the next step makes it afresh
     latents = outs[0].latents if len(outs) == 1 else Latents(
         _cat([o.latents.values for o in outs]),
         None if outs[0].latents.indices is None else _cat([o.latents.indices for o in outs]))
@@ -195,7 +196,15 @@ class PenaltyController:
     lambda is multiplied by exp(rate * log(L0_batch / k)) (an integral controller in log space; each step's
     change is bounded by exp(+-rate) so lambda cannot wind up while the code lags behind it), then frozen,
     so the rest of training (and the EMA weights evaluated) optimizes one fixed objective, as a lambda
-    sweep would. Runs on the device: no host sync per step."""
+    sweep would. Runs on the device: no host sync per step.
+
+    Where it misses (issue 19, item 6): L0 answers lambda only after the weights move (tens of steps), and a
+    gain too large for that lag makes lambda cycle around the target instead of settling; the freeze then
+    keeps whatever phase the cycle is in. Measured at n = 32, target 2, 300 steps (relu_dn): lambda cycled
+    over a factor of 7 and L0 between 0.3 and 7, frozen at 0.51x the target; at 600 steps it settled (0.95x).
+    On the quick preset every penalty arch lands within 15% at targets 2..n/4 (README). Gain schedules that
+    decay lambda's step were tried and rejected: they starve the slow archs (JumpReLU) of range. A miss is
+    flagged in the report (comparison.L0_TOLERANCE), never compared at its target."""
 
     def __init__(self, sae: SparseAutoencoder, steps: int, fraction: float, rate: float | None):
         self.family = sae.family
@@ -340,14 +349,15 @@ class Trainer:
     def _log_row(self, metrics: dict, latents: Latents) -> None:
         spec, sae, step = self.spec, self.sae, self.step
         tokens = step * spec.batch_size
-        flops_per_token = 6 * spec.n * spec.d_model  # REFERENCE D.1: compute ~ 6 * tokens * n * d
+        flops_per_token = 6 * spec.n * spec.d_model  # method §D.1: compute ~ 6 * tokens * n * d
         row = {"step": step, "tokens": tokens, **{key: float(v) for key, v in metrics.items()},
                "penalty": float(sae.family.penalty) if sae.family.penalized else float("nan"),
                "l0": float(latents.l0().float().mean()),
                "dead_fraction": float((self.tokens_since_fired >= spec.dead_tokens).float().mean()),
                "lr": spec.lr, "elapsed_s": self.elapsed(), "flops": float(flops_per_token) * tokens,
                "heldout_fvu": (_fvu_in_batches(sae, self.heldout, self.baseline_mse) if self.heldout is not None
-                               else math.nan)}
+                               else math.nan),
+               "heldout_fvu_ema": self._heldout_ema_fvu()}
         if not np.isfinite(row["loss"]):
             raise FloatingPointError(f"{self._tag}training diverged at step {step} (loss {row['loss']}); "
                                      "lower train.lr")
@@ -359,6 +369,18 @@ class Trainer:
         if not self.controller.active or step >= self.controller.freeze_step:
             self.converged = _converged(self.rows, spec)
         self._bound_dead()
+
+    def _heldout_ema_fvu(self) -> float:
+        """Held-out FVU of the EMA weights (L(C) takes the min of EMA and raw, method §A.7); NaN without EMA or
+        held-out rows. The EMA copy is kept between log steps, not rebuilt."""
+        if self.ema is None or self.heldout is None:
+            return math.nan
+        if getattr(self, "_ema_sae", None) is None:
+            self._ema_sae = self.sae.like()
+        self._ema_sae.load_state_dict(self.ema.state_dict())
+        if self.sae.family.penalized:
+            self._ema_sae.family.penalty.copy_(self.sae.family.penalty)
+        return _fvu_in_batches(self._ema_sae, self.heldout, self.baseline_mse)
 
     def save_checkpoint(self) -> None:
         ema = self.ema
@@ -383,6 +405,7 @@ class Trainer:
                    "tokens_per_s": step * spec.batch_size / max(elapsed, 1e-9), "device": str(self.device),
                    "dtype": self.dtype, "max_tokens": self.steps * spec.batch_size,
                    "converged_at_tokens": self.converged,
+                   "convergence_tolerance": spec.convergence_tolerance,
                    "final_heldout_fvu": rows[-1]["heldout_fvu"] if rows else None,
                    "weights": chosen, "selection_fvu": sel,
                    "final_dead_fraction": rows[-1]["dead_fraction"] if rows else None,
@@ -401,7 +424,7 @@ def train_together(batch_source, trainers: list[Trainer],
 
     `batch_source.device_batches(start_step, device)` (saescale.loader) yields raw activations [batch, d] on the
     device in the store's dtype, each valid until the next is drawn; they are cast and normalized here, on the
-    device (REFERENCE A.2), so float16 rows cross to a GPU at half the bytes and the copy overlaps the step.
+    device (method §A.2), so float16 rows cross to a GPU at half the bytes and the copy overlaps the step.
     """
     pending = []
     for trainer in trainers:
@@ -445,7 +468,7 @@ def _converged(rows: list[dict], spec: TrainSpec) -> float | None:
 @torch.no_grad()
 def choose_weights(sae: SparseAutoencoder, ema: Ema | None, rows: np.ndarray, baseline_mse: float,
                    device: torch.device) -> tuple[SparseAutoencoder, str, dict]:
-    """Evaluate with EMA weights unless the raw weights reconstruct better (early EMA lags; REFERENCE A.7).
+    """Evaluate with EMA weights unless the raw weights reconstruct better (early EMA lags; method §A.7).
     Decided on training rows, never on the eval split."""
     x = torch.from_numpy(rows).to(device)
     raw_fvu = _fvu_in_batches(sae, x, baseline_mse)

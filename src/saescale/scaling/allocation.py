@@ -1,4 +1,4 @@
-"""The capacity-allocation model of SAE scaling (Michaud, Gorton & McGrath 2025 §2.3–2.6, App. B; REFERENCE F.0,
+"""The capacity-allocation model of SAE scaling (Michaud, Gorton & McGrath 2025 §2.3–2.6, App. B; method §F.0,
 F.2, F.5), solved exactly and fast.
 
 Model. Feature i = 1, 2, ... occurs with p_i = i^-(1+α) / Z, where Z = ζ(1+α) (Z is the partial sum for a finite
@@ -6,7 +6,7 @@ feature count M). Feature i has a loss curve L_i(n) of the latents n it gets, an
 allocation that minimises Σ_i p_i L_i(n_i) subject to Σ_i n_i = N. Curves:
 - discrete feature, L(n) = 1[n = 0];
 - power-law manifold, L(n) = (1+n)^-β. The paper writes n^-β, which makes L(0) infinite and the first latent
-  worthless; (1+n)^-β keeps L(0) = 1 like a discrete feature (REFERENCE F.2, our recorded choice).
+  worthless; (1+n)^-β keeps L(0) = 1 like a discrete feature (method §F.2, our recorded choice).
 
 Solver. Every curve is convex on the integers (marginal gains Δ_i(m) = L_i(m-1) - L_i(m) decrease in m), so the
 greedy choice of the N largest items p_i Δ_i(m) is optimal. They are the items above a threshold λ,
@@ -536,7 +536,7 @@ def _check(name: str, value: float | None, expected: float, tolerance: float, so
 
 
 def closed_form_checks(Ns_discrete: Sequence[int]) -> list[dict[str, Any]]:
-    """REFERENCE F.5 as pass/fail entries {name, value, expected, tolerance, ok}; fixed parameters, so every
+    """method §F.5 as pass/fail entries {name, value, expected, tolerance, ok}; fixed parameters, so every
     study checks the same things whatever its sweep settings."""
     checks = [_check("discrete: max |D(N) - N|", float(max(abs(solve_discrete(N, 0.5).D - N) for N in Ns_discrete)),
                      0.0, 0.0, "F.5.1")]

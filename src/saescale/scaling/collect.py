@@ -9,11 +9,15 @@ import pandas as pd
 
 from saescale import paths
 from saescale.files import read_json, write_json_atomic, write_text_atomic
+from saescale.scaling.fits import convergence_status
 
-COLUMNS = ["subject", "layer", "arch", "base_arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction", "dead_latents", "delta_ce",
+COLUMNS = ["subject", "layer", "arch", "base_arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction", "dead_latents",
+           "dead_window_tokens", "delta_ce",
            "kl", "ce_clean", "ce_spliced", "delta_ce_zero_ablation", "kl_zero_ablation", "loss_recovered",
            "eval_tokens", "downstream_tokens",
-           "lr", "penalty", "train_l0", "train_tokens", "train_seconds", "tokens_per_s", "weights", "device"]
+           "lr", "penalty", "train_l0", "train_tokens", "train_seconds", "tokens_per_s", "weights", "device",
+           # L(N) needs converged SAEs (method §D.1): the trainer's convergence record and the status it gives
+           "convergence_tolerance", "converged_at_tokens", "token_cap", "convergence"]
 # The evaluation suite (issue 4), from the files beside each eval record; empty where a metric is off.
 SUITE_COLUMNS = ["probe_loss", "probe_loss_post", "probe_loss_resid", "ablation_sparsity",
                  "ablation_sparsity_resid", "freq_slope", "alpha_paper", "alpha_model", "nn_mean", "nn_above_0.9",
@@ -38,6 +42,11 @@ def flatten(ev: dict) -> dict:
         "base_arch": ev.get("base_arch", ev["arch"]),
         "penalty": train.get("penalty"),
         "train_l0": train.get("final_train_l0"),
+        "convergence_tolerance": train.get("convergence_tolerance"),
+        "converged_at_tokens": train.get("converged_at_tokens"),
+        "dead_window_tokens": ev.get("dead_window_tokens"),  # the tokens dead_fraction was counted over
+        "token_cap": train.get("max_tokens"),
+        "convergence": convergence_status(train.get("converged_at_tokens"), train.get("convergence_tolerance")),
     }
 
 

@@ -1,10 +1,13 @@
-"""L(C) (REFERENCE D.1, Gao et al. Fig. 1a): the compute-optimal loss frontier over the SAEs of one k, fitted
+"""L(C) (method §D.1, Gao et al. Fig. 1a): the compute-optimal loss frontier over the SAEs of one k, fitted
 with L(C) = a * C^-b + e.
 
 Training compute is the log's `flops` column, 6 * tokens * n * d_model (FLOPS_FORMULA): forward and backward
 of the encoder and decoder matmuls, as in the paper's "compute ∝ tokens × n × d". The frontier at budget C is
 the lowest loss any SAE reached with at most C FLOPs (stopping a run early is allowed: Gao et al. train "to the
 optimal MSE for a compute budget, disregarding convergence"), read on a log-spaced grid of C.
+
+The loss at each logged point is the lower of the EMA weights' and the raw weights' held-out FVU (method §A.7:
+"for L(C), take the min of EMA and raw"; early in a run the EMA lags), where the log has both.
 """
 
 from __future__ import annotations
@@ -19,9 +22,29 @@ from saescale.scaling.fits import bootstrap_power_law
 FLOPS_FORMULA = "6 * tokens * n * d_model"
 
 
+BEST = "heldout_fvu_best"  # min(EMA, raw) held-out FVU, added by with_best
+
+
+def _has(logs: pd.DataFrame, col: str) -> bool:
+    return col in logs.columns and pd.to_numeric(logs[col], errors="coerce").notna().any()
+
+
+def with_best(logs: pd.DataFrame) -> pd.DataFrame:
+    """`logs` with BEST: per row the lower of heldout_fvu (raw weights) and heldout_fvu_ema (EMA weights),
+    the raw value where the EMA's is missing (logs written before it was recorded, runs without EMA)."""
+    if not _has(logs, "heldout_fvu"):
+        return logs
+    raw = pd.to_numeric(logs["heldout_fvu"], errors="coerce")
+    ema = pd.to_numeric(logs["heldout_fvu_ema"], errors="coerce") if "heldout_fvu_ema" in logs.columns else raw
+    return logs.assign(**{BEST: np.fmin(raw, ema)})
+
+
 def loss_column(logs: pd.DataFrame) -> str:
-    """Held-out FVU when the logs have it (fixed rows: no batch noise, no memorised rows), else training FVU."""
-    if "heldout_fvu" in logs.columns and pd.to_numeric(logs["heldout_fvu"], errors="coerce").notna().any():
+    """The L(C) loss: min(EMA, raw) held-out FVU when the logs have the held-out FVU (fixed rows: no batch
+    noise, no memorised rows; call with_best first), else training FVU."""
+    if _has(logs, BEST):
+        return BEST
+    if _has(logs, "heldout_fvu"):
         return "heldout_fvu"
     return "fvu"
 
@@ -56,8 +79,9 @@ def compute_study(logs: pd.DataFrame, per_decade: int = 8, reps: int = 200) -> l
     out = []
     if logs.empty or not {"arch", "n", "k", "flops"} <= set(logs.columns):
         return out
+    logs = with_best(logs)
     loss = loss_column(logs)
-    smooth = 1 if loss == "heldout_fvu" else 5
+    smooth = 1 if loss != "fvu" else 5
     for (arch, k), g in sorted(logs.groupby(["arch", "k"]), key=lambda t: (str(t[0][0]), t[0][1])):
         ns = sorted(int(n) for n in g["n"].unique())
         entry: dict[str, Any] = {"arch": str(arch), "k": int(k), "loss": loss, "n": ns,

@@ -1,10 +1,15 @@
-"""Tokens to convergence (REFERENCE D.1, Gao et al. Fig. 11): the first token count t at which the smoothed
-held-out loss improved by less than a fraction `tolerance` over the last doubling of tokens, i.e.
-1 - L(t) / L(t/2) < tolerance, and its power law in n (paper: ≈ n^0.6 for GPT-2 small, n^0.65 for GPT-4).
+"""Tokens to convergence (method §D.1, Gao et al. §3.1.2 and Fig. 11) and its power law in n (paper: "approximately
+Θ(n^0.6) for GPT-2 small and Θ(n^0.65) for GPT-4").
 
-The trainer uses `converged_at` to stop a run in convergence mode (train.convergence); the scaling stage
-applies the same rule to every logged curve, so SAEs trained for a fixed budget report whether and where
-they would have stopped (censored at the budget when they would not).
+The rule is ours: the paper trains "to convergence (within some ϵ)" and does not say how it decided. A run has
+converged at the first token count t at which the smoothed held-out loss improved by less than a fraction
+`tolerance` over the last doubling of tokens, 1 - L(t) / L(t/2) < tolerance (method §D.1 [I]; 0.01 by default).
+
+The trainer uses `converged_at` to stop a run in convergence mode (train.convergence), within a token cap that
+grows with n (`token_cap`); the scaling stage applies the same rule to every logged curve, so SAEs trained for
+a fixed budget report whether and where they would have stopped. A run that never met the rule is censored:
+its tokens to convergence exceed its last logged token count, a lower bound the exponent fit keeps
+(fits.censored_slope), instead of dropping it (which would bias the exponent low: the censored are the large n).
 """
 
 from __future__ import annotations
@@ -14,9 +19,38 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saescale.scaling.fits import loglog_slope
+from saescale.scaling.fits import censored_slope
 
 PAPER_EXPONENT = {"GPT-2 small": 0.6, "GPT-4": 0.65}
+
+
+def stopping_rows(eval_rows: slice, count: int, ctx_len: int) -> slice:
+    """The store rows the held-out FVU is logged on and convergence mode stops on: the last `count` rows of the
+    eval split, rounded up to whole windows and at most half of it. The final evaluation leaves them out
+    (`final_eval_rows`), so the stopping decision never sees the rows the reported metrics use."""
+    if count <= 0:
+        return slice(eval_rows.stop, eval_rows.stop)
+    size = eval_rows.stop - eval_rows.start
+    windows = min(-(-count // ctx_len), (size // ctx_len) // 2)
+    return slice(eval_rows.stop - windows * ctx_len, eval_rows.stop)
+
+
+def final_eval_rows(eval_rows: slice, count: int, ctx_len: int) -> slice:
+    """The eval split without its stopping rows (`stopping_rows`): what the final metrics are computed on."""
+    return slice(eval_rows.start, stopping_rows(eval_rows, count, ctx_len).start)
+
+
+def token_cap(train: dict, n: int) -> int:
+    """The token budget of one SAE: train.tokens, or in convergence mode (train.convergence.tolerance > 0) a cap
+    tokens * (n / cap_ref_n)^cap_exponent that grows with n, so that a larger SAE, which needs more tokens to
+    converge (Θ(n^0.6), Gao et al. §3.1.2), is not stopped by a cap sized for a small one. The cap only bounds
+    the run; where it binds the SAE is censored, never counted as converged."""
+    conv = train.get("convergence") or {}
+    tokens = int(train["tokens"])
+    if not conv.get("tolerance") or not conv.get("cap_exponent"):
+        return tokens
+    ref = conv.get("cap_ref_n") or n
+    return max(int(train.get("batch_size", 1)), int(round(tokens * (n / ref) ** float(conv["cap_exponent"]))))
 
 
 def smoothed(loss: np.ndarray, decay: float) -> np.ndarray:
@@ -62,7 +96,8 @@ def objective_fixed_from(curve: pd.DataFrame) -> float:
 
 def convergence_study(logs: pd.DataFrame, loss: str, tolerance: float, smoothing: float = 0.0) -> list[dict]:
     """Per (arch, k): every SAE's tokens to convergence (None: not converged by the end of its run, whose
-    token count is `censored_at`) and the fitted exponent of tokens-to-convergence vs n on the converged."""
+    token count is `censored_at`) and the fitted exponent of tokens-to-convergence vs n, the censored SAEs
+    entering as lower bounds (fits.censored_slope)."""
     out: list[dict[str, Any]] = []
     if logs.empty:
         return out
@@ -74,7 +109,8 @@ def convergence_study(logs: pd.DataFrame, loss: str, tolerance: float, smoothing
                              objective_fixed_from(curve))
             points.append({"n": int(n), "tokens": t, "censored_at": None if t else float(curve["tokens"].max())})
         done = [p for p in points if p["tokens"]]
-        fit = loglog_slope([p["n"] for p in done], [p["tokens"] for p in done])
+        fit = censored_slope([p["n"] for p in points], [p["tokens"] or p["censored_at"] for p in points],
+                             [0 if p["tokens"] else -1 for p in points])
         if not fit["ok"]:
             fit["reason"] = (f"{len(done)} of {len(points)} SAEs converged (tolerance {tolerance:g} per doubling); "
                              + fit["reason"])

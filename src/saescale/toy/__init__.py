@@ -1,1 +1,1 @@
-"""Toy experiments: SAEs on synthetic data of known geometry (Michaud et al. 2025, REFERENCE F)."""
+"""Toy experiments: SAEs on synthetic data of known geometry (Michaud et al. 2025, method §F)."""

@@ -1,4 +1,4 @@
-"""Michaud et al.'s toy feature-manifold SAE experiments (REFERENCE F.1; the paper's Figs 1, 3, 5, 6, App. C).
+"""Michaud et al.'s toy feature-manifold SAE experiments (method §F.1; the paper's Figs 1, 3, 5, 6, App. C).
 
 One SAE, the pipeline's `SparseAutoencoder` with arch `relu_dn` (ReLU, decoder-norm-weighted L1, B.2) or
 `jumprelu_tanh` (Anthropic's Jan-2025 JumpReLU with the tanh penalty, B.5), reconstructs points of a single
@@ -79,8 +79,8 @@ from saescale.toy.settings import (  # noqa: F401
 
 log = logging.getLogger("saescale.toy")
 
-SHELL_RADII = (0.5, 2.0)  # REFERENCE F.1: {x : 0.5 < |x| < 2}
-PAPER_BETA_RANGE = (100, 10_000)  # REFERENCE F.1: slope of log L vs log n for n in [10^2, 10^4]
+SHELL_RADII = (0.5, 2.0)  # method §F.1: {x : 0.5 < |x| < 2}
+PAPER_BETA_RANGE = (100, 10_000)  # method §F.1: slope of log L vs log n for n in [10^2, 10^4]
 JUMPRELU_THETA_INIT = 0.1  # [I], see the module docstring
 JUMPRELU_BANDWIDTH = 0.05  # [I] in input units
 CPU_THREADS = 1  # toy ops are tiny: OpenMP hand-offs cost more than they save (2 threads on a busy 2-core
@@ -162,7 +162,7 @@ def _seed(*parts) -> int:
 
 
 def init_toy_sae(spec: ToySpec, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """REFERENCE F.1 init [I]: decoder rows random unit directions, W_enc = W_dec, biases 0, lambda fixed."""
+    """method §F.1 init [I]: decoder rows random unit directions, W_enc = W_dec, biases 0, lambda fixed."""
     if spec.arch not in TOY_ARCHS:
         raise ValueError(f"toy SAEs use the archs {list(TOY_ARCHS)}, got '{spec.arch}'")
     sae = SparseAutoencoder(spec.d, spec.n, spec.arch, arch_params=spec.arch_params()).to(device)
@@ -261,7 +261,7 @@ def _evaluate(sae: SparseAutoencoder, kind: str, d: int, samples: int, seed: int
 
 
 def nn_cosine_means(sae: SparseAutoencoder, alive: torch.Tensor | None = None) -> dict:
-    """Mean nearest-neighbour decoder cosine (REFERENCE F.4), over all latents and among alive ones only
+    """Mean nearest-neighbour decoder cosine (method §F.4), over all latents and among alive ones only
     (dead latents keep their random init directions). None where fewer than 2 latents."""
     W = sae.W_dec.detach().float().cpu()
     out = {"nn_cos_mean": None, "nn_cos_mean_alive": None}
@@ -319,7 +319,7 @@ def arc_summary(arcs: list[list[list[float]]]) -> dict:
 # ---- curves, fits --------------------------------------------------------------------------------
 
 def fit_beta(ns, losses, n_min: float = PAPER_BETA_RANGE[0], n_max: float = PAPER_BETA_RANGE[1]) -> dict:
-    """OLS slope of log L against log n over n in [n_min, n_max] (REFERENCE F.1, Fig 5): beta = -slope, its
+    """OLS slope of log L against log n over n in [n_min, n_max] (method §F.1, Fig 5): beta = -slope, its
     standard error and the points used. ok=False with a reason when fewer than 3 points lie in the range;
     `truncated` when the trained n do not cover the whole requested range."""
     ns, losses = np.asarray(ns, float), np.asarray(losses, float)
@@ -337,7 +337,7 @@ def fit_beta(ns, losses, n_min: float = PAPER_BETA_RANGE[0], n_max: float = PAPE
 
 
 def plateau(ns, losses, d: int, tol: float = 0.05) -> dict:
-    """Shell saturation (REFERENCE F.1): the smallest n whose loss is within `tol` (relative) of the
+    """Shell saturation (method §F.1): the smallest n whose loss is within `tol` (relative) of the
     curve's final value, against the +/- basis solution's 2d latents."""
     pairs = sorted((int(n), float(v)) for n, v in zip(ns, losses) if v is not None and math.isfinite(v))
     out = {"plateau_n": None, "two_d": 2 * d, "ratio": None, "final_n": None, "final_loss": None, "tol": tol}

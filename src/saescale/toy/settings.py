@@ -1,4 +1,4 @@
-"""Settings of the toy feature-manifold study (Michaud et al., REFERENCE F.1), without torch: Snakemake lists
+"""Settings of the toy feature-manifold study (Michaud et al., method §F.1), without torch: Snakemake lists
 the study's curves while planning, and importing torch there cost 1.4 s of every dry run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Synthetic superposition with ground truth (REFERENCE F.0, F.2): activations x = sum_i S_i f_i drawn from a
+"""Synthetic superposition with ground truth (method §F.0, F.2): activations x = sum_i S_i f_i drawn from a
 known dictionary, SAEs trained on them with the pipeline's own loop, and a count of the features they find.
 
 The data model. m features in R^d (m > d: superposition). Feature i (rank i, most frequent first) is active
@@ -10,7 +10,7 @@ unit sphere S^(d_i - 1). Magnitudes a_i: "uniform" U(0.5, 1.5) (the default, as 
 bounded away from 0, so an active feature is never lost in the others' noise), "exponential" Exp(1) (a heavy
 lower tail of faint activations), or "constant" 1 (manifold rows lie exactly on the sphere).
 
-The pipeline normalizes every row (REFERENCE A.2: subtract the mean over d, scale to unit norm). Every
+The pipeline normalizes every row (method §A.2: subtract the mean over d, scale to unit norm). Every
 atom and every subspace is drawn inside the centred hyperplane sum_j x_j = 0, so a row's mean over d is
 already 0 and normalization only rescales it: the directions an SAE can learn are the dictionary's own.
 
@@ -226,7 +226,7 @@ class Match:
 
     @property
     def discovered(self) -> int:
-        """D(N) = |{i : n_i > 0}| (REFERENCE F.0)."""
+        """D(N) = |{i : n_i > 0}| (method §F.0)."""
         return int(self.found.sum())
 
     @property
@@ -283,7 +283,7 @@ def frequency_rank_of_found(match: Match, n_latents: int) -> dict:
 
 class SyntheticRun(NamedTuple):
     sae: SparseAutoencoder
-    fvu: float  # on held-out generated rows, in the normalized space (REFERENCE C.1)
+    fvu: float  # on held-out generated rows, in the normalized space (method §C.1)
     summary: dict  # train_sae's summary (steps, seconds, dead fraction, ...)
     log: list[dict]  # train_sae's log rows
 
@@ -305,7 +305,7 @@ def train_synthetic_sae(train_rows: np.ndarray, eval_rows: np.ndarray, *, n: int
     """Train one SAE of the pipeline (`saescale.sae.train.train_sae`, any arch of `ARCHS`) on raw generated
     rows, normalized on the fly as in the pipeline; b_pre and the FVU baseline come from `layer_stats` of the
     training rows, as `saescale normalize` computes them for an LM layer (pass `stats` to reuse them across a
-    grid). AuxK's k_aux is the power of two near d/2 (REFERENCE A.5). No EMA by default: toy runs are a few
+    grid). AuxK's k_aux is the power of two near d/2 (method §A.5). No EMA by default: toy runs are a few
     thousand steps, where a 0.999 average still lags. Nothing is checkpointed."""
     if arch not in ARCHS:
         raise ValueError(f"arch: '{arch}' is not one of {sorted(ARCHS)}")
@@ -420,7 +420,7 @@ def spec_from_settings(s: dict, manifold: bool) -> SyntheticSpec:
 
 
 def predicted_discovered(n_latents: int, dic: Dictionary, latents_on_manifolds: int, manifolds_found: int) -> int:
-    """The allocation model (REFERENCE F.0) given the latents the manifolds took: each remaining latent
+    """The allocation model (method §F.0) given the latents the manifolds took: each remaining latent
     discovers one new discrete feature, in frequency order. With no manifolds this is D(N) = min(N, m)."""
     n_manifolds = int(dic.is_manifold.sum())
     free = max(n_latents - latents_on_manifolds, 0)
@@ -498,6 +498,6 @@ def _study(s: dict) -> dict:
     return {"settings": s, "m": s["m"], "threshold": s["threshold"], "dictionaries": dictionaries,
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
             "torch_threads": torch.get_num_threads(),
-            "note": ("D_pred = min(N, m): the allocation model for discrete features (REFERENCE F.0). "
+            "note": ("D_pred = min(N, m): the allocation model for discrete features (method §F.0). "
                      "D_pred_given_manifolds: the same model given the latents the manifolds took (each other "
                      "latent finds one new discrete feature); manifold features soaking up latents lower D.")}
