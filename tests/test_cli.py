@@ -85,7 +85,18 @@ REQUIRED = {
     "scaling": ["--evals", "e", "--out-metrics", "m", "--out-fits", "f", "--out-studies", "s"],
     "toy": ["--study", "allocation", "--out", "o"],
     "report": ["--out", "o"],
+    "train": ["--activations", "a", "--norm", "n", "--subject", "s", "--layer", "1", "--arch", "topk", "--n", "64",
+              "--k", "4", "--out-dir", "o"],
 }
+
+
+def test_train_takes_a_variants_settings_from_a_config(tmp_path):
+    (tmp_path / "c.yaml").write_text("subjects: {s: {model: builtin, layers: [1]}}\n"
+                                     "sweep: {variants: {slow: {arch: topk, train: {lr_scale: 0.5}}}}\n")
+    argv = ["train", *REQUIRED["train"], "--name", "slow", "--config", str(tmp_path / "c.yaml")]
+    spec = resolved(argv)
+    assert spec["lr_scale"] == 0.5
+    assert resolved(argv + ["--set", "train.tokens=4096"])["tokens"] == 4096
 
 
 def test_version():

@@ -194,6 +194,10 @@ def test_report_links_citations_to_the_embedded_document(doc_text):
     for sid in SECTIONS:
         assert f'id="method-{md.anchor(sid)}"' in out
     assert out.index('id="method-doc"') < out.index("</body>")
+    # the metrics.csv codebook follows it, with every column the collector writes
+    codebook = out[out.index('id="metrics-codebook"'):out.index("</body>")]
+    for column in ("fvu", "dead_window_tokens", "n2g_precision"):
+        assert f"<code>{column}</code>" in codebook, column
 
 
 def test_report_is_unchanged_without_the_document(tmp_path):

@@ -191,7 +191,7 @@ def _train_spec(member: dict, d_model: int, device: str, data: str, code: str = 
                      calibrate_fraction=t["calibration"]["fraction"], calibrate_rate=t["calibration"]["rate"],
                      convergence_tolerance=t["convergence"]["tolerance"],
                      convergence_smoothing=t["convergence"]["smoothing"], precision=t["precision"],
-                     microbatch=t.get("microbatch"))
+                     microbatch=t.get("microbatch"), stop_on_divergence=t.get("on_divergence") == "stop")
 
 
 def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_size: int) -> None:
@@ -566,7 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layer", type=int, required=True)
     sp.add_argument("--arch")
     sp.add_argument("--out-dir")
-    sp.add_argument("--spec", type=_json_arg, help="train settings as JSON")
+    sp.add_argument("--spec", type=_json_arg, help="train settings as JSON, as the workflow passes them "
+                                                   "(config.train); keys left out take their defaults")
+    sp.add_argument("--config", help="a workflow config (YAML) to take the train settings from (with the variant "
+                                     "--name's overrides), validated by the workflow's schema")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config key (dotted, e.g. train.tokens=1048576); repeatable")
     sp.add_argument("--name", help="the arch wildcard when it names a variant of --arch (sweep.variants)")
     for name in ("n", "k"):
         sp.add_argument(f"--{name}", type=int)
@@ -751,8 +756,10 @@ def resolve_spec(a) -> None:
     from saescale.config import validate
     from saescale.stage_specs import config_for_hand_run, merge_spec, parse_set
 
-    if a.stage not in BY_HAND or not hasattr(a, "config"):
+    if a.stage not in BY_HAND or not hasattr(a, "config") or getattr(a, "members", None) is not None:
         return
+    if a.stage == "train" and a.arch is None:
+        raise ConfigError("--arch: give the SAE's arch (with --n, --k and --out-dir), or --members")
     if a.stage == "report" and a.spec is not None:
         a.spec = validate(a.spec, local_paths=False)
         return

@@ -355,7 +355,8 @@ def recipe(cfg: dict, name: str) -> tuple[str, dict]:
     if match and name not in cfg["sweep"]["variants"]:
         arch, train = recipe(cfg, match["base"])
         scale = float(match["multiple"].replace("p", "."))
-        return arch, {**train, "lr_scale": train.get("lr_scale", 1.0) * scale}
+        # the sweep probes which lrs diverge: a diverging one stops and is recorded, it does not fail the run
+        return arch, {**train, "lr_scale": train.get("lr_scale", 1.0) * scale, "on_divergence": "stop"}
     variant = cfg["sweep"]["variants"].get(name)
     if variant is None:
         return name, cfg["train"]

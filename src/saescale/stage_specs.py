@@ -118,6 +118,7 @@ BY_HAND: dict[str, tuple[str, Callable[[dict, Any], dict]]] = {
     "scaling": ("scaling", lambda cfg, a: {"settings": cfg["scaling"], "lr_jobs": []}),
     "toy": ("toy.<study>", lambda cfg, a: _toy_by_hand(cfg, a)),
     "report": ("(the whole config)", lambda cfg, a: cfg),
+    "train": ("train", lambda cfg, a: train_spec(cfg, a.name or a.arch)),
 }
 
 

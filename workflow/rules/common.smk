@@ -18,7 +18,8 @@ HAS_CUDA = gpu_present()  # without importing torch: ~1 s of every snakemake sta
 # the cores the run was given"; `workflow.cores` itself cannot be read when no --cores is set, which broke
 # `snakemake --unlock` and `snakemake --report`.
 ALL_CPUS = len(os.sched_getaffinity(0))
-METHOD_DOC_VERSION = file_digest([workflow.source_path("../../docs/method.md")])
+# the report appends docs/method.md and docs/metrics.md: editing either re-renders it
+METHOD_DOC_VERSION = file_digest([workflow.source_path(f"../../docs/{name}.md") for name in ("method", "metrics")])
 TRAIN_GPUS = 1 if HAS_CUDA or CFG["train"]["device"] == "cuda" else 0
 
 

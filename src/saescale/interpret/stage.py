@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from saescale.interpret.n2g import (
     score_explanation,
 )
 from saescale.normalize import normalize
+from saescale.progress import Progress
 from saescale.subject import record_resid, run_until_recorded
 
 log = logging.getLogger("saescale.interpret")
@@ -154,10 +156,14 @@ def interpret_sae(model, layer: int, sae, root, tokenizer, spec: dict, device) -
     act_fn = make_act_fn(model, layer, sae, device)
     log.info("building N2G explanations for %d latents", len(build))
     pad = pad_token_id(tokenizer, spec["pad_token"])
+    started = time.monotonic()
     explanations = build_explanations(act_fn, build, pad, max_suffix=spec["max_suffix"], batch_size=spec["batch"])
+    log.info("built %d N2G explanations in %.1f s", len(explanations), time.monotonic() - started)
     lens = logit_lens(model, sae.W_dec.detach(), sampled, strings)
     records = []
+    progress = Progress(log, "interpret: scoring and cards", len(sampled), "latents")
     for latent in sampled:
+        progress.update()
         latent = int(latent)
         expl = explanations[latent]
         score = score_explanation(expl, evals.windows, dense_column(evals, latent), holdout[latent])

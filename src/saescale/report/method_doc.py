@@ -113,6 +113,12 @@ def embed(page: str, doc: Path | None = None) -> str:
     appendix = (f'<section id="{PREFIX}doc" class="method"><h2>Appendix: the method document</h2>\n'
                 f'<p class="src">docs/method.md, the formulas, constants and sources every “method §” '
                 f'citation in this report links to.</p>\n{method_html(markdown)}\n</section>\n')
+    codebook = doc.with_name("metrics.md")  # the metrics.csv codebook, beside the method document
+    if codebook.is_file():
+        appendix += (f'<section id="metrics-codebook" class="method"><h2>Appendix: metrics.csv codebook</h2>\n'
+                     f'<p class="src">docs/metrics.md: every column of metrics.csv, its unit, the tokens it is '
+                     f'measured on, its method section and the SAEBench metric it matches.</p>\n'
+                     f'{method_html(codebook.read_text(encoding="utf-8"), prefix="metrics-")}\n</section>\n')
     known = doc_anchors(markdown)
     cut = page.rfind("</body>")
     page = page[:cut] + appendix + page[cut:] if cut >= 0 else page + appendix

@@ -74,6 +74,9 @@ class TrainSpec:
     # rows per block of the encoder and selection (None: the whole batch); it bounds the step's memory and
     # changes results only by float summation order, so a checkpoint resumes across it
     microbatch: int | None = None
+    # a non-finite loss stops the run and is recorded (the lr sweep probes which lrs diverge) instead of failing
+    # the job; a grid SAE that diverges is an error the user must fix (train.lr)
+    stop_on_divergence: bool = False
 
     def fingerprint(self) -> str:
         skip = ("log_every", "checkpoint_seconds", "microbatch")
@@ -272,6 +275,8 @@ class Trainer:
         self.selection_rows = selection_rows
         self.heldout = torch.from_numpy(heldout_rows).to(device) if heldout_rows is not None else None
         self.converged = _converged(self.rows, spec)
+        # a resumed run that had diverged stays stopped where it diverged
+        self.diverged = next((r["step"] for r in self.rows if not np.isfinite(r["loss"])), None)
         self._bound_dead(keep_slots=self.aux_slots is not None)
         self.start_clock()
 
@@ -316,7 +321,7 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.steps or self.converged is not None
+        return self.step >= self.steps or self.converged is not None or self.diverged is not None
 
     def start_clock(self) -> None:
         self.t_start = self.last_ck = time.time()
@@ -359,8 +364,14 @@ class Trainer:
                                else math.nan),
                "heldout_fvu_ema": self._heldout_ema_fvu()}
         if not np.isfinite(row["loss"]):
-            raise FloatingPointError(f"{self._tag}training diverged at step {step} (loss {row['loss']}); "
-                                     "lower train.lr")
+            if not spec.stop_on_divergence:
+                raise FloatingPointError(f"{self._tag}training diverged at step {step} (loss {row['loss']}); "
+                                         "lower train.lr")
+            self.rows.append(row)
+            self.diverged = step
+            log.warning("%sdiverged at step %d (loss %s): stopped, recorded as not converging", self._tag, step,
+                        row["loss"])
+            return
         self.rows.append(row)
         log.info("%sstep %d/%d  fvu %.4f  held-out %.4f  auxk %.3f  l0 %.1f  dead %.3f  %.0f tok/s", self._tag,
                  step, self.steps, row["fvu"], row["heldout_fvu"], row["auxk_loss"], row["l0"], row["dead_fraction"],
@@ -405,6 +416,7 @@ class Trainer:
                    "tokens_per_s": step * spec.batch_size / max(elapsed, 1e-9), "device": str(self.device),
                    "dtype": self.dtype, "max_tokens": self.steps * spec.batch_size,
                    "converged_at_tokens": self.converged,
+                   "diverged_at_step": self.diverged,
                    "convergence_tolerance": spec.convergence_tolerance,
                    "final_heldout_fvu": rows[-1]["heldout_fvu"] if rows else None,
                    "weights": chosen, "selection_fvu": sel,
