@@ -203,3 +203,11 @@ def test_report_links_citations_to_the_embedded_document(doc_text):
 def test_report_is_unchanged_without_the_document(tmp_path):
     page = "<html><body><p>method §C.5</p></body></html>"
     assert md.embed(page, tmp_path / "missing.md") == page
+
+
+def test_links_between_the_documents_stay_on_the_page_and_web_links_become_text():
+    out = md._page_links('<a href="method.md#c5">C.5</a> <a href="metrics.md">codebook</a> '
+                         '<a href="https://example.org/x">SAEBench</a> <a href="#here">here</a>')
+    assert '<a href="#method-c5">C.5</a>' in out and '<a href="#metrics-codebook">codebook</a>' in out
+    assert 'SAEBench (<span class="url">https://example.org/x</span>)' in out and 'href="https' not in out
+    assert '<a href="#here">here</a>' in out

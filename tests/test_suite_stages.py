@@ -169,8 +169,9 @@ def _codes(W=30, S=10, n=6, seed=0) -> Codes:
 
 
 def test_n2g_examples_take_the_top_half_and_keep_holdout_disjoint():
+    """The released code's variant (interpret.sampling: top_and_random); the default is tested in test_n2g.py."""
     codes = _codes()
-    build, holdout = n2g_examples(codes, 2, 8, 8, np.random.default_rng(0))
+    build, holdout = n2g_examples(codes, 2, 8, 8, np.random.default_rng(0), sampling="top_and_random")
     key = {(int(np.flatnonzero((codes.windows == b[0]).all(1))[0]), b[1]) for b in build}
     assert not key & {(int(np.flatnonzero((codes.windows == h[0]).all(1))[0]), h[1]) for h in holdout}
     col = codes.acts[:, 2].toarray().ravel()

@@ -288,8 +288,8 @@ def test_report_zip_and_unlock_work_as_the_readme_writes_them(quick_run):
     names = zipfile.ZipFile(quick_run / "bundle.zip").namelist()
     for wanted in ("report.html", "metrics.csv", "fits.json"):
         assert any(name.endswith(wanted) for name in names), (wanted, names)
-    dashboards = [name for name in names if "/latents/" in name or "dashboard" in name.lower()]
-    assert any(name.endswith(".html") and "n" in name for name in dashboards), names
+    dashboards = [name for name in names if re.search(r"/n\d+_k\d+\.html$", name)]
+    assert len(dashboards) == len(list((quick_run / "reports/latents").rglob("*.html"))) > 0, names
 
 
 def test_malformed_config_is_rejected_naming_the_key(tmp_path):

@@ -772,7 +772,7 @@ def resolve_spec(a) -> None:
         config = yaml.safe_load(path.read_text()) or {}
     subject = _subject(a, config)
     a.subject = subject
-    cfg = config_for_hand_run(config, parse_set(a.set), subject, getattr(a, "model", None), getattr(a, "layer", None))
+    cfg = config_for_hand_run(config, parse_set(a.set), subject, getattr(a, "model", None))
     if subject not in cfg["subjects"]:
         raise ConfigError(f"--subject {subject}: not a subject of {a.config} ({', '.join(cfg['subjects'])})")
     a.spec = cfg if a.stage == "report" else merge_spec(derive(cfg, a), a.spec or {}, where)

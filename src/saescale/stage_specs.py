@@ -154,13 +154,12 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def config_for_hand_run(config: dict | None, overrides: dict, subject: str, model: str | None,
-                        layer: int | None) -> dict:
+def config_for_hand_run(config: dict | None, overrides: dict, subject: str, model: str | None) -> dict:
     """The validated config a stage run by hand takes its settings from: the user's config file (or only the
     schema's defaults), `--set` overrides on top; validated by the workflow's schema, so errors name the key."""
     cfg = copy.deepcopy(config) if config else {}
-    if not cfg.get("subjects"):
-        cfg["subjects"] = {subject: {"model": model or "builtin", "layers": [layer if layer is not None else 0]}}
+    if not cfg.get("subjects"):  # no stage's settings depend on the layer: block 0 exists in every model
+        cfg["subjects"] = {subject: {"model": model or "builtin", "layers": [0]}}
     return validate(deep_merge(cfg, overrides), local_paths=False)
 
 

@@ -68,7 +68,25 @@ def method_html(markdown: str, prefix: str = PREFIX) -> str:
         body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
     except ImportError:
         body = "<pre>" + _ESCAPED_ANCHOR.sub(r'<a id="\1"></a>', html.escape(markdown)) + "</pre>"
-    return ANCHOR.sub(lambda m: f'<a id="{prefix}{m.group(1)}"></a>', body)
+    body = ANCHOR.sub(lambda m: f'<a id="{prefix}{m.group(1)}"></a>', body)
+    return _page_links(body)
+
+
+_LINK = re.compile(r'<a href="([^"#][^"]*)">(.*?)</a>', re.S)
+
+
+def _page_links(body: str) -> str:
+    """Links between the two documents point into the report's own copies; a web link becomes its text and
+    address, so the report loads nothing and leads nowhere off the page unless the reader copies the address."""
+    def one(m: re.Match) -> str:
+        target, text = m.group(1), m.group(2)
+        doc, _, frag = target.removeprefix("./").partition("#")
+        if doc == "method.md":
+            return f'<a href="#{PREFIX}{frag or "doc"}">{text}</a>'
+        if doc == "metrics.md":
+            return f'<a href="#metrics-codebook">{text}</a>'
+        return f'{text} (<span class="url">{html.escape(target)}</span>)' if target != text else text
+    return _LINK.sub(one, body)
 
 
 _TAG = re.compile(r"(<[^>]*>)")
