@@ -22,6 +22,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from saescale import paths
 from saescale.config import load_config, sae_settings
 
 
@@ -33,7 +34,7 @@ def train(args: list[str], threads: int, log: Path) -> float:
 
 
 def train_seconds(out: Path) -> float:
-    return json.loads((out / "cfg.json").read_text())["train"]["train_seconds"]
+    return json.loads((out / paths.CFG_FILE).read_text())["train"]["train_seconds"]
 
 
 def main() -> None:
@@ -68,8 +69,8 @@ def main() -> None:
         packed = train([*common, "--members", json.dumps(packed_members)], a.threads, tmp / "packed.log")
         packed_train = train_seconds(Path(packed_members[0]["out_dir"]))
         for m in packed_members:
-            alone = load_file(tmp / "separate" / Path(m["out_dir"]).name / "sae.safetensors")
-            together = load_file(Path(m["out_dir"]) / "sae.safetensors")
+            alone = load_file(tmp / "separate" / Path(m["out_dir"]).name / paths.WEIGHTS_FILE)
+            together = load_file(Path(m["out_dir"]) / paths.WEIGHTS_FILE)
             if not all(alone[key].equal(together[key]) for key in alone):
                 raise SystemExit(f"n={m['n']} k={m['k']}: packed weights differ from the lone job's")
     tokens = spec["tokens"] * len(members)

@@ -122,24 +122,24 @@ def test_an_intact_store_reads_as_written(subject):
 def saved_sae(folder: Path, n: int = 64, d: int = 32) -> Path:
     sae = SparseAutoencoder(d, n, "topk", 4)
     folder.mkdir(parents=True, exist_ok=True)
-    sae.save(folder / "sae.safetensors")
-    (folder / "cfg.json").write_text(json.dumps(sae.config()))
+    sae.save(folder / "saescale_sae.safetensors")
+    (folder / "saescale_sae.json").write_text(json.dumps(sae.config()))
     return folder
 
 
 def test_sae_weights_of_the_wrong_shape_name_the_file_and_the_shapes(tmp_path):
     folder = saved_sae(tmp_path / "sae")
-    cfg = json.loads((folder / "cfg.json").read_text())
-    (folder / "cfg.json").write_text(json.dumps({**cfg, "n_latents": 128}))  # weights of another SAE
+    cfg = json.loads((folder / "saescale_sae.json").read_text())
+    (folder / "saescale_sae.json").write_text(json.dumps({**cfg, "n_latents": 128}))  # weights of another SAE
     with pytest.raises(ValueError) as err:
-        SparseAutoencoder.load(folder / "sae.safetensors")
+        SparseAutoencoder.load(folder / "saescale_sae.safetensors")
     msg = str(err.value)
-    assert str(folder / "sae.safetensors") in msg and "W_enc: shape (64, 32), cfg.json implies (128, 32)" in msg
+    assert str(folder / "saescale_sae.safetensors") in msg and "W_enc: shape (64, 32), saescale_sae.json implies (128, 32)" in msg
 
 
 def test_truncated_sae_weights_are_refused_by_name(tmp_path):
     folder = saved_sae(tmp_path / "sae")
-    f = folder / "sae.safetensors"
+    f = folder / "saescale_sae.safetensors"
     f.write_bytes(f.read_bytes()[:200])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         SparseAutoencoder.load(f)
@@ -203,3 +203,21 @@ def test_tokenizer_of_another_model_is_refused_before_extracting(subject, tmp_pa
                                          r"model has embeddings for 100 tokens"):
         extract(small, tokens, [1], 256, "float16", 4, 4, str(out), "test", torch.device("cpu"), where=WHERE)
     assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def test_a_peers_folder_given_as_a_saescale_sae_names_the_import_command(tmp_path):
+    """sparsify's layout (and saescale's before its own file names): cfg.json beside sae.safetensors."""
+    from saescale.sae.model import sae_folder
+
+    folder = tmp_path / "layers.2"
+    folder.mkdir()
+    (folder / "cfg.json").write_text("{}")
+    (folder / "sae.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"a sparsify SAE folder .*`saescale import --src {folder} "
+                                                "--format sparsify"):
+        sae_folder(folder)
+    (folder / "sae_weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="a saelens SAE folder"):
+        sae_folder(folder)
+    config, weights = sae_folder(saved_sae(tmp_path / "ours"))
+    assert config["n_latents"] == 64 and weights.name == "saescale_sae.safetensors"

@@ -142,14 +142,14 @@ def test_train_a_pack_of_every_arch_on_cuda(run, cuda, tmp_path):
     cli("train", "--activations", run["acts"], "--norm", run["norm"], "--subject", "s", "--layer", LAYER,
         "--members", _members(tmp_path, ARCHS))
     for arch in ARCHS:
-        cfg = read_json(tmp_path / arch / "cfg.json")
+        cfg = read_json(tmp_path / arch / "saescale_sae.json")
         assert cfg["train"]["device"] == "cuda" and np.isfinite(cfg["train"]["final_heldout_fvu"]), arch
 
 
 def test_train_one_sae_on_cuda(run, cuda, tmp_path):
     cli("train", "--activations", run["acts"], "--norm", run["norm"], "--subject", "s", "--layer", LAYER,
         "--arch", "topk", "--n", 64, "--k", 4, "--spec", json.dumps(_train_spec()), "--out-dir", tmp_path)
-    assert read_json(tmp_path / "cfg.json")["train"]["device"] == "cuda"
+    assert read_json(tmp_path / "saescale_sae.json")["train"]["device"] == "cuda"
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu"])

@@ -196,7 +196,7 @@ def extracted(tokenized: Path) -> Path:
 def reference(extracted: Path) -> Path:
     """The uninterrupted reference with the SAE trained."""
     wdir = copy_workspace(extracted, extracted.with_name("reference"))
-    snakemake(wdir, f"{SAE}/cfg.json")
+    snakemake(wdir, f"{SAE}/saescale_sae.json")
     return wdir
 
 
@@ -296,10 +296,10 @@ def assert_same_training(a: Path, b: Path) -> None:
     """The same weights file byte for byte, and the same log apart from wall times."""
     import pandas as pd
 
-    assert (a / "sae.safetensors").read_bytes() == (b / "sae.safetensors").read_bytes(), "weights differ"
+    assert (a / "saescale_sae.safetensors").read_bytes() == (b / "saescale_sae.safetensors").read_bytes(), "weights differ"
     log_a, log_b = (pd.read_csv(d / "train_log.csv").drop(columns="elapsed_s") for d in (a, b))
     pd.testing.assert_frame_equal(log_a, log_b, check_exact=True)
-    cfg_a, cfg_b = (json.loads((d / "cfg.json").read_text()) for d in (a, b))
+    cfg_a, cfg_b = (json.loads((d / "saescale_sae.json").read_text()) for d in (a, b))
     for key in ("steps", "weights", "selection_fvu", "final_dead_fraction"):
         assert cfg_a["train"][key] == cfg_b["train"][key], key
 
@@ -308,24 +308,24 @@ def test_training_killed_by_sigkill_resumes_from_its_checkpoint_to_the_uninterru
         extracted, reference, tmp_path):
     """The run is killed once `checkpoint.pt` exists (written by rename: never a half file). No output of the
     job exists then, and `snakemake -n` plans it again. The next run resumes at the checkpoint's step (its log
-    says so) and ends with the uninterrupted run's `sae.safetensors`, byte for byte, on CPU with the
+    says so) and ends with the uninterrupted run's `saescale_sae.safetensors`, byte for byte, on CPU with the
     settings of "When a job is killed" (README)."""
     wdir = copy_workspace(extracted, tmp_path / "w")
     sae = wdir / SAE
-    with background(wdir, f"{SAE}/cfg.json") as run:
+    with background(wdir, f"{SAE}/saescale_sae.json") as run:
         wait_for(lambda: (sae / "checkpoint.pt").exists(), "the first checkpoint", run)
         run.kill()
     step = checkpoint_step(sae / "checkpoint.pt")
     assert 0 < step < TRAIN_STEPS, "killed too late: raise train.tokens"
     assert not [p.name for p in sae.iterdir() if p.name != "checkpoint.pt"], "a killed job left an output"
-    assert planned_jobs(snakemake(wdir, "-n", f"{SAE}/cfg.json")) == {"train": 1}
+    assert planned_jobs(snakemake(wdir, "-n", f"{SAE}/saescale_sae.json")) == {"train": 1}
 
-    resume(wdir, f"{SAE}/cfg.json")
+    resume(wdir, f"{SAE}/saescale_sae.json")
     log = (wdir / "logs/train/rand_L1_topk_n256_k8.log").read_text()
     assert re.search(rf"resumed from \S+checkpoint.pt at step {step}/{TRAIN_STEPS}", log), log[-2000:]
     assert not (sae / "checkpoint.pt").exists()
     assert_same_training(sae, reference / SAE)
-    cfg = json.loads((sae / "cfg.json").read_text())
+    cfg = json.loads((sae / "saescale_sae.json").read_text())
     assert cfg["train_spec"]["code"] == code_version("train", *TRAIN_MODULES)  # next test
 
 
@@ -377,7 +377,7 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_completes
     The first run is paused (SIGSTOP) while its job runs, so the second surely starts while it holds the
     lock, however slowly either starts; it is continued (SIGCONT) once the second has been refused."""
     wdir = copy_workspace(extracted, tmp_path / "w")
-    target = f"{SAE}/cfg.json"
+    target = f"{SAE}/saescale_sae.json"
     with background(wdir, target) as first:
         # the job has started, so the run holds its locks (written before any job runs)
         wait_for(lambda: (wdir / "logs/train/rand_L1_topk_n256_k8.log").exists(), "the first run's job", first)

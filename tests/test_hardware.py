@@ -179,7 +179,7 @@ def pack_rule(n: int) -> str:
     return f"train_pack_tiny_L1_topk_n{n}_kall"  # saescale.config.train_packs' name for the k-pack at n
 
 
-SAES = [f"data/saes/tiny/L1/{arch}/n{n}_k{k}/cfg.json"
+SAES = [f"data/saes/tiny/L1/{arch}/n{n}_k{k}/saescale_sae.json"
         for arch, ks in (("topk", (4, 8)), ("relu", (8,))) for n in (64, 131072) for k in ks]
 
 

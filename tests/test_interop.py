@@ -153,8 +153,8 @@ def test_cli_export_and_import(tmp_path):
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post" and cfg["architecture"] == "topk"
     res = run("import", "--src", str(tmp_path / "sl"), "--format", "saelens", "--out", str(tmp_path / "back"))
     assert res.returncode == 0, res.stderr
-    back = SparseAutoencoder.load(tmp_path / "back/sae.safetensors")
-    assert back.k == K and json.loads((tmp_path / "back/cfg.json").read_text())["imported_from"]["format"] == "saelens"
+    back = SparseAutoencoder.load(tmp_path / "back/saescale_sae.safetensors")
+    assert back.k == K and json.loads((tmp_path / "back/saescale_sae.json").read_text())["imported_from"]["format"] == "saelens"
     write_imported(trained_like("gated"), tmp_path / "gated", "test", "saelens")
     res = run("export", "--sae-dir", str(tmp_path / "gated"), "--format", "sparsify", "--out", str(tmp_path / "x"))
     assert res.returncode != 0 and "no sparsify equivalent" in res.stderr

@@ -360,7 +360,7 @@ def run_command(entry: Entry, command: str, wdir: Path) -> None:
         assert (dest / "cfg.json").is_file(), out
     if command.startswith("saescale import"):
         dest = wdir / shlex.split(command)[-1]
-        assert (dest / "cfg.json").is_file() and (dest / "sae.safetensors").is_file(), out
+        assert (dest / "saescale_sae.json").is_file() and (dest / "saescale_sae.safetensors").is_file(), out
 
 
 def _absolute(token: str) -> str:

@@ -113,9 +113,9 @@ def test_dead_counter_resets_on_firing():
 
 def test_save_and_load_roundtrip(tmp_path):
     sae = make_sae()
-    sae.save(tmp_path / "sae.safetensors")
+    sae.save(tmp_path / "saescale_sae.safetensors")
     import json
-    (tmp_path / "cfg.json").write_text(json.dumps(sae.config()))
-    loaded = SparseAutoencoder.load(tmp_path / "sae.safetensors")
+    (tmp_path / "saescale_sae.json").write_text(json.dumps(sae.config()))
+    loaded = SparseAutoencoder.load(tmp_path / "saescale_sae.safetensors")
     x = torch.randn(5, 16)
     assert torch.equal(sae(x)[0], loaded(x)[0])

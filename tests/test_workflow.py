@@ -263,14 +263,14 @@ def test_packed_saes_train_in_one_job_to_the_weights_of_lone_jobs(quick_run, tmp
     shutil.copytree(quick_run, wdir, symlinks=True)  # keeps mtimes: only the SAEs packing moves are redone
     cfg = {**QUICK, "train": {**QUICK["train"], "pack": ["k"]}}
     saes = [f"data/saes/tiny/L1/topk/n{n}_k{k}" for n in (64, 128) for k in (4, 8)]
-    targets = [f"{sae}/cfg.json" for sae in saes]
+    targets = [f"{sae}/saescale_sae.json" for sae in saes]
     jobs = planned_jobs(snakemake(wdir, "-n", *targets, config=cfg))
     assert jobs == {"train_pack_tiny_L1_topk_n64_kall": 1, "train_pack_tiny_L1_topk_n128_kall": 1}
     snakemake(wdir, *targets, config=cfg)
     for sae in saes:
-        packed, alone = load_file(wdir / sae / "sae.safetensors"), load_file(quick_run / sae / "sae.safetensors")
+        packed, alone = load_file(wdir / sae / "saescale_sae.safetensors"), load_file(quick_run / sae / "saescale_sae.safetensors")
         assert packed.keys() == alone.keys() and all(packed[key].equal(alone[key]) for key in alone), sae
-        assert json.loads((wdir / sae / "cfg.json").read_text())["train"]["pack_size"] == 2
+        assert json.loads((wdir / sae / "saescale_sae.json").read_text())["train"]["pack_size"] == 2
     assert (wdir / "logs/train/pack_tiny_L1_topk_n64_kall.log").is_file()
     assert not list(wdir.glob("data/saes/**/checkpoint.pt"))
     assert planned_jobs(snakemake(wdir, "-n", *targets, config=cfg)) == {}

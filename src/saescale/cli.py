@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 from saescale.files import file_digest, read_json, setup_logging, terminal, write_json_atomic
+from saescale import paths
 from saescale.config import ConfigError
 from saescale.stage_specs import BY_HAND
 
@@ -203,7 +204,7 @@ def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_siz
 
     sae, rows, summary = trainer.finish()
     out = Path(member["out_dir"])
-    sae.save(out / "sae.safetensors")
+    sae.save(out / paths.WEIGHTS_FILE)
     write_text_atomic(out / "train_log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(index=False))
     cfg = {**sae.config(), "name": member["name"], "subject": a.subject, "layer": a.layer,
            "site": root.attrs["site"],
@@ -212,7 +213,7 @@ def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_siz
            # a packed SAE's seconds are its job's wall time, shared with the pack_size - 1 others
            "train": {**summary, "pack_size": pack_size, "stopping_rows": member["spec"]["heldout_rows"]},
            "versions": versions()}
-    write_json_atomic(out / "cfg.json", cfg)  # written last: its presence marks a finished SAE
+    write_json_atomic(out / paths.CFG_FILE, cfg)  # written last: its presence marks a finished SAE
 
 
 def cmd_export(a) -> None:
@@ -240,15 +241,15 @@ def _trained_sae(a):
     """(device, cfg, sae, store) for the stages that read one trained SAE and the activation store."""
     import torch
 
-    from saescale.sae.model import SparseAutoencoder
+    from saescale.sae.model import SparseAutoencoder, sae_folder
     from saescale.store import open_store
     from saescale.subject import pick_device
 
     torch.set_num_threads(a.threads)
     device = pick_device("auto")
     sae_dir = Path(a.sae_dir)
-    cfg = read_json(sae_dir / "cfg.json")
-    sae = SparseAutoencoder.from_config(cfg, sae_dir / "sae.safetensors", device).eval()
+    cfg, weights = sae_folder(sae_dir)
+    sae = SparseAutoencoder.from_config(cfg, weights, device).eval()
     root = open_store(a.activations)
     if root.attrs["d_model"] != cfg["d_model"]:
         raise ValueError(f"{sae_dir}: an SAE of d_model {cfg['d_model']}, but {a.activations} holds activations of "
@@ -580,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "together on one activation stream (train.pack)")
 
     sp = stage("export", cmd_export, "write a trained SAE in SAELens or sparsify layout", spec=False)
-    sp.add_argument("--sae-dir", required=True, help="a saescale SAE folder (sae.safetensors, cfg.json)")
+    sp.add_argument("--sae-dir", required=True, help="a saescale SAE folder (saescale_sae.json, saescale_sae.safetensors)")
     sp.add_argument("--format", choices=("saelens", "sparsify"), required=True)
     sp.add_argument("--out", required=True, help="the folder to write (SAELens: one sae_id folder; sparsify: "
                                                    "one hookpoint folder)")
@@ -589,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--src", required=True, help="a SAELens or sparsify SAE folder, or an openai .pt state dict")
     sp.add_argument("--format", choices=("saelens", "sparsify", "openai"), required=True)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--layer", type=int, help="recorded in cfg.json")
-    sp.add_argument("--subject", help="recorded in cfg.json")
+    sp.add_argument("--layer", type=int, help="recorded in saescale_sae.json")
+    sp.add_argument("--subject", help="recorded in saescale_sae.json")
     sp.add_argument("--inputs-normalized", action="store_true",
                     help="sparsify: the SAE was trained on saescale-normalized activations (sparsify cannot say)")
 
@@ -716,7 +717,7 @@ OPTION_HELP = {
     "activations": "the activation store written by `saescale extract` (data/activations/<subject>.zarr)",
     "tokens": "the token store written by `saescale tokenize` (data/tokens/<subject>.zarr)",
     "norm": "the normalization statistics written by `saescale normalize`",
-    "sae-dir": "a saescale SAE folder (sae.safetensors and cfg.json)",
+    "sae-dir": "a saescale SAE folder (saescale_sae.json and saescale_sae.safetensors)",
     "layer": "the residual-stream layer (block index) of the SAE",
     "threads": "CPU threads for torch",
     "revision": "the model's hub revision (branch, tag or commit)",

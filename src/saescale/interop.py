@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from saescale import normalize
+from saescale import normalize, paths
 from saescale.files import replace_when_done, write_json_atomic
-from saescale.sae.model import SparseAutoencoder
+from saescale.sae.model import SparseAutoencoder, sae_folder
 
 EXPORTS = ("saelens", "sparsify")
 IMPORTS = ("saelens", "sparsify", "openai")
@@ -154,9 +154,9 @@ def from_openai(state: dict) -> SparseAutoencoder:
 
 # ---- files ------------------------------------------------------------------------------------------------
 def export_sae(sae_dir: Path, fmt: str, out: Path) -> Path:
-    """Write the SAE in `sae_dir` (sae.safetensors + cfg.json) to `out` in SAELens or sparsify layout."""
-    cfg = json.loads((sae_dir / "cfg.json").read_text())
-    sae = SparseAutoencoder.from_config(cfg, sae_dir / "sae.safetensors")
+    """Write the saescale SAE in `sae_dir` to `out` in SAELens or sparsify layout."""
+    cfg, weights_path = sae_folder(sae_dir)
+    sae = SparseAutoencoder.from_config(cfg, weights_path)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "saelens":
         meta = {"hook_name": f"blocks.{cfg.get('layer')}.hook_resid_post", "model_name": cfg.get("subject"),
@@ -192,9 +192,9 @@ def import_sae(src: Path, fmt: str, inputs_normalized: bool = False) -> SparseAu
 
 def write_imported(sae: SparseAutoencoder, out: Path, source: str, fmt: str, layer: int | None = None,
                    subject: str | None = None) -> None:
-    """A saescale SAE folder (sae.safetensors, then cfg.json last, which marks it complete)."""
+    """A saescale SAE folder (the weights, then the config last, which marks it complete)."""
     out.mkdir(parents=True, exist_ok=True)
-    sae.save(out / "sae.safetensors")
+    sae.save(out / paths.WEIGHTS_FILE)
     cfg = {**sae.config(), "name": sae.arch, "subject": subject, "layer": layer, "normalization": normalize.DESCRIPTION,
            "imported_from": {"format": fmt, "path": source}}
-    write_json_atomic(out / "cfg.json", cfg)
+    write_json_atomic(out / paths.CFG_FILE, cfg)

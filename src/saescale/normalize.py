@@ -19,7 +19,7 @@ log = logging.getLogger("saescale.normalize")
 
 GEOMETRIC_MEDIAN_SAMPLES = 32768  # method §A.4: b_pre from the geometric median of 32,768 activations
 EPS = 1e-8
-DESCRIPTION = "per-token: subtract mean over d, scale to unit L2 norm (method §A.2)"  # recorded in cfg.json
+DESCRIPTION = "per-token: subtract mean over d, scale to unit L2 norm (method §A.2)"  # recorded in saescale_sae.json
 
 
 

@@ -14,8 +14,13 @@ TOKENS = "data/tokens/{subject}.zarr"
 ACTIVATIONS = "data/activations/{subject}.zarr"
 NORM = "data/activations/{subject}.norm.json"
 SAE_DIR = "data/saes/{subject}/L{layer}/{arch}/n{n}_k{k}"
-SAE_WEIGHTS = SAE_DIR + "/sae.safetensors"
-SAE_CFG = SAE_DIR + "/cfg.json"
+# saescale's own SAE folder: file names no peer uses (sparsify writes cfg.json + sae.safetensors, SAELens
+# cfg.json + sae_weights.safetensors, each with other tensors), so no library loads one by mistake;
+# `saescale export` writes the peers' layouts
+WEIGHTS_FILE = "saescale_sae.safetensors"
+CFG_FILE = "saescale_sae.json"
+SAE_WEIGHTS = f"{SAE_DIR}/{WEIGHTS_FILE}"
+SAE_CFG = f"{SAE_DIR}/{CFG_FILE}"
 SAE_LOG = SAE_DIR + "/train_log.csv"
 EVAL = "data/eval/{subject}/L{layer}/{arch}/n{n}_k{k}.json"
 METRIC = "data/eval/{subject}/L{layer}/{arch}/n{n}_k{k}.{metric}.json"  # probes, ablation, geometry
@@ -36,8 +41,8 @@ TOY_CURVE = "data/toy/manifolds/{kind}_d{d}_{arch}.json"
 TOY_PANELS = "data/toy/manifolds/circle_panels.json"
 TOY_GROUNDTRUTH = "data/toy/groundtruth.json"
 IMPORTED_DIR = "data/imported/{name}"  # an SAE trained elsewhere (config.imported), as a saescale SAE folder
-IMPORTED_CFG = IMPORTED_DIR + "/cfg.json"
-IMPORTED_WEIGHTS = IMPORTED_DIR + "/sae.safetensors"
+IMPORTED_CFG = f"{IMPORTED_DIR}/{CFG_FILE}"
+IMPORTED_WEIGHTS = f"{IMPORTED_DIR}/{WEIGHTS_FILE}"
 IMPORTED_EVAL = IMPORTED_DIR + "/eval.json"
 REPORT = "reports/report.html"
 REPORT_FIGURES = "reports/figures"

@@ -127,7 +127,7 @@ def _sae_width(a: Any) -> int | None:
 
     from saescale.files import read_json
 
-    cfg_path = Path(getattr(a, "sae_dir", "") or "") / "cfg.json"
+    cfg_path = Path(getattr(a, "sae_dir", "") or "") / paths.CFG_FILE
     return read_json(cfg_path).get("n_latents") if cfg_path.is_file() else None
 
 

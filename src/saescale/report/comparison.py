@@ -422,7 +422,7 @@ def power_law_verdict(fits: list[dict], metric: str = "ΔCE") -> Verdict:
 
 def ablation_rows(m: pd.DataFrame, base: str = "topk") -> pd.DataFrame:
     """SAEs of base arch `base` (the arch itself and its variants) at the (n, k) where a variant was trained,
-    sorted baseline first. Needs columns auxk, tied_init (from cfg.json)."""
+    sorted baseline first. Needs columns auxk, tied_init (from saescale_sae.json)."""
     rows = m[base_arch(m) == base]
     variants = rows[is_variant(rows)]
     if variants.empty:
@@ -433,7 +433,7 @@ def ablation_rows(m: pd.DataFrame, base: str = "topk") -> pd.DataFrame:
 
 
 def bool_cell(x) -> bool | None:
-    """A True/False cell (Python or numpy bool); None for anything else (no cfg.json: NaN)."""
+    """A True/False cell (Python or numpy bool); None for anything else (no saescale_sae.json: NaN)."""
     return bool(x) if isinstance(x, (bool, np.bool_)) else None
 
 

@@ -148,7 +148,7 @@ def _last_doubling_gain(log: pd.DataFrame) -> float:
 
 
 def load_layer(src: Sources, subject: str, layer: int, config: dict) -> dict:
-    """metrics.csv + fits.json; per SAE its cfg.json, train_log.csv and (optional) eval JSON; and the
+    """metrics.csv + fits.json; per SAE its saescale_sae.json, train_log.csv and (optional) eval JSON; and the
     analysis JSONs (progressive, refinement) of the SAEs config.analysis selects."""
     where = dict(subject=subject, layer=layer)
     metrics = src.csv(paths.fmt(paths.METRICS, **where), f"{subject} L{layer}: the (n, k) grid")
@@ -196,7 +196,7 @@ def load_layer(src: Sources, subject: str, layer: int, config: dict) -> dict:
 
 
 def _final_dead(train: dict, log: pd.DataFrame | None) -> float:
-    """Dead fraction at the end of training: cfg.json's summary, else the log's last row."""
+    """Dead fraction at the end of training: saescale_sae.json's summary, else the log's last row."""
     value = train.get("final_dead_fraction")
     if _isnum(value):
         return float(value)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from saescale import paths
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -154,20 +155,20 @@ class SparseAutoencoder(nn.Module):
     def load(cls, weights_path: str | Path, cfg_path: str | Path | None = None,
              device: str | torch.device = "cpu") -> "SparseAutoencoder":
         weights_path = Path(weights_path)
-        cfg = json.loads(Path(cfg_path or weights_path.with_name("cfg.json")).read_text())
+        cfg = json.loads(Path(cfg_path or weights_path.with_name(paths.CFG_FILE)).read_text())
         return cls.from_config(cfg, weights_path, device)
 
     @classmethod
     def from_config(cls, cfg: dict, weights_path: str | Path,
                     device: str | torch.device = "cpu") -> "SparseAutoencoder":
-        """The SAE a cfg.json describes, with weights from `weights_path`."""
+        """The SAE a saescale_sae.json describes, with weights from `weights_path`."""
         sae = cls(cfg["d_model"], cfg["n_latents"], cfg["arch"], cfg["k"], cfg.get("arch_params"))
         sae.load_state_dict(read_weights(weights_path, sae.state_dict()))
         return sae.to(device)
 
 
 def read_weights(weights_path: str | Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, checked against the names and shapes its cfg.json implies, so a
+    """The tensors of a safetensors file, checked against the names and shapes its saescale_sae.json implies, so a
     damaged file or one from another SAE is refused by name instead of failing inside load_state_dict."""
     from safetensors import SafetensorError
 
@@ -178,8 +179,27 @@ def read_weights(weights_path: str | Path, expected: dict[str, torch.Tensor]) ->
         raise ValueError(f"{weights_path}: not a readable safetensors file ({exc}); {redo}") from exc
     problems = [f"{name}: missing" for name in expected if name not in tensors]
     problems += [f"{name}: not expected" for name in tensors if name not in expected]
-    problems += [f"{name}: shape {tuple(t.shape)}, cfg.json implies {tuple(expected[name].shape)}"
+    problems += [f"{name}: shape {tuple(t.shape)}, saescale_sae.json implies {tuple(expected[name].shape)}"
                  for name, t in tensors.items() if name in expected and t.shape != expected[name].shape]
     if problems:
-        raise ValueError(f"{weights_path} does not match its cfg.json ({'; '.join(problems)}); {redo}")
+        raise ValueError(f"{weights_path} does not match its saescale_sae.json ({'; '.join(problems)}); {redo}")
     return tensors
+
+
+def sae_folder(sae_dir: str | Path) -> tuple[dict, Path]:
+    """(config, weights path) of a saescale SAE folder. A folder in a peer's layout (cfg.json beside
+    sae.safetensors or sae_weights.safetensors), or one written by saescale before its own names, is refused with
+    the command that brings it in."""
+    folder = Path(sae_dir)
+    cfg_path, weights = folder / paths.CFG_FILE, folder / paths.WEIGHTS_FILE
+    if not cfg_path.is_file():
+        if (folder / "cfg.json").is_file():
+            fmt = "saelens" if (folder / "sae_weights.safetensors").is_file() else "sparsify"
+            raise FileNotFoundError(
+                f"{folder}: no {paths.CFG_FILE}, but a cfg.json: a {fmt} SAE folder (or one saescale wrote before "
+                f"it named its files {paths.CFG_FILE} and {paths.WEIGHTS_FILE}); read it with `saescale import "
+                f"--src {folder} --format {fmt} --out <folder>`")
+        raise FileNotFoundError(f"{folder}: no {paths.CFG_FILE}; not a saescale SAE folder (or a killed job's: "
+                                "the config is written last)")
+    return json.loads(cfg_path.read_text()), weights
+

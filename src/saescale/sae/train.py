@@ -404,7 +404,7 @@ class Trainer:
         log.info("%scheckpoint at step %d -> %s", self._tag, self.step, self.checkpoint_path)
 
     def finish(self) -> tuple[SparseAutoencoder, list[dict], dict]:
-        """The SAE with the weights chosen for evaluation, the log rows, and a summary for cfg.json."""
+        """The SAE with the weights chosen for evaluation, the log rows, and a summary for saescale_sae.json."""
         spec, sae, rows, step = self.spec, self.sae, self.rows, self.step
         elapsed = self.elapsed()
         sae_eval, chosen, sel = choose_weights(sae, self.ema, self.selection_rows, self.baseline_mse, self.device)
