@@ -472,3 +472,13 @@ def test_scaling_figure_handles_any_number_of_archs():
     m = pd.DataFrame([{"arch": a, "n": n, "k": 8, "fvu": 0.1 * (i + 1) / n} for i, a in enumerate(archs)
                       for n in (32, 64)])
     assert figures.scaling_laws(m, {"fvu": None}, {}).startswith("iVBOR")
+
+
+def test_fit_tables_say_which_law_and_which_saes_each_fit_used():
+    from saescale.report.tables import fit_tables
+
+    fit = {"arch": "topk", "k": 8, "ok": True, "a": 1.0, "a_err": 0.1, "b": 0.5, "b_err": 0.05, "e": 0.01,
+           "e_err": 0.001, "rmse_log": 0.01, "n_points": 5, "label": "L(N), converged",
+           "counts": {"converged": 3, "censored": 2, "fixed-budget": 0}}
+    row = fit_tables({"fvu": {"per_k": [fit], "joint": []}})[0]["per_k"]["rows"][0]
+    assert row[2:4] == ["L(N), converged", "5 (3 converged, 2 censored)"]

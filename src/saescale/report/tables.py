@@ -126,12 +126,20 @@ def _fit_status(fit: dict, params: tuple[str, ...]) -> str:
     return f"ok, but poorly constrained ({names}: σ ≥ |value| or n/a)" if loose else "ok"
 
 
+def _points(fit: dict) -> str:
+    """How many SAEs a fit used and what they are (method §D.1): converged points count exactly, censored ones
+    (stopped at their token cap) as bounds, fixed-budget ones are not converged at all."""
+    counts = {key: value for key, value in (fit.get("counts") or {}).items() if value}
+    said = ", ".join(f"{value} {key}" for key, value in counts.items())
+    return f"{num(fit.get('n_points'))} ({said})" if said else num(fit.get("n_points"))
+
+
 def fit_tables(fits: dict) -> list[dict]:
     """Per metric: the per-k L(n) table, the joint eq. 3 table (GPT-4 constants beside), and not-ok notes."""
     out = []
     for metric, fm in fits.items():
         fm = fm or {}
-        per_k = [[text(f.get("arch")), num(f.get("k")), num(f.get("n_points")),
+        per_k = [[text(f.get("arch")), num(f.get("k")), text(f.get("label") or "L(n)"), _points(f),
                   *(pm(f.get(p), f.get(f"{p}_err")) if f.get("ok") else "—" for p in ("a", "b", "e")),
                   num(f.get("rmse_log"), 3), _fit_status(f, ("a", "b", "e"))] for f in fm.get("per_k", [])]
         joint = []
@@ -140,6 +148,7 @@ def fit_tables(fits: dict) -> list[dict]:
                 fitted = pm(f.get(p), f.get(f"{p}_err")) if f.get("ok") else "—"
                 paper = num(GPT4_JOINT[p]) if metric == "fvu" else "—"  # eq. 3 was fitted to MSE only
                 joint.append([text(f.get("arch")), GREEK[p], fitted, paper])
+            joint.append([text(f.get("arch")), "fitted to", f"{text(f.get('label') or 'eq. 3')}: {_points(f)}", ""])
             joint.append([text(f.get("arch")), "status", _fit_status(f, tuple(GPT4_JOINT)), ""])
         notes = [f"{metric}: {f.get('arch')} k = {f.get('k')} per-k fit not ok ({f.get('reason')})"
                  for f in fm.get("per_k", []) if not f.get("ok")]
@@ -148,7 +157,7 @@ def fit_tables(fits: dict) -> list[dict]:
         if fm.get("dropped_rows"):
             notes.append(f"{metric}: {fm['dropped_rows']} rows dropped before fitting (non-finite or ≤ 0)")
         out.append({"metric": LABELS.get(metric, metric), "notes": notes,
-                    "per_k": table(["arch", "k", "points", "a", "b", "e", "RMSE (log)", "status"], per_k),
+                    "per_k": table(["arch", "k", "law", "SAEs", "a", "b", "e", "RMSE (log)", "status"], per_k),
                     "joint": table(["arch", "parameter", "this run", "Gao et al. GPT-4 (eq. 3)"], joint)})
     return out
 
