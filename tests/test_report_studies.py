@@ -110,7 +110,8 @@ def test_allocation_verdict_fails_on_any_failed_check():
     assert ms.allocation_verdict({"checks": bad}).agrees is False
 
 
-def test_compute_study_keeps_a_refusal_for_single_n_archs_and_fits_the_rest():
+def planted_compute_logs() -> list:
+    """Training logs of TopK at k = 4 over n = 64, 128, 256 whose held-out FVU is a planted L(C) frontier."""
     import pandas as pd
 
     rows = []
@@ -118,6 +119,13 @@ def test_compute_study_keeps_a_refusal_for_single_n_archs_and_fits_the_rest():
         t = 4096 * np.arange(1, 40)
         rows.append(pd.DataFrame({"arch": "topk", "k": 4, "n": n, "tokens": t, "flops": 6.0 * t * n * 32,
                                   "heldout_fvu": 0.05 + 1 / np.sqrt(t / 4096) * (64 / n) ** 0.3}))
+    return rows
+
+
+def test_compute_study_keeps_a_refusal_for_single_n_archs_and_fits_the_rest():
+    import pandas as pd
+
+    rows = planted_compute_logs()
     rows.append(rows[0].assign(arch="relu"))
     study = compute_study(pd.concat(rows), reps=20)
     by = {c["arch"]: c for c in study}

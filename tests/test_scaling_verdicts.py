@@ -15,6 +15,8 @@ from saescale.scaling import fits, lr
 from saescale.scaling.compute import BEST, compute_study, with_best
 from saescale.scaling.convergence import convergence_study, final_eval_rows, stopping_rows, token_cap
 
+from test_report_studies import planted_compute_logs
+
 N = np.array([128, 256, 512, 1024, 2048, 4096], float)
 
 
@@ -248,10 +250,5 @@ def test_convergence_verdict_reads_the_strictest_tolerance_and_censored_bounds()
 
 
 def test_compute_verdict_fields():
-    rows = []
-    for n in (64, 128, 256):
-        t = 4096 * np.arange(1, 40)
-        rows.append(pd.DataFrame({"arch": "topk", "k": 4, "n": n, "tokens": t, "flops": 6.0 * t * n * 32,
-                                  "heldout_fvu": 0.05 + 1 / np.sqrt(t / 4096) * (64 / n) ** 0.3}))
-    v = ss.compute_verdict(compute_study(pd.concat(rows), reps=20))
+    v = ss.compute_verdict(compute_study(pd.concat(planted_compute_logs()), reps=20))
     assert v.agrees is True and v.source.endswith("Fig. 1a") and v.run_value.startswith("b = ")

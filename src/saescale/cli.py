@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 from saescale.files import file_digest, read_json, setup_logging, terminal, write_json_atomic
 from saescale import paths
 from saescale.config import ConfigError
-from saescale.stage_specs import BY_HAND
+from saescale.stage_specs import BY_HAND, MODEL_OPTION_KEYS
 
 
 def versions() -> dict:
@@ -486,7 +486,6 @@ def _json_arg(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"--spec is not valid JSON: {exc}") from exc
 
 
-MODEL_OPTION_KEYS = ("torch_dtype", "device_map", "trust_remote_code")
 
 
 def _model_options_arg(text: str) -> dict:
@@ -560,19 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True)
 
-    sp = stage("train", cmd_train, "train one SAE, or several sharing one activation stream", spec=False)
+    sp = stage("train", cmd_train, "train one SAE, or several sharing one activation stream")
     sp.add_argument("--threads", type=int, default=1)
     for name in ("activations", "norm", "subject"):
         sp.add_argument(f"--{name}", required=True)
     sp.add_argument("--layer", type=int, required=True)
     sp.add_argument("--arch")
     sp.add_argument("--out-dir")
-    sp.add_argument("--spec", type=_json_arg, help="train settings as JSON, as the workflow passes them "
-                                                   "(config.train); keys left out take their defaults")
-    sp.add_argument("--config", help="a workflow config (YAML) to take the train settings from (with the variant "
-                                     "--name's overrides), validated by the workflow's schema")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one config key (dotted, e.g. train.tokens=1048576); repeatable")
     sp.add_argument("--name", help="the arch wildcard when it names a variant of --arch (sweep.variants)")
     for name in ("n", "k"):
         sp.add_argument(f"--{name}", type=int)
@@ -699,7 +692,7 @@ EXAMPLES = {
                "--out-studies studies.json",
     "toy": "saescale toy --study allocation --out allocation.json",
 }
-SET_EXAMPLES = {"evaluate": "evaluate.batch_size=1024", "probes": "evaluate.probes.windows=64",
+SET_EXAMPLES = {"train": "train.tokens=1048576", "evaluate": "evaluate.batch_size=1024", "probes": "evaluate.probes.windows=64",
                 "interpret": "interpret.latents=32", "autointerp": "interpret.autointerp.latents=10"}
 
 
@@ -757,7 +750,7 @@ def resolve_spec(a) -> None:
     from saescale.config import validate
     from saescale.stage_specs import config_for_hand_run, merge_spec, parse_set
 
-    if a.stage not in BY_HAND or not hasattr(a, "config") or getattr(a, "members", None) is not None:
+    if a.stage not in BY_HAND or getattr(a, "members", None) is not None:
         return
     if a.stage == "train" and a.arch is None:
         raise ConfigError("--arch: give the SAE's arch (with --n, --k and --out-dir), or --members")

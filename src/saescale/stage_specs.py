@@ -14,8 +14,10 @@ from saescale import paths
 from saescale.config import ConfigError, deep_merge, sae_settings, validate
 
 TOKENIZE_KEYS = ("dataset", "ctx_len", "eval_tokens", "prepend_bos", "revision", "trust_remote_code")
+# how the subject model is loaded: extract's spec, and --model-options of every later stage that loads it
+MODEL_OPTION_KEYS = ("torch_dtype", "device_map", "trust_remote_code")
 EXTRACT_KEYS = ("model", "revision", "layers", "train_tokens", "dtype", "batch_windows", "chunk_windows",
-                "torch_dtype", "device_map", "trust_remote_code")
+                *MODEL_OPTION_KEYS)
 
 
 def selection_free(settings: dict, drop: tuple[str, ...] = ()) -> dict:

@@ -151,7 +151,7 @@ def option(flag, value):
 def revision_option(wc):
     """How a stage loads the subject model: its revision and loading keys (dtype, device_map, remote code),
     the same as extract used."""
-    loading = {key: subject(wc)[key] for key in ("torch_dtype", "device_map", "trust_remote_code")}
+    loading = {key: subject(wc)[key] for key in stage_specs.MODEL_OPTION_KEYS}
     return f'{option("--revision", subject(wc)["revision"])} {option("--model-options", json.dumps(loading))}'.strip()
 
 
