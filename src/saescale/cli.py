@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -113,7 +114,7 @@ def cmd_train(a) -> None:
     import numpy as np
     import torch
 
-    from saescale.config import STREAM_KEYS
+    from saescale.config import STREAM_KEYS, layout
     from saescale.normalize import normalize
     from saescale.provenance import TRAIN_MODULES, code_version
     from saescale.sae.train import SELECTION_ROWS, Trainer, train_together
@@ -132,11 +133,23 @@ def cmd_train(a) -> None:
     if len(streams) > 1:
         raise SystemExit(f"saescale train --members: the SAEs must share one batch stream (train.{STREAM_KEYS}); "
                          f"got {sorted(streams)}")
-    torch.set_num_threads(a.threads)
+    first = members[0]["spec"]
+    data, latent = layout(first)
+    if data * latent > 1 and len(members) > 1:
+        raise SystemExit("saescale train --members: an SAE with train.distributed trains alone, never packed")
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share its threads
+    torch.set_num_threads(max(1, a.threads // procs))
     root = open_store(a.activations)
     stats = read_json(a.norm)["layers"][str(a.layer)]
-    first = members[0]["spec"]
     device = pick_device(first["device"])
+    mesh = None
+    if data * latent > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from saescale.sae.distributed import mesh_from_env
+
+        if device.type == "cuda":  # one GPU per process: torchrun's LOCAL_RANK
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        mesh = mesh_from_env(data, latent, device)
     stream = batch_stream(root, a.layer, first["batch_size"], first["seed"], first["in_memory_max_gb"],
                           first["shuffle_chunks"])
     rows_cache: dict[tuple[str, int], np.ndarray] = {}
@@ -161,8 +174,14 @@ def cmd_train(a) -> None:
         out.mkdir(parents=True, exist_ok=True)
         heldout = rows("heldout", m["spec"]["heldout_rows"]) if m["spec"]["heldout_rows"] else None
         tag = f"{m['name']} n={m['n']} k={m['k']}" if len(members) > 1 else ""
-        trainer = Trainer(np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec, out / "checkpoint.pt",
-                          rows("train", SELECTION_ROWS), heldout, name=tag)
+        setup = (np.asarray(stats["geometric_median"]), stats["baseline_mse"], spec, out / "checkpoint.pt",
+                rows("train", SELECTION_ROWS), heldout)
+        if mesh is not None:
+            from saescale.sae.train_distributed import ShardedTrainer
+
+            trainer = ShardedTrainer(mesh, *setup)
+        else:
+            trainer = Trainer(*setup, name=tag)
         trainers.append(trainer)
         member_of[id(trainer)] = m
 
@@ -172,12 +191,16 @@ def cmd_train(a) -> None:
         _write_trained_sae(a, member_of[id(trainer)], trainer, root, stream.in_memory, len(members))
 
     train_together(stream, trainers, finished)
-    for m in members:
-        (Path(m["out_dir"]) / "checkpoint.pt").unlink(missing_ok=True)
+    for trainer in trainers:
+        trainer.remove_checkpoint()
+    if mesh is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def _train_spec(member: dict, d_model: int, device: str, data: str, code: str = ""):
-    from saescale.config import k_aux_for, lr_for
+    from saescale.config import k_aux_for, layout, lr_for
     from saescale.sae.train import TrainSpec
     from saescale.scaling.convergence import token_cap
 
@@ -192,7 +215,8 @@ def _train_spec(member: dict, d_model: int, device: str, data: str, code: str = 
                      calibrate_fraction=t["calibration"]["fraction"], calibrate_rate=t["calibration"]["rate"],
                      convergence_tolerance=t["convergence"]["tolerance"],
                      convergence_smoothing=t["convergence"]["smoothing"], precision=t["precision"],
-                     microbatch=t.get("microbatch"), stop_on_divergence=t.get("on_divergence") == "stop")
+                     microbatch=t.get("microbatch"), stop_on_divergence=t.get("on_divergence") == "stop",
+                     distributed=layout(t))
 
 
 def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_size: int) -> None:
@@ -203,6 +227,8 @@ def _write_trained_sae(a, member: dict, trainer, root, in_memory: bool, pack_siz
     from saescale.sae.train import LOG_COLUMNS
 
     sae, rows, summary = trainer.finish()
+    if sae is None:  # a rank other than 0 of a distributed run: rank 0 writes the consolidated SAE
+        return
     out = Path(member["out_dir"])
     sae.save(out / paths.WEIGHTS_FILE)
     write_text_atomic(out / "train_log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(index=False))

@@ -166,6 +166,7 @@ def _check_semantics(cfg: dict) -> None:
             f"config.train.batch_size: {cfg['train']['batch_size']} exceeds the token budget train.tokens"
         )
     _check_selectors(cfg, archs | set(sweep["variants"]) | {job["arch"] for job in lr_sweep_jobs(cfg)})
+    _check_distributed(cfg)
     for name, imp in cfg["imported"].items():
         where = f"config.imported.{name}"
         if imp["subject"] not in cfg["subjects"]:
@@ -179,6 +180,39 @@ def _check_semantics(cfg: dict) -> None:
     for key in needed:
         if not auto.get(key):
             raise ConfigError(f"config.interpret.autointerp.{key}: required for backend {auto['backend']}")
+
+
+def layout(train: dict) -> tuple[int, int]:
+    """(data, latent) of a train recipe's train.distributed; (1, 1) is one device."""
+    dist = train.get("distributed") or {}
+    return int(dist.get("data", 1)), int(dist.get("latent", 1))
+
+
+def _check_distributed(cfg: dict) -> None:
+    """train.distributed's layout fits every SAE it trains (method §A.7): a TopK-family arch, shards that divide
+    n, replicas that divide the batch, processes that divide over the nodes."""
+    for job in trained_saes(cfg):
+        arch, train = recipe(cfg, job["arch"])
+        data, latent = layout(train)
+        if data * latent == 1:
+            continue
+        where = ("config.train.distributed" if job["arch"] not in cfg["sweep"]["variants"]
+                 else f"config.sweep.variants.{job['arch']}.train.distributed")
+        sae = f"{job['arch']} n={job['n']} k={job['k']}"
+        nodes = train["distributed"]["nodes"]
+        if arch not in SHARDED_ARCHS:
+            raise ConfigError(f"{where}: {sae} is a {arch} SAE; only {', '.join(SHARDED_ARCHS)} train distributed "
+                              "(a fixed number of latents per token); set it in a sweep.variants entry of those")
+        if job["n"] % latent:
+            raise ConfigError(f"{where}.latent: {latent} does not divide n = {job['n']} of {sae}")
+        if train["batch_size"] % data:
+            raise ConfigError(f"{where}.data: {data} does not divide train.batch_size = {train['batch_size']}")
+        if (data * latent) % nodes:
+            raise ConfigError(f"{where}.nodes: {nodes} nodes cannot share data x latent = {data * latent} "
+                              "processes evenly")
+        if train.get("microbatch"):
+            raise ConfigError(f"{where}: set train.microbatch to null for {sae}; a shard's step already holds "
+                              "batch/data rows x n/latent latents")
 
 
 def _selector_stages(cfg: dict) -> list[tuple[str, dict]]:
@@ -398,6 +432,7 @@ def lr_sweep_jobs(cfg: dict) -> list[dict]:
     return jobs
 
 
+SHARDED_ARCHS = ("topk", "multitopk")  # train.distributed: a fixed number of latents per token
 STREAM_KEYS = ("batch_size", "seed", "device", "in_memory_max_gb", "shuffle_chunks")  # decide the batch stream
 RUN_ONLY_KEYS = ("threads", "pack")  # train settings that change how a job runs, never a weight
 
@@ -429,6 +464,8 @@ def train_packs(cfg: dict) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for job in trained_saes(cfg):
         train = recipe(cfg, job["arch"])[1]
+        if layout(train) != (1, 1):  # its own job, on its own processes
+            continue
         stream = tuple(json.dumps(train[key]) for key in STREAM_KEYS)
         fixed = tuple(job[key] for key in PACK_KEYS if key not in spans)
         groups.setdefault((job["subject"], job["layer"], fixed, stream), []).append(job)

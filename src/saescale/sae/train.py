@@ -25,6 +25,7 @@ from saescale.files import replace_when_done
 from saescale.normalize import normalize
 from saescale.sae.activations import Latents
 from saescale.sae.archs import ARCHS, auxk_latents  # noqa: F401  (auxk_latents re-exported)
+from saescale.sae.distributed import ShardedStep
 from saescale.sae.losses import auxk_loss, normalized_mse
 from saescale.sae.model import SparseAutoencoder
 from saescale.scaling.convergence import converged_at
@@ -77,6 +78,8 @@ class TrainSpec:
     # a non-finite loss stops the run and is recorded (the lr sweep probes which lrs diverge) instead of failing
     # the job; a grid SAE that diverges is an error the user must fix (train.lr)
     stop_on_divergence: bool = False
+    # (data, latent) processes of train.distributed (sae/distributed.py); (1, 1): one device
+    distributed: tuple[int, int] = (1, 1)
 
     def fingerprint(self) -> str:
         skip = ("log_every", "checkpoint_seconds", "microbatch")
@@ -104,7 +107,8 @@ class Ema:
 
 def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, baseline_mse: float,
                   dead: torch.Tensor, spec: TrainSpec, autocast: contextlib.AbstractContextManager,
-                  auxk: bool = True, k_aux: int | None = None) -> tuple[dict, Latents]:
+                  auxk: bool = True, k_aux: int | None = None, shard: ShardedStep | None = None
+                  ) -> tuple[dict, Latents]:
     """One optimizer step on the batch x, without a host sync (nothing reads a device value, and every shape
     is fixed by the spec). `auxk` False: the caller knows that no latent is dead (AuxK would add nothing) and
     the AuxK pass is skipped; otherwise it runs over `dead` whatever it holds, and its loss counts only when some
@@ -113,7 +117,10 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
 
     With `spec.microbatch`, the encoder and the selection run over row blocks, so the [rows, n]
     pre-activations exist for one block at a time (TopK family: their graph holds selected latents only);
-    the losses, the AuxK normalization and the returned code are over the whole batch, as without it."""
+    the losses, the AuxK normalization and the returned code are over the whole batch, as without it.
+
+    `shard`: `sae` is one shard of a larger SAE and `x` its replica's rows (sae/distributed.py): the shard's
+    forward, the global AuxK normalization and dead flag, and the gradient reduction replace the local ones."""
     family = sae.family
     use_auxk = auxk and family.auxk and spec.auxk and spec.auxk_coef > 0
     rows = len(x)
@@ -123,8 +130,12 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
         for xb in blocks:
             def mse(x_hat, xb=xb):
                 return normalized_mse(x_hat, xb, baseline_mse)
-            out = (family.forward_train_auxk(sae, xb, mse, dead, spec.k_aux if k_aux is None else k_aux) if use_auxk
-                   else family.forward_train(sae, xb, mse, dead))
+            k = spec.k_aux if k_aux is None else k_aux
+            if shard is not None:
+                out = shard.forward(sae, xb, mse, dead, k if use_auxk else 0)
+            else:
+                out = (family.forward_train_auxk(sae, xb, mse, dead, k) if use_auxk
+                       else family.forward_train(sae, xb, mse, dead))
             outs.append(out._replace(pre_acts=None, take=None))  # a block's [rows, n] pre-activations go now
             del out
         weights = [1.0] if len(outs) == 1 else [len(xb) / rows for xb in blocks]  # per-row means -> batch means
@@ -136,10 +147,14 @@ def training_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.T
         if use_auxk:
             # the target is the main model's error with its graph cut: only dead latents learn from it; its
             # normalization is the whole batch's (App. A.2), and it counts only once some latent is dead
-            aux = auxk_loss(_cat([out.aux_x_hat for out in outs]), x - x_hat.detach()) * dead.any()
+            e_hat, e = _cat([out.aux_x_hat for out in outs]), x - x_hat.detach()
+            aux = (auxk_loss(e_hat, e) * dead.any() if shard is None
+                   else shard.auxk_loss(e_hat, e) * shard.any_dead(dead))
         loss = main + arch_loss + spec.auxk_coef * aux
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if shard is not None:
+        shard.reduce_gradients(sae)
     if family.unit_norm_decoder:
         sae.project_decoder_grad_()
     opt.step()
@@ -248,16 +263,12 @@ class Trainer:
                              f"multitopk); {spec.arch}'s step keeps every block's [rows, n] graph, so set it to null")
         self.spec, self.baseline_mse, self.name = spec, baseline_mse, name
         self.device = device = torch.device(spec.device)
-        torch.manual_seed(spec.seed)
-        gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-        self.sae = sae = SparseAutoencoder(spec.d_model, spec.n, spec.arch, spec.k, spec.arch_params)
-        sae.init_from_data_(torch.as_tensor(b_pre, dtype=torch.float32), generator=gen, tied=spec.tied_init)
-        sae.to(device)
+        self.sae = sae = self._new_sae(torch.as_tensor(b_pre, dtype=torch.float32)).to(device)
         self.opt = adam(param_groups(sae, spec.lr), spec.lr, betas=tuple(spec.adam_betas), eps=spec.adam_eps)
         if device.type == "cpu":
             retain_freed_memory()
         self.ema = Ema(sae, spec.ema_decay) if spec.ema_decay > 0 else None
-        self.tokens_since_fired = torch.zeros(spec.n, dtype=torch.long, device=device)
+        self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
         self.rows: list[dict] = []
         self.step, self.elapsed_before = 0, 0.0
         self.steps = max(1, spec.tokens // spec.batch_size)
@@ -280,6 +291,16 @@ class Trainer:
         self._bound_dead(keep_slots=self.aux_slots is not None)
         self.start_clock()
 
+    def _new_sae(self, b_pre: torch.Tensor) -> SparseAutoencoder:
+        """The initialized SAE (method §A.4), from the spec's seed: torch's global generator draws W_enc, a
+        generator of its own the rest."""
+        spec = self.spec
+        torch.manual_seed(spec.seed)
+        gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+        sae = SparseAutoencoder(spec.d_model, spec.n, spec.arch, spec.k, spec.arch_params)
+        sae.init_from_data_(b_pre, generator=gen, tied=spec.tied_init)
+        return sae
+
     def _bound_dead(self, keep_slots: bool = False) -> None:
         """Read the dead-latent counters (a host sync: only at construction and log steps) and bound what AuxK
         can meet before the next read, log_every steps on at most: a counter grows by at most a batch per step.
@@ -290,12 +311,16 @@ class Trainer:
         cost, not the result. A resumed run keeps the bound its checkpoint was written under (`keep_slots`), so
         it steps exactly as the uninterrupted run did."""
         spec = self.spec
-        oldest = int(self.tokens_since_fired.max())
+        oldest = self._all_shards(self.tokens_since_fired.max(), "max")
         self.dead_possible_at = self.step + max(0, -(-(spec.dead_tokens - oldest) // spec.batch_size))
         if not keep_slots:
             horizon = spec.log_every * spec.batch_size
-            could_be_dead = int((self.tokens_since_fired >= spec.dead_tokens - horizon).sum())
+            could_be_dead = self._all_shards((self.tokens_since_fired >= spec.dead_tokens - horizon).sum(), "sum")
             self.aux_slots = min(spec.k_aux, could_be_dead)
+
+    def _all_shards(self, value: torch.Tensor, how: str) -> int:
+        """A count over this SAE's latents, read to the host (a sharded run reduces it over its shards)."""
+        return int(value)
 
     def _resume(self) -> None:
         if not self.checkpoint_path.exists():
@@ -305,6 +330,10 @@ class Trainer:
         if ck.get("fingerprint") != self.spec.fingerprint():
             log.info("ignoring checkpoint of a different configuration: %s", self.checkpoint_path)
             return
+        self._load_checkpoint_state(ck)
+        log.info("%sresumed from %s at step %d/%d", self._tag, self.checkpoint_path, self.step, self.steps)
+
+    def _load_checkpoint_state(self, ck: dict) -> None:
         self.sae.load_state_dict(ck["sae"])
         self.opt.load_state_dict(ck["opt"])
         if self.ema is not None:
@@ -313,7 +342,6 @@ class Trainer:
         if ck.get("log_every") == self.spec.log_every:  # the bound holds until the next log step it planned for
             self.aux_slots = ck.get("aux_slots")
         self.rows, self.step, self.elapsed_before = ck["rows"], ck["step"], ck["elapsed_s"]
-        log.info("%sresumed from %s at step %d/%d", self._tag, self.checkpoint_path, self.step, self.steps)
 
     @property
     def _tag(self) -> str:
@@ -334,34 +362,50 @@ class Trainer:
         the log row and the timed checkpoint."""
         spec, sae = self.spec, self.sae
         dead = self.tokens_since_fired >= spec.dead_tokens
-        metrics, latents = training_step(sae, self.opt, x, self.baseline_mse, dead, spec, self.autocast,
-                                         auxk=self.step >= self.dead_possible_at and self.aux_slots > 0,
-                                         k_aux=self.aux_slots)
+        metrics, latents = self._step(x, dead, auxk=self.step >= self.dead_possible_at and self.aux_slots > 0)
         self.controller.update(self.step, latents)
         if self.ema is not None and self.controller.active and self.step + 1 == self.controller.freeze_step:
             self.ema = Ema(sae, spec.ema_decay)  # the evaluated average covers only the fixed-lambda phase
         if self.ema is not None:
             self.ema.update(sae)
-        update_dead(self.tokens_since_fired, latents)
+        self._update_dead(latents)
         self.step += 1
         step = self.step
-        if step % spec.log_every == 0 or step == self.steps:
+        logged = step % spec.log_every == 0 or step == self.steps
+        if logged:
             self._log_row(metrics, latents)
-        if spec.checkpoint_seconds and time.time() - self.last_ck >= spec.checkpoint_seconds and not self.done:
+        if self._checkpoint_due(logged):
             self.save_checkpoint()
             self.last_ck = time.time()
+
+    def _step(self, x: torch.Tensor, dead: torch.Tensor, auxk: bool) -> tuple[dict, Latents]:
+        return training_step(self.sae, self.opt, x, self.baseline_mse, dead, self.spec, self.autocast, auxk=auxk,
+                             k_aux=self.aux_slots)
+
+    def _update_dead(self, latents: Latents) -> None:
+        update_dead(self.tokens_since_fired, latents)
+
+    def _checkpoint_due(self, logged: bool) -> bool:
+        seconds = self.spec.checkpoint_seconds
+        return bool(seconds) and time.time() - self.last_ck >= seconds and not self.done
+
+    def _fvu(self, sae: SparseAutoencoder, x: torch.Tensor) -> float:
+        return _fvu_in_batches(sae, x, self.baseline_mse)
+
+    def _log_values(self, metrics: dict, latents: Latents) -> dict[str, float]:
+        """The step's losses, L0 and dead fraction as floats (the host sync of a log step)."""
+        dead = (self.tokens_since_fired >= self.spec.dead_tokens).float().mean()
+        return {**{key: float(v) for key, v in metrics.items()}, "l0": float(latents.l0().float().mean()),
+                "dead_fraction": float(dead)}
 
     def _log_row(self, metrics: dict, latents: Latents) -> None:
         spec, sae, step = self.spec, self.sae, self.step
         tokens = step * spec.batch_size
         flops_per_token = 6 * spec.n * spec.d_model  # method §D.1: compute ~ 6 * tokens * n * d
-        row = {"step": step, "tokens": tokens, **{key: float(v) for key, v in metrics.items()},
+        row = {"step": step, "tokens": tokens, **self._log_values(metrics, latents),
                "penalty": float(sae.family.penalty) if sae.family.penalized else float("nan"),
-               "l0": float(latents.l0().float().mean()),
-               "dead_fraction": float((self.tokens_since_fired >= spec.dead_tokens).float().mean()),
                "lr": spec.lr, "elapsed_s": self.elapsed(), "flops": float(flops_per_token) * tokens,
-               "heldout_fvu": (_fvu_in_batches(sae, self.heldout, self.baseline_mse) if self.heldout is not None
-                               else math.nan),
+               "heldout_fvu": self._fvu(sae, self.heldout) if self.heldout is not None else math.nan,
                "heldout_fvu_ema": self._heldout_ema_fvu()}
         if not np.isfinite(row["loss"]):
             if not spec.stop_on_divergence:
@@ -391,23 +435,31 @@ class Trainer:
         self._ema_sae.load_state_dict(self.ema.state_dict())
         if self.sae.family.penalized:
             self._ema_sae.family.penalty.copy_(self.sae.family.penalty)
-        return _fvu_in_batches(self._ema_sae, self.heldout, self.baseline_mse)
+        return self._fvu(self._ema_sae, self.heldout)
+
+    def _checkpoint_state(self) -> dict:
+        ema = self.ema
+        return {"fingerprint": self.spec.fingerprint(), "sae": self.sae.state_dict(),
+                "opt": self.opt.state_dict(), "ema_shadow": ema.shadow if ema else None,
+                "ema_t": ema.t if ema else 0, "tokens_since_fired": self.tokens_since_fired,
+                "rows": self.rows, "step": self.step, "elapsed_s": self.elapsed(),
+                "aux_slots": self.aux_slots, "log_every": self.spec.log_every}
 
     def save_checkpoint(self) -> None:
-        ema = self.ema
         with replace_when_done(self.checkpoint_path) as tmp:
-            torch.save({"fingerprint": self.spec.fingerprint(), "sae": self.sae.state_dict(),
-                        "opt": self.opt.state_dict(), "ema_shadow": ema.shadow if ema else None,
-                        "ema_t": ema.t if ema else 0, "tokens_since_fired": self.tokens_since_fired,
-                        "rows": self.rows, "step": self.step, "elapsed_s": self.elapsed(),
-                        "aux_slots": self.aux_slots, "log_every": self.spec.log_every}, tmp)
+            torch.save(self._checkpoint_state(), tmp)
         log.info("%scheckpoint at step %d -> %s", self._tag, self.step, self.checkpoint_path)
+
+    def remove_checkpoint(self) -> None:
+        """The job's outputs are written: its checkpoint has served."""
+        self.checkpoint_path.unlink(missing_ok=True)
 
     def finish(self) -> tuple[SparseAutoencoder, list[dict], dict]:
         """The SAE with the weights chosen for evaluation, the log rows, and a summary for saescale_sae.json."""
         spec, sae, rows, step = self.spec, self.sae, self.rows, self.step
         elapsed = self.elapsed()
-        sae_eval, chosen, sel = choose_weights(sae, self.ema, self.selection_rows, self.baseline_mse, self.device)
+        sae_eval, chosen, sel = choose_weights(sae, self.ema, self.selection_rows, self.baseline_mse, self.device,
+                                               self._fvu)
         if self.converged is not None:
             log.info("%sconverged at %d tokens (held-out FVU gained < %g over the last doubling)", self._tag,
                      self.converged, spec.convergence_tolerance)
@@ -479,18 +531,20 @@ def _converged(rows: list[dict], spec: TrainSpec) -> float | None:
 
 @torch.no_grad()
 def choose_weights(sae: SparseAutoencoder, ema: Ema | None, rows: np.ndarray, baseline_mse: float,
-                   device: torch.device) -> tuple[SparseAutoencoder, str, dict]:
+                   device: torch.device, fvu: Callable[[SparseAutoencoder, torch.Tensor], float] | None = None
+                   ) -> tuple[SparseAutoencoder, str, dict]:
     """Evaluate with EMA weights unless the raw weights reconstruct better (early EMA lags; method §A.7).
-    Decided on training rows, never on the eval split."""
+    Decided on training rows, never on the eval split. `fvu(sae, rows)`: how to measure (a sharded SAE's own)."""
     x = torch.from_numpy(rows).to(device)
-    raw_fvu = _fvu_in_batches(sae, x, baseline_mse)
+    fvu = fvu or (lambda model, rows: _fvu_in_batches(model, rows, baseline_mse))
+    raw_fvu = fvu(sae, x)
     if ema is None:
         return sae, "raw", {"raw": raw_fvu}
     ema_sae = sae.like()
     ema_sae.load_state_dict(ema.state_dict())
     if sae.family.penalized:  # lambda is a training constant, not a weight to average: keep the frozen value
         ema_sae.family.penalty.copy_(sae.family.penalty)
-    ema_fvu = _fvu_in_batches(ema_sae, x, baseline_mse)
+    ema_fvu = fvu(ema_sae, x)
     sel = {"raw": raw_fvu, "ema": ema_fvu}
     return (ema_sae, "ema", sel) if ema_fvu <= raw_fvu else (sae, "raw", sel)
 
