@@ -88,6 +88,14 @@ def record_selections(store: list) -> None:
     sharded.sharded_forward_train = shard_step
 
 
+def merge_blocks(selections: list, blocks: int) -> list:
+    """One entry per step from train.microbatch's `blocks` forwards per step (rows in order)."""
+    steps = [selections[i:i + blocks] for i in range(0, len(selections), blocks)]
+    return [(torch.cat([main for main, _ in step]),
+             None if step[0][1] is None else tuple(torch.cat(parts) for parts in zip(*(aux for _, aux in step))))
+            for step in steps]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -97,7 +105,10 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=1)
     ap.add_argument("--stop-after", type=int, default=None, help="checkpoint at this step and exit (a kill)")
     ap.add_argument("--spec", default="{}", help="TrainSpec overrides (JSON)")
+    ap.add_argument("--gather-bytes", type=int, default=None, help="gather the shards' candidates in small chunks")
     a = ap.parse_args()
+    if a.gather_bytes:
+        sharded.GATHER_BYTES = a.gather_bytes
     torch.set_num_threads(1)
     x, b_pre, baseline, sel_rows = problem()
     spec = make_spec(a.arch, a.steps, a.data, a.latent, **json.loads(a.spec))
@@ -123,12 +134,16 @@ def main() -> None:
                 trainer.save_checkpoint()
                 raise SystemExit(0)
         trainer.train_step = step_then_maybe_die
+    def save_selections() -> None:
+        blocks = -(-(BATCH // a.data) // spec.microbatch) if spec.microbatch else 1
+        torch.save({"selections": merge_blocks(selections, blocks), "first_step": first_step},
+                   a.out / f"selections.rank{rank}.pt")
     try:
         train_together(InMemoryBatches(x, BATCH, spec.seed), [trainer])
     except SystemExit:
-        torch.save({"selections": selections, "first_step": first_step}, a.out / f"selections.rank{rank}.pt")
+        save_selections()
         raise
-    torch.save({"selections": selections, "first_step": first_step}, a.out / f"selections.rank{rank}.pt")
+    save_selections()
     sae, rows, summary = trainer.finish()
     # this rank's training state: parameters, Adam moments, EMA (what latent sharding divides)
     held = [*trainer.sae.parameters(), *(t for st in trainer.opt.state.values() for t in st.values()

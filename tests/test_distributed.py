@@ -16,7 +16,7 @@ import torch
 
 from distributed_worker import BATCH, make_spec
 from saescale.config import ConfigError, validate
-from saescale.sae.distributed import Mesh, owned, selection_slots
+from saescale.sae.distributed import Mesh, owned, selection_slots, step_bytes
 from saescale.sae.train_distributed import draw_shard_rows
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -87,9 +87,15 @@ def assert_same_run(ref: Path, run: Path, data: int, latent: int) -> None:
     assert dist["summary"]["distributed"] == {"data": data, "latent": latent}
 
 
-@pytest.mark.parametrize("data, latent", [(1, 2), (2, 1), (2, 2)], ids=["S2", "D2", "D2xS2"])
-def test_a_distributed_run_selects_and_learns_what_one_process_does(reference, tmp_path, data, latent):
-    assert_same_run(reference, launch(tmp_path / "run", data, latent), data, latent)
+CHUNKED = ("--gather-bytes", "4096", "--spec", '{"microbatch": 24}')
+
+
+@pytest.mark.parametrize("data, latent, extra", [(1, 2, ()), (2, 1, ()), (2, 2, CHUNKED)],
+                         ids=["S2", "D2", "D2xS2-microbatch-chunked-gathers"])
+def test_a_distributed_run_selects_and_learns_what_one_process_does(reference, tmp_path, data, latent, extra):
+    """D2xS2 also steps each replica's 64 rows in train.microbatch blocks of 24 and gathers the shards'
+    candidates 10 rows at a time (global_topk's chunks)."""
+    assert_same_run(reference, launch(tmp_path / "run", data, latent, *extra), data, latent)
 
 
 def test_multitopk_shards_its_sorted_selection_and_two_bags(reference_multitopk, tmp_path):
@@ -127,6 +133,25 @@ def test_a_checkpoint_of_another_layout_is_not_resumed(tmp_path):
     launch(out, 1, 2, "--stop-after", "10")
     launch(out, 2, 1)
     assert torch.load(out / "selections.rank0.pt")["first_step"] == 0
+
+
+BENCH = WORKER.parents[1] / "benchmarks/bench_distributed.py"
+
+
+@pytest.mark.parametrize("data, latent", [(1, 2), (2, 1)], ids=["S2", "D2"])
+def test_the_communication_model_is_what_a_step_hands_to_collectives(tmp_path, data, latent):
+    """sae.distributed.step_bytes (the README's communication table) against the bytes the benchmark's
+    instrumented collectives saw per training step, with AuxK on every step."""
+    d, n, batch = 64, 1024, 256
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(data * latent),
+           str(BENCH), "--worker", "--layout", f"{data},{latent}", "--out", str(out), "--threads", "1", "--width", str(d),
+           "--latents", str(n), "--batch", str(batch), "--steps", "3", "--warmup", "2", "--dead"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(out.read_text())["ranks"][0]["collective_bytes"]
+    modeled = step_bytes(n, d, batch, data, latent, slots=32, act_bytes=4, auxk_slots=512)
+    assert sum(measured.values()) == sum(modeled.values())
 
 
 # ---- pieces, without processes -------------------------------------------------------------------------
@@ -175,7 +200,6 @@ def base_config(**train) -> dict:
     ({"distributed": {"data": 3}}, {}, r"train.distributed.data: 3 does not divide train.batch_size"),
     ({"distributed": {"latent": 2}}, {"archs": ["relu"]}, r"only topk, multitopk train distributed"),
     ({"distributed": {"latent": 2, "nodes": 3}}, {}, r"nodes: 3 nodes cannot share"),
-    ({"distributed": {"latent": 2}, "microbatch": 1024}, {}, r"set train.microbatch to null"),
     ({"distributed": {"replicas": 2}}, {}, r"train.distributed: Additional properties"),
 ])
 def test_a_layout_that_cannot_train_is_refused_by_key(train, sweep, message):

@@ -4,8 +4,9 @@ profiles/slurm` as the README says (with its gpu_constraints line filled in for 
 so every non-local job goes through sbatch with the profile's resources and training's own sizes.
 
 What runs is the quick preset cut to the path every cluster run takes, at smaller token budgets: the builtin
-corpus, tokenizer and LM, extract, normalize, three SAEs at n = 64 (TopK k = 4 and 8 trained as one pack,
-`train.pack: [k]`, rule train_pack_*; ReLU k = 8 through the `train` rule), evaluate on each, then scaling and
+corpus, tokenizer and LM, extract, normalize, four SAEs at n = 64 (TopK k = 4 and 8 trained as one pack,
+`train.pack: [k]`, rule train_pack_*; ReLU k = 8 through the `train` rule; TopK k = 4 again with
+train.distributed {latent: 2}, a two-GPU job of two torchrun processes), evaluate on each, then scaling and
 the report, which are localrules and run on this node. The setup chain is submitted as two group jobs
 (corpus + tokenizer + tokenize on CPUs, lm + extract + normalize with a GPU). Here every SLURM job costs ~10 s
 of Snakemake start-up (once for the job, once for its step) plus up to ~20 s until the plugin's status check,
@@ -54,8 +55,8 @@ GROUPS = {"prep": ("corpus", "tokenizer", "tokenize"), "subject": ("lm", "extrac
 GROUP_FLAGS = ("--groups", *(f"{rule}={group}" for group, rules in GROUPS.items() for rule in rules))
 # What each SLURM job ran, named as the plugin's --comment starts (rule_<rule or group>), and whether it asks
 # for a GPU: every one but the CPU-only group.
-SUBMITTED = {"prep": (1, False), "subject": (1, True), "train": (1, True), "train_pack": (1, True),
-             "evaluate": (3, True)}
+SUBMITTED = {"prep": (1, False), "subject": (1, True), "train": (2, True), "train_pack": (1, True),
+             "evaluate": (4, True)}
 RUN_TIMEOUT_S = 900
 # The cards of this cluster by memory (node features of tests/slurm_cluster.py), as a user fills in the profile
 GPU_CONSTRAINTS = "40:gpu40gb, 80:gpu80gb"
@@ -70,7 +71,9 @@ def cluster_config() -> dict:
     subject.update(train_tokens=16384, eval_tokens=4096)
     subject["dataset"]["max_tokens"] = 100_000
     subject["builtin"]["train_tokens"] = 16384
-    cfg["sweep"] = {"archs": ["topk"], "n": [64], "k": [4, 8], "extra": [{"archs": ["relu"], "n": [64], "k": [8]}]}
+    cfg["sweep"] = {"archs": ["topk"], "n": [64], "k": [4, 8], "extra": [{"archs": ["relu"], "n": [64], "k": [8]},
+                                                                         {"archs": ["topk_s2"], "n": [64], "k": [4]}],
+                    "variants": {"topk_s2": {"arch": "topk", "train": {"distributed": {"latent": 2}}}}}
     cfg["train"].update(pack=["k"], tokens=32768)
     cfg["analysis"] = {"progressive": {"archs": []}, "refinement": {"archs": []}}
     cfg["evaluate"] = {"downstream_windows": 16, **{m: {"enabled": False} for m in ("probes", "ablation", "geometry")}}
@@ -155,7 +158,8 @@ def test_the_cut_quick_preset_runs_through_sbatch_and_renders_the_report(slurm_r
     report = (wdir / "reports/report.html").read_text()
     assert "<html" in report.lower() and len(report) > 1000
     metrics = pd.read_csv(wdir / "data/scaling/tiny/L1/metrics.csv")
-    assert sorted(zip(metrics["arch"], metrics["n"], metrics["k"])) == [("relu", 64, 8), ("topk", 64, 4), ("topk", 64, 8)]
+    assert sorted(zip(metrics["arch"], metrics["n"], metrics["k"])) == [("relu", 64, 8), ("topk", 64, 4), ("topk", 64, 8),
+                                                                       ("topk_s2", 64, 4)]
     assert metrics["fvu"].between(0, 1).all()
     assert {job["JobState"] for job in jobs} == {"COMPLETED"}
     counts = pd.Series([submitted_as(job) for job in jobs]).value_counts().to_dict()
@@ -167,8 +171,26 @@ def test_the_cut_quick_preset_runs_through_sbatch_and_renders_the_report(slurm_r
 def test_gpu_rules_ask_slurm_for_a_gpu_and_cpu_rules_do_not(slurm_run):
     _, jobs = slurm_run
     for job in jobs:
-        asks_gpu = job.get("TresPerJob") == "gres:gpu:1"
+        distributed = "topk_s2" in job["Comment"]  # train.distributed latent 2: a GPU per process
+        asks_gpu = job.get("TresPerJob") == f"gres:gpu:{2 if distributed and submitted_as(job) == 'train' else 1}"
         assert asks_gpu == SUBMITTED[submitted_as(job)][1], f"{job['Comment']}: TresPerJob={job.get('TresPerJob')}"
+
+
+def test_a_distributed_sae_trains_on_two_processes_of_its_two_gpu_job(slurm_run):
+    """train.distributed {latent: 2}: one sbatch job with two GPUs, whose torchrun processes (gloo here: the GPUs
+    are fake) train the SAE the packed single-device job trained, up to float summation order."""
+    import torch
+    from safetensors.torch import load_file
+
+    wdir, jobs = slurm_run
+    job = next(job for job in jobs if submitted_as(job) == "train" and "topk_s2" in job["Comment"])
+    assert job["TresPerJob"] == "gres:gpu:2" and job["NumNodes"] == "1"
+    sae, alone = (load_file(wdir / f"data/saes/tiny/L1/{arch}/n64_k4/saescale_sae.safetensors")
+                  for arch in ("topk_s2", "topk"))
+    for key in alone:
+        torch.testing.assert_close(sae[key], alone[key], atol=1e-5, rtol=0, msg=key)
+    log = (wdir / "logs/train/tiny_L1_topk_s2_n64_k4.log").read_text()
+    assert "starting 2 training processes" in log and "[rank 1]" in log
 
 
 def slurm_time(minutes: int) -> str:
@@ -184,7 +206,7 @@ def test_a_packed_training_job_asks_for_what_the_profile_gives_train(slurm_run):
     expected = {"TresPerJob": f"gres:gpu:{train['gpu']}", "TimeLimit": slurm_time(train["runtime"]),
                 "Features": "gpu40gb"}  # the smallest card of GPU_CONSTRAINTS: n = 64 needs ~3 GB
     for name in ("train", "train_pack"):
-        job = next(job for job in jobs if submitted_as(job) == name)
+        job = next(job for job in jobs if submitted_as(job) == name and "topk_s2" not in job["Comment"])
         assert {key: job[key] for key in expected} == expected, job["Comment"]
 
 
@@ -200,6 +222,7 @@ def test_training_jobs_ask_for_the_memory_they_hold(slurm_run):
     for job in jobs:
         if submitted_as(job) in ("train", "train_pack"):
             mem = slurm_mib(job["MinMemoryNode"])
-            assert mem % 1024 == 0 and 3 * 1024 < mem <= 6 * 1024, (job["Comment"], mem)
+            procs = 2 if "topk_s2" in job["Comment"] else 1  # each process of a distributed job holds as much
+            assert mem % 1024 == 0 and 3 * 1024 * procs < mem <= 6 * 1024 * procs, (job["Comment"], mem)
         else:
             assert job.get("Features") in (None, "(null)"), job["Comment"]  # only training names a card

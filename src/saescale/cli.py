@@ -137,6 +137,12 @@ def cmd_train(a) -> None:
     data, latent = layout(first)
     if data * latent > 1 and len(members) > 1:
         raise SystemExit("saescale train --members: an SAE with train.distributed trains alone, never packed")
+    from saescale.launch import is_worker, launch
+
+    if data * latent > 1 and not is_worker():  # this process starts the data x latent that train
+        use_gpus = first["device"] != "cpu" and torch.cuda.device_count() > 0  # NVML: CUDA stays uninitialised
+        launch(data * latent, first["distributed"].get("nodes", 1), a.argv, a.threads, use_gpus)
+        return
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share its threads
     torch.set_num_threads(max(1, a.threads // procs))
     root = open_store(a.activations)
@@ -829,6 +835,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a distributed train re-runs under torchrun
     try:
         _check_inputs(args)
         resolve_spec(args)

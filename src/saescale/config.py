@@ -189,7 +189,7 @@ def layout(train: dict) -> tuple[int, int]:
 
 
 def _check_distributed(cfg: dict) -> None:
-    """train.distributed's layout fits every SAE it trains (method §A.7): a TopK-family arch, shards that divide
+    """train.distributed's layout fits every SAE it trains (method §A.7b): a TopK-family arch, shards that divide
     n, replicas that divide the batch, processes that divide over the nodes."""
     for job in trained_saes(cfg):
         arch, train = recipe(cfg, job["arch"])
@@ -210,9 +210,6 @@ def _check_distributed(cfg: dict) -> None:
         if (data * latent) % nodes:
             raise ConfigError(f"{where}.nodes: {nodes} nodes cannot share data x latent = {data * latent} "
                               "processes evenly")
-        if train.get("microbatch"):
-            raise ConfigError(f"{where}: set train.microbatch to null for {sae}; a shard's step already holds "
-                              "batch/data rows x n/latent latents")
 
 
 def _selector_stages(cfg: dict) -> list[tuple[str, dict]]:

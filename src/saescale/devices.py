@@ -102,24 +102,39 @@ def _holders(directory: Path, devices: Sequence[str]) -> str:
 def acquire(devices: Sequence[str], directory: Path, timeout_s: float = TIMEOUT_S,
             poll_s: float = POLL_S) -> Lease:
     """A lease on the first of `devices` no other process holds, waiting up to timeout_s for one to free up."""
+    return acquire_many(devices, 1, directory, timeout_s, poll_s)[0]
+
+
+def acquire_many(devices: Sequence[str], want: int, directory: Path, timeout_s: float = TIMEOUT_S,
+                 poll_s: float = POLL_S) -> list[Lease]:
+    """Leases on `want` of `devices` at once (a train.distributed job's GPUs), waiting up to timeout_s. Never holds
+    some while waiting for the rest: two jobs each holding half the GPUs would wait for each other forever."""
+    if want > len(devices):
+        raise NoFreeDevice(f"{want} GPUs asked for (train.distributed data x latent) but {len(devices)} are visible "
+                           f"({', '.join(devices) or 'none'}); lower the layout or run where more GPUs are")
     directory.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     waited = False
     while True:
+        got: list[Lease] = []
         for index, device in enumerate(devices):
             path = directory / _lock_name(device)
             fd = _try_lock(path)
             if fd is not None:
-                if waited:
-                    log.info("GPU %s came free", device)
-                return Lease(device, index, path, fd)
+                got.append(Lease(device, index, path, fd))
+                if len(got) == want:
+                    if waited:
+                        log.info("GPU %s came free", ", ".join(lease.device for lease in got))
+                    return got
+        for lease in got:
+            os.close(lease.fd)  # releases the flock
         if time.monotonic() >= deadline:
             raise NoFreeDevice(
                 f"all {len(devices)} GPUs ({', '.join(devices)}) stayed leased to other saescale jobs for "
                 f"{timeout_s:.0f} s ({_holders(directory, devices)}; lock files in {directory}). Give snakemake "
                 f"--resources gpu={len(devices)} at most, wait for the other run, or raise {TIMEOUT_ENV}")
         if not waited:
-            log.info("every GPU (%s) is leased to another job; waiting up to %.0f s for one", ", ".join(devices),
+            log.info("fewer than %d of the GPUs (%s) are free; waiting up to %.0f s", want, ", ".join(devices),
                      timeout_s)
             waited = True
         time.sleep(poll_s)
@@ -132,7 +147,7 @@ def lease_gpu(environ: dict[str, str] | None = None, count: Callable[[], int] | 
     env = os.environ if environ is None else environ
     if _held is not None:
         return _held
-    if "SLURM_JOB_ID" in env:
+    if "SLURM_JOB_ID" in env or "LOCAL_RANK" in env:  # SLURM chose; or a torchrun worker, whose launcher leased
         return None
     if count is None:
         import torch
@@ -147,3 +162,19 @@ def lease_gpu(environ: dict[str, str] | None = None, count: Callable[[], int] | 
     log.info("GPU lease: device %s of %s (CUDA_VISIBLE_DEVICES=%s; %s)", _held.device, ",".join(devices),
              _held.device, _held.path)
     return _held
+
+
+def lease_gpus(want: int, environ: dict[str, str], count: Callable[[], int] | None = None) -> list[Lease]:
+    """`want` GPUs for a train.distributed job's processes, leased by its launcher before torchrun starts them
+    (each worker then uses cuda:<LOCAL_RANK> of those). Empty where no lease is taken (module doc)."""
+    if "SLURM_JOB_ID" in environ:
+        return []
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count
+    devices = visible_devices(environ, count)
+    timeout_s = float(environ.get(TIMEOUT_ENV) or TIMEOUT_S)
+    leases = acquire_many(devices, want, lease_dir(environ), timeout_s)
+    log.info("GPU leases: devices %s of %s", ",".join(lease.device for lease in leases), ",".join(devices))
+    return leases

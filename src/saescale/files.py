@@ -87,7 +87,10 @@ def setup_logging(log_path: str | None) -> logging.Logger:
         # progress bars of huggingface_hub, transformers and datasets go to the log at most every 30 s
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     handler = logging.StreamHandler(sys.stderr)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=[handler], force=True)
+    # the processes of a distributed job (torchrun sets RANK) share its log: each line says whose it is
+    rank = f" [rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{rank} %(name)s %(message)s", handlers=[handler],
+                        force=True)
     logging.captureWarnings(True)  # warnings.warn lines become log lines with a time and a source
     return logging.getLogger("saescale")
 

@@ -69,6 +69,9 @@ PREACT_FACTOR = 1.19  # a step's peak over rows * n * (bytes of the forward's dt
 ROW_BYTES = 20_000  # the rest of a step's peak per batch row (selections, gradients of x), fitted the same way
 STATE_FLOATS = 10  # per weight: W_enc and W_dec, their gradients, Adam's two moments and the EMA, float32
 SAVED_FLOATS = 4  # per weight, on the host while an SAE is saved: W_enc and W_dec, and the file safetensors builds
+# train.distributed gathers the shards' top-k candidates in chunks of rows of at most this many bytes
+# (sae.distributed.global_topk), so S * k_aux candidates per row never take more, whatever the batch
+GATHER_BYTES = 2**28
 CUDA_CONTEXT_GIB = 2.5  # the CUDA context, the batch on the GPU and kernels' scratch (scale.md)
 PROCESS_GIB = {"cuda": 3.0, "cpu": 1.0}  # python, torch (and the CUDA libraries) before any data
 
@@ -102,12 +105,31 @@ def train_step_gib(widths: list[int], d_model: int, batch_size: int, act_bytes: 
     return (pre_acts + ROW_BYTES * batch_size + state) / GIB
 
 
+def sharded_step_gib(n: int, d_model: int, batch_size: int, data: int, latent: int, slots: int,
+                     act_bytes: int, microbatch: int | None = None) -> float:
+    """Peak memory of one process of a train.distributed step (sae/distributed.py): its B/D rows' pre-activations
+    over its n/S latents, the per-row term for B/D rows, the candidates all-gathered from the S shards (`slots` =
+    k + k_aux values and int64 indices per shard per row, gathered in chunks of rows of at most GATHER_BYTES, with
+    the top-k's copy), the reduced decode (two bags, float32), the global batch every rank reads (raw and
+    normalized, float32), and its shard of the training state."""
+    rows, n_local = batch_size // data, n // latent
+    pre_acts = PREACT_FACTOR * min(microbatch or rows, rows) * n_local * act_bytes  # train.microbatch: a block
+    gathered = 2 * min(latent * slots * (act_bytes + 8) * rows, GATHER_BYTES) + 2 * 2 * d_model * 4 * rows
+    return (pre_acts + ROW_BYTES * rows + gathered + 2 * batch_size * d_model * 4
+            + STATE_FLOATS * n_local * d_model * 4) / GIB
+
+
 def train_gpu_gib(widths: list[int], d_model: int, batch_size: int, act_bytes: int,
-                  microbatch: int | None = None) -> int:
-    """GPU memory a training job needs, in GiB (what GPU makers call GB: an "80 GB" card holds ~79.6 GiB).
-    gpt2-small's batch 131,072 at bf16: n = 2^17 needs 47 (an 80 GB card; 28 with train.microbatch 65536, a
-    40 GB card), n = 2^16 26."""
-    return math.ceil(train_step_gib(widths, d_model, batch_size, act_bytes, microbatch) + CUDA_CONTEXT_GIB)
+                  microbatch: int | None = None, layout: tuple[int, int] = (1, 1), slots: int = 0) -> int:
+    """GPU memory a training job needs per GPU, in GiB (what GPU makers call GB: an "80 GB" card holds ~79.6
+    GiB). gpt2-small's batch 131,072 at bf16: n = 2^17 needs 47 (an 80 GB card; 28 with train.microbatch 65536, a
+    40 GB card), n = 2^16 26. `layout` (data, latent) > 1: one process of a train.distributed job, `slots` its
+    k + k_aux."""
+    if layout != (1, 1):
+        step = sharded_step_gib(max(widths), d_model, batch_size, *layout, slots, act_bytes, microbatch)
+    else:
+        step = train_step_gib(widths, d_model, batch_size, act_bytes, microbatch)
+    return math.ceil(step + CUDA_CONTEXT_GIB)
 
 
 def in_memory(attrs: dict, in_memory_max_gb: float) -> bool:

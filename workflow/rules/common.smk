@@ -9,6 +9,7 @@ from snakemake.resources import Resources
 from snakemake.settings.types import DeploymentMethod
 
 from saescale import hardware, stage_specs
+from saescale.config import k_aux_for, layout
 from saescale.hardware import gpu_present
 from saescale.files import file_digest
 from saescale.provenance import EXTRACT_MODULES, TRAIN_MODULES, code_version
@@ -38,6 +39,13 @@ def profile_resource(rule, name):
 
 # A cluster profile may give `train` GPUs where this host has none to see (a login node)
 TRAIN_ON_GPU = TRAIN_GPUS > 0 or int(profile_resource("train", "gpu") or 0) > 0
+# GPUs per training process: what the profile gives `train`, else this host's. A train.distributed job runs
+# data x latent processes and asks for that many times this (train_gpus), so the profile's fixed `gpu` for `train`
+# is taken out of the overrides here, where it would otherwise replace that product.
+GPUS_PER_PROCESS = int(profile_resource("train", "gpu") or TRAIN_GPUS)
+if "train" in workflow.resource_settings.overwrite_resources:
+    workflow.resource_settings.overwrite_resources["train"] = Resources(
+        {key: v for key, v in workflow.resource_settings.overwrite_resources["train"].items() if key != "gpu"})
 
 
 def inherit_train_resources(rule_name):
@@ -63,9 +71,14 @@ def train_resources(job):
         settings = recipe(CFG, arch)[1]
         attrs = hardware.store_attrs(input.activations)
         act_bytes = hardware.forward_bytes(settings["precision"], "cuda" if TRAIN_ON_GPU else "cpu")
-        gpu = hardware.train_gpu_gib(widths, attrs["d_model"], settings["batch_size"], act_bytes,
-                                     settings["microbatch"])
-        return hardware.train_host_gib(attrs, widths, settings, TRAIN_ON_GPU), gpu if TRAIN_ON_GPU else 0
+        d, data, latent = attrs["d_model"], *layout(settings)
+        k = int(getattr(wildcards, "k", 0))  # a distributed SAE's own job; packs train on one device
+        slots = (4 * k if recipe(CFG, arch)[0] == "multitopk" else k) + k_aux_for(settings, d)
+        gpu = hardware.train_gpu_gib(widths, d, settings["batch_size"], act_bytes, settings["microbatch"],
+                                     (data, latent), slots)
+        # a distributed job's processes on one node each hold what a single-device job holds on the host
+        host = hardware.train_host_gib(attrs, widths, settings, TRAIN_ON_GPU) * procs_per_node(settings)
+        return host, gpu if TRAIN_ON_GPU else 0
 
     def constraint(wildcards, input):
         tiers = profile_resource("train", "gpu_constraints")
@@ -76,6 +89,22 @@ def train_resources(job):
         "gpu_mem_gb": lambda wildcards, input: size(wildcards, input)[1],
         "constraint": constraint,
     }
+
+
+def procs_per_node(settings):
+    """Training processes a job starts on each node: data x latent / nodes of train.distributed; 1 without."""
+    data, latent = layout(settings)
+    return data * latent // settings["distributed"]["nodes"]
+
+
+def train_gpus(wc):
+    """GPUs one training job asks for: one per process of train.distributed (data x latent), or one."""
+    data, latent = layout(recipe(CFG, wc.arch)[1])
+    return GPUS_PER_PROCESS * data * latent
+
+
+def train_nodes(wc):
+    return recipe(CFG, wc.arch)[1]["distributed"]["nodes"]
 
 
 def spec(obj):

@@ -1,5 +1,7 @@
 # Train one SAE per (subject, layer, arch, n, k) with the paper's recipe (method §A.3-A.7); `arch` is an
 # arch of sae/archs.py or a named variant (sweep.variants), whose train overrides only rerun its own jobs.
+# With train.distributed (data x latent > 1) the same command starts data x latent processes under torchrun
+# (saescale.launch), one GPU each: the job asks for that many GPUs, over train.distributed.nodes nodes.
 
 TRAIN_CODE = code_version("train", *TRAIN_MODULES)
 
@@ -20,7 +22,8 @@ rule train:
         envs()
     threads: CFG["train"]["threads"]
     resources:
-        gpu=TRAIN_GPUS,
+        gpu=train_gpus,
+        nodes=train_nodes,
         **train_resources(lambda wc: ([int(wc.n)], wc.arch)),
     params:
         spec=lambda wc: spec(sae_settings(CFG, wc.arch)[1]),
@@ -54,7 +57,7 @@ for pack in train_packs(CFG):
             envs()
         threads: max(recipe(CFG, job["arch"])[1]["threads"] for job in pack["members"])
         resources:
-            gpu=TRAIN_GPUS,
+            gpu=GPUS_PER_PROCESS,
             **train_resources(lambda wc, jobs=pack["members"]: ([job["n"] for job in jobs], jobs[0]["arch"])),
         params:
             members=spec(pack_members(pack)),

@@ -1,5 +1,5 @@
 """One SAE across several processes: data parallelism times sharding of the latent dimension, with an exact
-global TopK (method §A.7, "Parallelism"; the released code's n_replicas x n_op_shards).
+global TopK (method §A.7b; the released code's n_replicas x n_op_shards).
 
 World = D replicas x S shards; rank = replica * S + shard. A rank holds latents [shard * n/S, (shard+1) * n/S) of
 W_enc, b_enc and W_dec (their Adam state, EMA and dead-latent counters too) and a copy of b_pre, and trains on
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from saescale.config import SHARDED_ARCHS
+from saescale.hardware import GATHER_BYTES
 from saescale.sae.activations import Latents, Selection, dead_topk
 from saescale.sae.archs import Mse, TrainOutput
 
@@ -149,9 +150,21 @@ def mesh_from_env(data: int, latent: int, device: torch.device) -> Mesh:
 # ---- the sharded TopK step ----------------------------------------------------------------------------
 def global_topk(values: torch.Tensor, indices: torch.Tensor, k: int, mesh: Mesh, sorted: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k over all shards of per-shard candidates (values [rows, m], global latent indices [rows, m])."""
+    """The top-k over all shards of per-shard candidates (values [rows, m], global latent indices [rows, m]).
+    Chunks of rows are gathered one after another, so the S*m candidates per row (S * k_aux can reach thousands)
+    never occupy more than GATHER_BYTES whatever the batch; the selection is per row, so chunking changes nothing."""
     if mesh.latent == 1:
         return values, indices
+    per_row = mesh.latent * values.shape[1] * (values.element_size() + indices.element_size())
+    chunk = max(1, GATHER_BYTES // per_row)
+    if len(values) <= chunk:
+        return _topk_of_gathered(values, indices, k, mesh, sorted)
+    parts = [_topk_of_gathered(v, i, k, mesh, sorted) for v, i in zip(values.split(chunk), indices.split(chunk))]
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def _topk_of_gathered(values: torch.Tensor, indices: torch.Tensor, k: int, mesh: Mesh, sorted: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     values, indices = mesh.gather_shards(values), mesh.gather_shards(indices)
     top, pos = values.topk(min(k, values.shape[1]), dim=1, sorted=sorted)
     return top, indices.gather(1, pos)
@@ -274,3 +287,22 @@ class ShardedStep:
 
     def reduce_gradients(self, sae) -> None:
         reduce_gradients(sae, self.mesh)
+
+
+def step_bytes(n: int, d: int, batch: int, data: int, latent: int, slots: int, act_bytes: int = 4,
+               auxk_slots: int = 0) -> dict[str, int]:
+    """Bytes one process hands to collectives in a TopK training step (their payload; a ring all-reduce sends about
+    twice its payload, an all-gather S - 1 times it): `slots` selected latents per token (k; 4k for multitopk),
+    `auxk_slots` AuxK's (0 while no latent is dead), `act_bytes` the pre-activations' dtype (2 under bf16)."""
+    rows, n_local = batch // data, n // latent
+    out = {"candidates_all_gather": 0, "decode_all_reduce": 0, "gradient_all_reduce": 0, "bookkeeping": 0}
+    if latent > 1:
+        out["candidates_all_gather"] = rows * (min(slots, n_local) + min(auxk_slots, n_local)) * (act_bytes + 8)
+        out["decode_all_reduce"] = rows * (2 if auxk_slots else 1) * d * 4
+        out["bookkeeping"] += 4 if auxk_slots else 0  # whether any latent is dead
+    if data > 1:
+        out["gradient_all_reduce"] = (2 * n_local * d + n_local) * 4
+        out["bookkeeping"] += n_local * 4 + ((d + 1) * 4 if auxk_slots else 0)  # firing counts, AuxK's norm
+    if data * latent > 1:
+        out["gradient_all_reduce"] += d * 4  # b_pre, over every rank
+    return out

@@ -48,9 +48,6 @@ class ShardedTrainer(Trainer):
 
     def __init__(self, mesh: Mesh, b_pre, baseline_mse: float, spec, checkpoint_path: str | Path, *args, **kwargs):
         selection_slots(spec.arch, spec.k, spec.n, {"multiple": 4})  # refuses a non-TopK arch by name
-        if spec.microbatch:
-            raise ValueError("train.microbatch with train.distributed: a shard's step already holds B/D rows x n/S "
-                             "latents; set train.microbatch to null or shard further")
         self.mesh = mesh
         self.start, self.stop = mesh.latents(spec.n)
         mesh.rows(spec.batch_size)  # refuses a batch the replicas cannot split evenly
