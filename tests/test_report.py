@@ -21,6 +21,7 @@ from saescale.config import analysed, recipe, sae_jobs, validate
 from saescale.report import comparison as cmp
 from saescale.report import figures
 from saescale.report.render import num, render_report
+from saescale.report.tables import pct
 
 XSS = "<script>alert(1)</script>"
 XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -83,18 +84,18 @@ def _write_sae(job: dict, evals: bool) -> None:
                                              "versions": {"python": "3.11.7", "torch": "2.3.0"}})
     if evals:
         _write(paths.fmt(paths.EVAL, **job), {"fvu": fvu, "dead_latents": 1,
-                                              "downstream": {"kl_zero_ablation": 0.75}})
+                                              "downstream": {"kl_div_with_ablation": 0.75}})
 
 
 def _metrics_row(job: dict, nan_downstream: bool, weights: str) -> dict:
     fvu = _fvu(job["n"], job["k"])
     dce, kl = (math.nan, math.nan) if nan_downstream else (0.2 * fvu, 0.05 * fvu)
     return {**job, "d_model": 16, "fvu": fvu, "l0": job["k"], "dead_fraction": 1 / job["n"], "delta_ce": dce,
-            "kl": kl, "ce_clean": 5.0, "ce_spliced": 5.0 + dce, "delta_ce_zero_ablation": 1.0,
-            "kl_zero_ablation": 0.75, "dead_latents": 1,
-            "loss_recovered": 1 - dce, "eval_tokens": 512, "downstream_tokens": 480, "lr": 1e-3,
-            "train_tokens": 4096, "train_seconds": 0.5, "tokens_per_s": 8192.0, "weights": weights,
-            "device": "cpu"}
+            "kl_div_with_sae": kl, "ce_loss_without_sae": 5.0, "ce_loss_with_sae": 5.0 + dce,
+            "ce_loss_with_ablation": 6.0, "delta_ce_zero_ablation": 1.0, "kl_div_with_ablation": 0.75,
+            "dead_latents": 1, "ce_loss_score": 1 - dce, "kl_div_score": 1 - kl / 0.75, "eval_tokens": 512,
+            "downstream_tokens": 480, "lr": 1e-3, "train_tokens": 4096, "train_seconds": 0.5,
+            "tokens_per_s": 8192.0, "weights": weights, "device": "cpu"}
 
 
 def write_run(cfg: dict, fits_ok: bool = True, nan_downstream: bool = False, evals: bool = True,
@@ -151,6 +152,30 @@ def test_grid_table_shows_the_metrics_numbers(tmp_path, monkeypatch):
     assert SHA in html and "3.11.7" in html  # corpus provenance and software version
     assert "12,345" in html  # builtin LM parameter count
     assert "Fig. 1b" in html and "Fig. 5b" in html
+
+
+def test_grid_and_references_read_the_saebench_named_columns(tmp_path, monkeypatch):
+    """KL, loss recovered (ce_loss_score) and the zero-ablation references come from metrics.csv's columns
+    under SAEBench's names: a report still reading the old names would show dashes here."""
+    _skip_png_encoding(monkeypatch)
+    html = render(tmp_path, monkeypatch, _config())
+    grid = html.split('id="grid-tiny-L0"')[1].split("</table>")[0]
+    for n in (32, 64):
+        for k in (4, 8):
+            fvu = _fvu(n, k)
+            assert f"<td>{num(0.05 * fvu)}</td>" in grid  # kl_div_with_sae
+            assert f"<td>{pct(1 - 0.2 * fvu)}</td>" in grid  # ce_loss_score
+    assert "clean CE 5 nats/token" in html and "KL 0.75 nats" in html
+
+
+def test_a_metrics_csv_of_an_earlier_version_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _config()
+    write_run(cfg)
+    path = Path(paths.fmt(paths.METRICS, subject="tiny", layer=0))
+    pd.read_csv(path).rename(columns={"kl_div_with_sae": "kl"}).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"metrics\.csv.*kl -> kl_div_with_sae.*rerun its scaling job"):
+        render_report(cfg, "reports/report.html")
 
 
 def test_text_from_config_and_data_files_is_escaped(tmp_path, monkeypatch):
@@ -235,7 +260,7 @@ def test_num_formats_missing_values_as_a_dash():
 
 def test_figures_return_none_when_nothing_is_finite():
     empty = pd.DataFrame({"arch": ["topk"], "n": [32], "k": [4], "fvu": [np.nan], "delta_ce": [np.nan],
-                          "kl": [np.nan]})
+                          "kl_div_with_sae": [np.nan]})
     assert figures.grid_heatmap(empty, "fvu", "FVU") is None
     assert figures.downstream_vs_fvu(empty, {}) is None
     assert figures.scaling_laws(empty, {"fvu": None}, {}) is None

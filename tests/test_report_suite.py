@@ -25,8 +25,8 @@ TASKS = {"in_string": 0.125, "digit": 0.25, "never_true": 0.0}  # positive rates
 FILES = ("probes", "ablation", "geometry", "interpret", "reconstruction", "dashboard")
 # metrics.csv columns by the file they are merged from (first matching prefix)
 COLUMN_FILES = {"probe": "probes", "ablation": "ablation", "freq": "geometry", "alpha": "geometry",
-                "nn": "geometry", "n2g_delta_ce": "reconstruction", "bigram": "reconstruction",
-                "sae_delta_ce": "reconstruction", "n2g": "interpret"}
+                "nn": "geometry", "average_max_decoder": "geometry", "n2g_delta_ce": "reconstruction",
+                "bigram": "reconstruction", "sae_delta_ce": "reconstruction", "n2g": "interpret"}
 
 
 def _suite_numbers(n: int, k: int, flip: bool = False) -> dict:
@@ -39,7 +39,8 @@ def _suite_numbers(n: int, k: int, flip: bool = False) -> dict:
             "n2g_f1": 0.35 + 0.05 * g - 0.05 * math.log2(k / 4),
             "n2g_delta_ce": 0.2 * 2 ** (-0.3 * g) * (k / 4) ** 0.3, "bigram_delta_ce": 0.1,
             "sae_delta_ce_c6": 0.01, "freq_slope": -0.7, "alpha_paper": 0.7, "alpha_model": -0.3,
-            "nn_mean": 0.4, "nn_random_mean": 0.3, "nn_above_0.9": 1, "nn_above_0.97": 0}
+            "average_max_decoder_cosine_sim": 0.4, "nn_random_mean": 0.3, "nn_above_0.9": 1,
+            "nn_above_0.97": 0}
 
 
 def _hist(values, lo: float, hi: float, bins: int) -> dict:
@@ -299,3 +300,16 @@ def test_not_run_notes_name_the_key_that_selects_each_metric():
     assert "did not run yet: interpret.reconstruction.n is on for 2" in note("reconstruction")
     assert "evaluate.ablation.archs / evaluate.ablation.n select none of this layer's 2" in note(
         "ablation", evaluate={"ablation": {"n": [4096]}})
+
+
+def test_the_real_sae_geometry_row_reads_the_saebench_named_nn_column():
+    """metrics.csv's average_max_decoder_cosine_sim (SAEBench's name for the mean nearest-neighbour decoder
+    cosine) fills the 'nn cosine mean' cell of the manifolds section's table of this run's SAEs."""
+    from saescale.report.manifold_sections import real_sae_rows
+
+    s = _suite_numbers(64, 8)
+    m = pd.DataFrame([{"arch": "topk", "n": 64, "k": 8, **s}])
+    out = real_sae_rows([{"subject": "tiny", "layer": 0, "metrics_all": m}], beta=None)
+    row = dict(zip(out["columns"], out["rows"][0]))
+    assert row["nn cosine mean"] == num(s["average_max_decoder_cosine_sim"], 3) == "0.4"
+    assert row["random"] == "0.3"

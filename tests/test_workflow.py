@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from browser import broken_anchors, chromium, inspect, local_targets, screenshot  # noqa: F401 (a fixture)
@@ -65,7 +66,7 @@ def test_quick_preset_produces_the_report(quick_run):
     assert metrics["fvu"].between(0, 1).all() and (topk["l0"] <= topk["k"]).all()
     assert (metrics["delta_ce"] < metrics["delta_ce_zero_ablation"]).all()
     ev = json.loads((quick_run / "data/eval/tiny/L1/topk/n128_k8.json").read_text())
-    assert ev["downstream"]["kl"] >= 0 and ev["train"]["device"] == "cpu"
+    assert ev["downstream"]["kl_div_with_sae"] >= 0 and ev["train"]["device"] == "cpu"
     assert not list(quick_run.glob("data/saes/**/checkpoint.pt"))
     for exp, archs in (("progressive", ["topk", "multitopk", "relu"]), ("refinement", ["topk", "relu"])):
         for arch in archs:
@@ -208,7 +209,7 @@ def test_quick_preset_runs_every_suite_metric_on_its_selected_saes(quick_run):
     assert suite["ablation_sparsity"].between(0, 1).all() and suite["ablation_sparsity_resid"].between(0, 1).all()
     assert suite["n2g_precision"].between(0, 1).all() and suite["n2g_recall"].between(0, 1).all()
     assert (suite["n2g_delta_ce"] > 0).all() and (suite["bigram_delta_ce"] > 0).all()
-    assert (suite["freq_slope"] < 0).all() and suite["nn_mean"].between(-1, 1).all()
+    assert (suite["freq_slope"] < 0).all() and suite["average_max_decoder_cosine_sim"].between(-1, 1).all()
     assert metrics.drop(suite.index)["probe_loss"].isna().all()  # not selected: not run
     records = (quick_run / "data/interpret/tiny/L1/topk/n128_k8.jsonl").read_text().splitlines()
     assert len(records) == 16 and all(json.loads(r)["top_examples"] for r in records)
@@ -274,6 +275,38 @@ def test_packed_saes_train_in_one_job_to_the_weights_of_lone_jobs(quick_run, tmp
     assert (wdir / "logs/train/pack_tiny_L1_topk_n64_kall.log").is_file()
     assert not list(wdir.glob("data/saes/**/checkpoint.pt"))
     assert planned_jobs(snakemake(wdir, "-n", *targets, config=cfg)) == {}
+
+
+DISTRIBUTED = {"topk_s2": {"data": 1, "latent": 2}, "topk_d2s2": {"data": 2, "latent": 2}}
+
+
+def test_distributed_variants_train_on_2_and_4_processes_to_the_single_device_weights(quick_run, tmp_path):
+    """train.distributed on a sweep.variants entry: its job starts data x latent gloo processes with torchrun and
+    writes the usual files, whose weights equal the quick run's single-device SAE of the same recipe up to float
+    summation order (tests/test_distributed.py measures the same tolerance on every step)."""
+    from safetensors.torch import load_file
+
+    wdir = tmp_path / "distributed"
+    shutil.copytree(quick_run, wdir, symlinks=True)
+    cfg = json.loads(json.dumps(QUICK))
+    cfg["sweep"]["extra"].append({"archs": list(DISTRIBUTED), "n": [64], "k": [4]})
+    cfg["sweep"]["variants"].update({name: {"arch": "topk", "train": {"distributed": layout}}
+                                     for name, layout in DISTRIBUTED.items()})
+    targets = [f"data/saes/tiny/L1/{name}/n64_k4/saescale_sae.json" for name in DISTRIBUTED]
+    assert planned_jobs(snakemake(wdir, "-n", *targets, config=cfg)) == {"train": 2}
+    snakemake(wdir, *targets, config=cfg)
+    alone = load_file(quick_run / "data/saes/tiny/L1/topk/n64_k4/saescale_sae.safetensors")
+    for name, layout in DISTRIBUTED.items():
+        folder = wdir / f"data/saes/tiny/L1/{name}/n64_k4"
+        weights = load_file(folder / "saescale_sae.safetensors")
+        assert weights.keys() == alone.keys()
+        for key in alone:
+            torch.testing.assert_close(weights[key], alone[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+        assert json.loads((folder / "saescale_sae.json").read_text())["train"]["distributed"] == layout
+        log = (wdir / f"logs/train/tiny_L1_{name}_n64_k4.log").read_text()
+        procs = layout["data"] * layout["latent"]
+        assert f"starting {procs} training processes" in log and f"[rank {procs - 1}]" in log
+        assert not list(folder.glob("checkpoint*"))
 
 
 def test_snakemake_report_bundles_the_html(quick_run):

@@ -314,7 +314,7 @@ def cmd_evaluate(a) -> None:
                               s["downstream_batch"], device)
     logging.getLogger("saescale.evaluate").info(
         "FVU %.4f, L0 %.1f, dead %.1f%%, delta CE %.4f nats, KL %.4f", recon["fvu"], recon["l0"],
-        100 * recon["dead_fraction"], down["delta_ce"], down["kl"])
+        100 * recon["dead_fraction"], down["delta_ce"], down["kl_div_with_sae"])
     # an imported SAE (config.imported) has no training record here; where it came from instead
     origin = {"imported_from": cfg["imported_from"]} if "imported_from" in cfg else {}
     write_json_atomic(a.out, _result(cfg, a.layer, device, d_model=cfg["d_model"], **recon, downstream=down,

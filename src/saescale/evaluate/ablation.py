@@ -206,6 +206,7 @@ def ablation_record(model, layer: int, sae, windows: Tensor, spec: dict) -> dict
     windows [W, S] long on the model's device. A latent is removed in raw space, -z_i d_i ||x - mu||
     (error-preserving); a channel is set to 0.
     """
+    from saescale.evaluate.memory import encode_slots
     from saescale.normalize import normalize
     from saescale.subject import add_at_positions, record_resid, run_until_recorded
 
@@ -220,9 +221,10 @@ def ablation_record(model, layer: int, sae, windows: Tensor, spec: dict) -> dict
     x = torch.cat(resid)  # [W, S, d]
     d = x.shape[-1]
     x_norm, _, scale = normalize(x.reshape(-1, d))
-    lat = sae.encode(x_norm)
-    values = lat.values.reshape(W, S, -1)
-    codes = values if lat.indices is None else (values, lat.indices.reshape(W, S, -1))
+    # encoded in row blocks, kept as slots in latent order (memory.encode_slots): the pairs drawn are the
+    # dense code's, without a [W*S, n] code (64 GiB at 256 windows of 64 tokens, n = 2^20)
+    lat = encode_slots(sae, x_norm)
+    codes = (lat.values.reshape(W, S, -1), lat.indices.reshape(W, S, -1))
     latent_pairs = sample_pairs(codes, spec["pairs"], gen, horizon=T)
     channel_pairs = sample_pairs(x, spec["pairs"], gen, horizon=T)
     scale = scale.reshape(W, S)

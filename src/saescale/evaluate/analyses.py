@@ -11,6 +11,7 @@ import zarr
 from torch import nn
 
 from saescale.evaluate.downstream import downstream_metrics
+from saescale.evaluate.memory import forward_rows
 from saescale.evaluate.progressive import k_grid, progressive_curves, threshold_grid
 from saescale.evaluate.refinement import refine_values, refinement_summary, support_from_dense
 from saescale.normalize import MeanAndBaseline, normalize
@@ -18,7 +19,7 @@ from saescale.sae.activations import Latents
 from saescale.sae.model import SparseAutoencoder
 from saescale.store import iter_chunks
 
-REFINE_BATCH = 1024  # tokens per refinement solve: Gram matrices are [batch, m, m]
+REFINE_BATCH = 1024  # tokens per refinement solve (Gram matrices [batch, m, m]); fewer at n > 2^20
 HIST_BINS = 40
 
 
@@ -42,7 +43,7 @@ def eval_sample(root: zarr.Group, layer: int, tokens: int) -> tuple[torch.Tensor
 @torch.no_grad()
 def progressive(sae: SparseAutoencoder, x: torch.Tensor, spec: dict, mean: torch.Tensor | None = None) -> dict:
     k_values = k_grid(sae.k, spec["k_factors"], sae.n_latents)
-    sample = sae.family.scores(sae, x[:2048])
+    sample = sae.family.scores(sae, x[:2048])  # [2048, n]: 8 GiB at n = 2^20, less than the curves' blocks
     l0_targets = np.geomspace(min(k_values), max(k_values), spec["thresholds"])
     thresholds = threshold_grid(sample, l0_targets)
     return progressive_curves(sae, x, k_values, thresholds, x.mean(dim=0) if mean is None else mean)
@@ -61,7 +62,7 @@ def refined_reconstruction(sae: SparseAutoencoder, iters: int):
     @torch.no_grad()
     def reconstruct(x: torch.Tensor, _tokens: torch.Tensor | None = None) -> torch.Tensor:
         out = []
-        for xb in x.split(REFINE_BATCH):
+        for xb in x.split(forward_rows(sae.n_latents, REFINE_BATCH)):
             lat = _support(sae, xb)
             values = refine_values(xb - sae.b_pre, sae.W_dec, lat.values, lat.indices, iters=iters)
             out.append(sae.decode(Latents(values, lat.indices)))
@@ -82,7 +83,7 @@ def refinement(sae: SparseAutoencoder, x: torch.Tensor, spec: dict, model: nn.Mo
     base = float(((x - mean) ** 2).sum())
     err_before = err_after = 0.0
     before, after = [], []
-    for xb in x.split(REFINE_BATCH):
+    for xb in x.split(forward_rows(sae.n_latents, REFINE_BATCH)):
         lat = _support(sae, xb)
         values = refine_values(xb - sae.b_pre, sae.W_dec, lat.values, lat.indices, iters=spec["iters"])
         err_before += float(((sae.decode(lat) - xb) ** 2).sum())
@@ -105,5 +106,6 @@ def refinement(sae: SparseAutoencoder, x: torch.Tensor, spec: dict, model: nn.Mo
         refined = downstream_metrics(model, layer, sae, windows, batch_size, device,
                                      reconstruct=refined_reconstruction(sae, spec["iters"]))
         out.update(delta_ce_before=plain["delta_ce"], delta_ce_after=refined["delta_ce"],
-                   kl_before=plain["kl"], kl_after=refined["kl"], downstream_tokens=plain["tokens"])
+                   kl_before=plain["kl_div_with_sae"], kl_after=refined["kl_div_with_sae"],
+                   downstream_tokens=plain["tokens"])
     return out

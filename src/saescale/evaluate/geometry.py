@@ -82,18 +82,22 @@ def rank_frequency_fit(freqs: Tensor | np.ndarray, rank_range: tuple[int, int] =
 
 
 def nearest_neighbour_cosines(
-    W_dec: Tensor, max_block_elements: int = 1 << 25, dtype: torch.dtype = torch.float32
+    W_dec: Tensor, max_block_elements: int = 1 << 25, dtype: torch.dtype = torch.float32,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(nn_i = max_{j != i} cos(d_i, d_j) [n], argmax j [n]) for decoder directions = rows of W_dec [n, d]
     (method §F.4). Rows are processed in blocks so that a block's similarity matrix [b, n] holds at most
     max_block_elements entries (2^25 floats = 128 MB; never the full n x n). Runs on W_dec's device.
     A zero row has cosine 0 with everything. Duplicated rows give exactly 1 (clamped against rounding).
+    Memory beside W_dec: a unit-norm copy [n, d] (16 GiB at n = 2^20, d = 4096), none with `in_place`, which
+    normalizes W_dec's own rows (for directions the caller owns, e.g. the random reference).
     """
     n = W_dec.shape[0]
     if n < 2:
         raise ValueError(f"nearest_neighbour_cosines: need at least 2 decoder directions, got {n}")
     unit = W_dec.to(dtype)
-    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    norms = unit.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    unit = unit.div_(norms) if in_place else unit / norms
     block = max(1, min(n, max_block_elements // n))
     max_cos = torch.empty(n, dtype=dtype, device=W_dec.device)
     neighbour = torch.empty(n, dtype=torch.long, device=W_dec.device)
@@ -117,9 +121,10 @@ def random_reference(
     """nearest_neighbour_cosines of n random unit directions in R^d (isotropic Gaussian rows): the
     reference histogram for a decoder of the same shape (method §F.4). The directions are drawn on the CPU
     (the same ones on any device, for a given generator) and compared on `device`: the n^2 d products are
-    what costs (7 min on one CPU thread at n = 2^17, d = 768; about a second on a GPU)."""
+    what costs (7 min on one CPU thread at n = 2^17, d = 768; about a second on a GPU). They are normalized in
+    place: no second [n, d] copy on the device beside the SAE's weights."""
     directions = torch.randn(n, d, generator=generator).to(device)
-    return nearest_neighbour_cosines(directions, max_block_elements)
+    return nearest_neighbour_cosines(directions, max_block_elements, in_place=True)
 
 
 def expected_random_nn_cosine(n: int, d: int) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saescale.evaluate.memory import encode_slots
 from saescale.evaluate.probe_tasks import window_task_labels
 
 # Elements of one [rows, columns] float64 block; a chunk of columns holds about this many, so a
@@ -269,7 +270,9 @@ def best_probe(X_train, y_train, X_test, y_test, chunk: int | None = None, iters
 class CodeColumns:
     """Columns of an SAE code computed on demand, so `best_probes` never holds [N, n] at once.
 
-    which='pre': the encoder's pre-activations (method §C.4 as recalled); 'post': the sparse latents.
+    which='pre': the encoder's pre-activations (method §C.4 as recalled), a column block computed from that
+    block's encoder rows; 'post': the sparse latents, encoded once in row blocks and kept as slots [N, L0]
+    (memory.encode_slots), so neither ever holds [N, n] (64 GiB at N = 16384, n = 2^20).
     Supports the `X.shape` / `X[:, i:j]` protocol of `best_probes`.
     """
 
@@ -277,7 +280,7 @@ class CodeColumns:
         self.sae, self.x, self.which = sae, x_norm, which
         self.shape = (x_norm.shape[0], sae.n_latents)
         self.device = x_norm.device
-        self._latents = sae.encode(x_norm) if which == "post" else None
+        self._latents = encode_slots(sae, x_norm) if which == "post" else None
 
     @torch.no_grad()
     def __getitem__(self, key) -> torch.Tensor:
@@ -286,8 +289,6 @@ class CodeColumns:
             sae = self.sae
             return torch.nn.functional.linear(self.x - sae.b_pre, sae.W_enc[cols], sae.b_enc[cols])
         lat = self._latents
-        if lat.indices is None:
-            return lat.values[:, cols]
         start, stop = cols.start, min(cols.stop, self.shape[1])
         inside = (lat.indices >= start) & (lat.indices < stop)
         out = torch.zeros(self.shape[0], stop - start, dtype=lat.values.dtype, device=lat.values.device)
@@ -353,9 +354,12 @@ def probe_record(sae, x_raw: torch.Tensor, windows: np.ndarray, strings: Mapping
         positives[task] = float(np.mean(y))
         fit = np.arange(len(y)) % 2 == 0
         for name in names:
-            X = pooled_codes(sae, resid, name, pool)
-            tasks[name].update(best_probes(X[fit], {task: y[fit]}, X[~fit], {task: y[~fit]}, iters=spec["iters"],
+            # fit and test texts pooled apart: [texts, n] once, not again as X[fit] and X[~fit] copies
+            Xf = pooled_codes(sae, [r for r, f in zip(resid, fit) if f], name, pool)
+            Xt = pooled_codes(sae, [r for r, f in zip(resid, fit) if not f], name, pool)
+            tasks[name].update(best_probes(Xf, {task: y[fit]}, Xt, {task: y[~fit]}, iters=spec["iters"],
                                            candidates=spec["candidates"]))
+            del Xf, Xt
     return {"feature_sets": {name: _summary(t) for name, t in tasks.items()}, "positive_rate": positives,
             "windows": int(len(windows)), "task_set": task_set if spec["builtin_tasks"] else None,
             "user_tasks": sorted(dict(user_tasks))}

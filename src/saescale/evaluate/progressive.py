@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from saescale.evaluate.memory import forward_rows
 from saescale.sae.activations import Latents, jump, topk
 from saescale.sae.model import SparseAutoencoder
 
-BATCH = 4096  # rows per encoder pass: scores are [batch, n]
+BATCH = 4096  # rows per encoder pass: scores are [batch, n], fewer rows at large n (memory.forward_rows)
 
 
 def threshold_grid(scores: torch.Tensor, l0_targets: np.ndarray) -> np.ndarray:
@@ -42,7 +43,7 @@ def progressive_curves(sae: SparseAutoencoder, x: torch.Tensor, k_values: list[i
     err = np.zeros(len(fns))
     l0 = np.zeros(len(fns))
     base = 0.0
-    for xb in x.split(BATCH):
+    for xb in x.split(forward_rows(sae.n_latents, BATCH)):
         scores = sae.family.scores(sae, xb)
         base += float(((xb - mean) ** 2).sum())
         for i, (_, fn) in enumerate(fns):

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import zarr
 
+from saescale.evaluate.memory import row_blocks
 from saescale.normalize import MeanAndBaseline, normalize
 from saescale.sae.model import SparseAutoencoder
 from saescale.store import split_rows
@@ -25,11 +26,12 @@ def reconstruction_metrics(sae: SparseAutoencoder, root: zarr.Group, layer: int,
     for start in range(rows.start, rows.stop, batch_size):
         raw = torch.from_numpy(x_store[start:min(start + batch_size, rows.stop)].astype(np.float32)).to(device)
         x = normalize(raw)[0]
-        x_hat, latents = sae(x)
-        err += float(((x - x_hat) ** 2).sum())
         baseline.add(x)
-        l0_sum += float(latents.l0().sum())
-        fired += latents.firing_counts(sae.n_latents).double()
+        for xb in row_blocks(x, sae.n_latents):  # one [rows, n] block at a time, whatever n (memory.py)
+            x_hat, latents = sae(xb)
+            err += float(((xb - x_hat) ** 2).sum())
+            l0_sum += float(latents.l0().sum())
+            fired += latents.firing_counts(sae.n_latents).double()
     n_tokens = rows.stop - rows.start
     base = baseline.baseline_sum()
     return {

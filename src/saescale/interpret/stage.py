@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from saescale.evaluate.downstream import downstream_metrics
+from saescale.evaluate.memory import forward_rows
 from saescale.interpret.examples import (
     Codes,
     dense_column,
@@ -42,7 +43,8 @@ LOGIT_TOKENS = 10
 
 def make_act_fn(model: nn.Module, layer: int, sae, device: torch.device):
     """N2G's activation callback: the latent's value at each row's last real token, each row run on its own
-    from position 0 (right padding cannot reach earlier positions in a causal LM)."""
+    from position 0 (right padding cannot reach earlier positions in a causal LM). The SAE encodes the rows in
+    blocks of memory.forward_rows, so interpret.batch rows never hold [batch, n] at once."""
 
     @torch.no_grad()
     def act_fn(tokens: torch.Tensor, lengths: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -51,11 +53,16 @@ def make_act_fn(model: nn.Module, layer: int, sae, device: torch.device):
         resid = captured[layer]
         rows = torch.arange(resid.shape[0], device=resid.device)
         x = normalize(resid[rows, lengths.to(device) - 1].float())[0]
-        codes = sae.encode(x)
         lat = latents.to(device)
-        if codes.indices is None:
-            return codes.values[rows, lat].cpu()
-        return (codes.values * (codes.indices == lat[:, None])).sum(-1).cpu()
+        step = forward_rows(sae.n_latents, len(x))
+        out = []
+        for start in range(0, len(x), step):
+            codes, want = sae.encode(x[start:start + step]), lat[start:start + step]
+            if codes.indices is None:
+                out.append(codes.values[torch.arange(len(want), device=want.device), want])
+            else:
+                out.append((codes.values * (codes.indices == want[:, None])).sum(-1))
+        return torch.cat(out).cpu()
 
     return act_fn
 
@@ -105,8 +112,10 @@ def _decode_from(codes_fn, sae):
 
     def reconstruct(x_norm: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         sim = codes_fn(tokens.cpu().numpy())  # csr [B*S, n]
-        dense = torch.from_numpy(sim.toarray()).to(x_norm.device, sae.W_dec.dtype)
-        return dense @ sae.W_dec + sae.b_pre
+        step = forward_rows(sae.n_latents, sim.shape[0])  # dense [rows, n] blocks, on the host and the device
+        out = [torch.from_numpy(sim[i:i + step].toarray()).to(x_norm.device, sae.W_dec.dtype) @ sae.W_dec
+               for i in range(0, sim.shape[0], step)]
+        return torch.cat(out) + sae.b_pre
 
     return reconstruct
 
@@ -126,8 +135,9 @@ def explanation_reconstruction(model, layer: int, sae, explanations: dict, train
     out = {}
     for name, reconstruct in runs.items():
         down = downstream_metrics(model, layer, sae, windows, batch, device, reconstruct=reconstruct)
-        out[name] = {key: down[key] for key in ("delta_ce", "kl", "loss_recovered")}
-    out["ce_clean"], out["delta_ce_zero_ablation"] = down["ce_clean"], down["delta_ce_zero_ablation"]
+        out[name] = {key: down[key] for key in ("delta_ce", "kl_div_with_sae", "ce_loss_score")}
+    out["ce_loss_without_sae"] = down["ce_loss_without_sae"]
+    out["delta_ce_zero_ablation"] = down["delta_ce_zero_ablation"]
     out["windows"], out["latents_explained"] = len(windows), len(explanations)
     return out
 

@@ -241,7 +241,7 @@ def downstream_vs_fvu(metrics: pd.DataFrame, references: dict[str, float | None]
 
     `references` maps a column to its zero-ablation value, drawn as a horizontal line for scale.
     """
-    ys = [("delta_ce", "ΔCE (nats/token)"), ("kl", "KL (nats/token)")]
+    ys = [("delta_ce", "ΔCE (nats/token)"), ("kl_div_with_sae", "KL (nats/token)")]
     ys = [(c, lab) for c, lab in ys if not _finite(metrics, ["fvu", c, "n", "k"], positive=["fvu", c]).empty]
     if not ys:
         return None

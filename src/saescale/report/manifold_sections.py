@@ -96,7 +96,8 @@ def real_sae_rows(layers: list[dict], beta: float | None) -> dict | None:
                 else:
                     cells.append(f"{regime(a, beta)}, D ∝ N^{num(theory_D_slope(a, beta), 3)}")
             rows.append([f"{lay['subject']} L{lay['layer']}", str(r.arch), int(r.n), int(r.k), num(r.freq_slope, 3),
-                         num(alphas[0], 3), num(alphas[1], 3), *cells, num(getattr(r, "nn_mean", None), 3),
+                         num(alphas[0], 3), num(alphas[1], 3), *cells,
+                         num(getattr(r, "average_max_decoder_cosine_sim", None), 3),
                          num(getattr(r, "nn_random_mean", None), 3)])
     if not rows:
         return None

@@ -54,6 +54,7 @@ from saescale.report.tables import (
     table,
     text,
 )
+from saescale.scaling.collect import refuse_old_names
 
 # ---- loading -----------------------------------------------------------------------------------------
 
@@ -153,7 +154,9 @@ def load_layer(src: Sources, subject: str, layer: int, config: dict) -> dict:
     where = dict(subject=subject, layer=layer)
     metrics = src.csv(paths.fmt(paths.METRICS, **where), f"{subject} L{layer}: the (n, k) grid")
     fits = src.json(paths.fmt(paths.FITS, **where), f"{subject} L{layer}: fitted scaling laws")
-    if metrics is None:
+    if metrics is not None:  # one of an earlier version would show blank cells for the renamed columns
+        refuse_old_names(metrics.columns, paths.fmt(paths.METRICS, **where), "its scaling job")
+    else:
         metrics = pd.DataFrame({"arch": pd.Series(dtype=str), "n": pd.Series(dtype=int),
                                 "k": pd.Series(dtype=int), "fvu": pd.Series(dtype=float)})
     jobs = [j for j in sae_jobs(config) if j["subject"] == subject and j["layer"] == layer]
@@ -301,7 +304,8 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
     studies = src.json(paths.fmt(paths.STUDIES, subject=subject, layer=layer),
                        f"{subject} L{layer}: scaling studies (L(C), tokens to convergence, lr vs n, eq. 3 vs GPT-4)")
     scaling = studies_context(studies, logs_all[logs_all["arch"].isin(main)] if not logs_all.empty else logs_all, main)
-    ref = {"delta_ce": _col(m, "delta_ce_zero_ablation").median(), "kl": _col(m, "kl_zero_ablation").median()}
+    ref = {"delta_ce": _col(m, "delta_ce_zero_ablation").median(),
+           "kl_div_with_sae": _col(m, "kl_div_with_ablation").median()}
     stats = ((norm or {}).get("layers") or {}).get(str(layer))
     norm_table = None
     if stats:
@@ -321,8 +325,8 @@ def layer_context(src: Sources, subject: str, layer: int, config: dict, norm: di
         "fits": fit_tables(fits), "exponents": exponent_table(fits), "saes": data["saes"], "arch": archs,
         "downstream": verdict_view(power_law_verdict(downstream_fits(m))),
         "suite": suite, "scaling": scaling, "metrics_all": everything,
-        "zero_ablation": {"delta_ce": num(ref["delta_ce"]), "kl": num(ref["kl"]),
-                          "ce_clean": num(_col(m, "ce_clean").median())},
+        "zero_ablation": {"delta_ce": num(ref["delta_ce"]), "kl": num(ref["kl_div_with_sae"]),
+                          "ce_clean": num(_col(m, "ce_loss_without_sae").median())},
         "src": {"metrics": paths.fmt(paths.METRICS, **where), "fits": paths.fmt(paths.FITS, **where),
                 "studies": paths.fmt(paths.STUDIES, **where),
                 "log": paths.fmt(paths.SAE_LOG, **sae), "eval": paths.fmt(paths.EVAL, **sae)},
@@ -453,9 +457,11 @@ def imported_context(src: Sources, config: dict, layers: list[dict]) -> dict | N
         ev = src.json(paths.fmt(paths.IMPORTED_EVAL, name=name), f"imported SAE '{name}': evaluation",
                       paths.IMPORTED_EVAL) or {}
         down = ev.get("downstream") or {}
+        refuse_old_names(down, paths.fmt(paths.IMPORTED_EVAL, name=name), "its evaluate_imported job")
         rows.append([name, f"{imp['format']}: {imp['path']}", f"{imp['subject']} L{imp['layer']}",
                      text(ev.get("base_arch")), num(ev.get("n")), num(ev.get("k")), num(ev.get("fvu")),
-                     num(ev.get("l0")), pct(ev.get("dead_fraction")), num(down.get("delta_ce")), num(down.get("kl")),
+                     num(ev.get("l0")), pct(ev.get("dead_fraction")), num(down.get("delta_ce")),
+                     num(down.get("kl_div_with_sae")),
                      _closest_sae(metrics.get((imp["subject"], imp["layer"])), ev.get("n"), ev.get("k"))])
     cols = ["name", "source", "subject", "arch", "n", "k", "FVU", "L0", "dead %", "ΔCE (nats)", "KL (nats)",
             "this run's closest SAE (n, k): FVU, ΔCE"]

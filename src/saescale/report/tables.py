@@ -99,8 +99,8 @@ def grid_table(m: pd.DataFrame) -> dict:
     for _, r in m.iterrows():
         rows.append(([r["arch"]] if multi else []) + [
             num(r["n"]), num(r["k"]), num(r.get("fvu")), _l0_cell(r), pct(r.get("dead_fraction")),
-            num(r.get("dead_latents")), num(r.get("delta_ce")), num(r.get("kl")),
-            pct(r.get("loss_recovered")),
+            num(r.get("dead_latents")), num(r.get("delta_ce")), num(r.get("kl_div_with_sae")),
+            pct(r.get("ce_loss_score")),
             num(r.get("train_tokens")), num(r.get("tokens_per_s"), 3), num(r.get("lr"), 3),
             text(r.get("weights")), pct(r.get("last_doubling_gain"))])
     return table((["arch"] if multi else []) + cols, rows)
@@ -226,7 +226,7 @@ def findings(m: pd.DataFrame, fits: dict) -> list[str]:
                                + (f" ± {num(f['se'], 2)}, r² = {num(f['r2'], 3)}" if _isnum(f["se"])
                                   else " (2 SAEs: no fit quality)") for f in fits_5b) + ".")
     out += dead_findings(m)
-    rec = _col(m, "loss_recovered")
+    rec = _col(m, "ce_loss_score")
     if rec.notna().any():
         out.append(f"Loss recovered: {pct(rec.min())} to {pct(rec.max())} (GPT-4 16M SAE: 98.2%; the paper "
                    "prefers ΔCE, since this number looks good even for poor SAEs).")

@@ -11,18 +11,28 @@ from saescale import paths
 from saescale.files import read_json, write_json_atomic, write_text_atomic
 from saescale.scaling.fits import convergence_status
 
+# Downstream columns (method §C.3) under SAEBench's `core` names where the quantity is the same
+# (docs/metrics.md); the two deltas are Gao et al.'s and keep our names.
+DOWNSTREAM = ["delta_ce", "kl_div_with_sae", "ce_loss_without_sae", "ce_loss_with_sae",
+              "ce_loss_with_ablation", "delta_ce_zero_ablation", "kl_div_with_ablation", "ce_loss_score",
+              "kl_div_score"]
+# The names saescale used before it took SAEBench's, for the same quantities: a record or table that still has
+# one was written by an earlier version and is refused with a message saying what to rerun.
+RENAMED = {"ce_clean": "ce_loss_without_sae", "ce_spliced": "ce_loss_with_sae",
+           "ce_zero_ablation": "ce_loss_with_ablation", "kl": "kl_div_with_sae",
+           "kl_zero_ablation": "kl_div_with_ablation", "loss_recovered": "ce_loss_score",
+           "nn_mean": "average_max_decoder_cosine_sim"}
 COLUMNS = ["subject", "layer", "arch", "base_arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction", "dead_latents",
-           "dead_window_tokens", "delta_ce",
-           "kl", "ce_clean", "ce_spliced", "delta_ce_zero_ablation", "kl_zero_ablation", "loss_recovered",
-           "eval_tokens", "downstream_tokens",
+           "dead_window_tokens", *DOWNSTREAM, "eval_tokens", "downstream_tokens",
            "lr", "penalty", "train_l0", "train_tokens", "train_seconds", "tokens_per_s", "weights", "device",
            # L(N) needs converged SAEs (method §D.1): the trainer's convergence record and the status it gives
            "convergence_tolerance", "converged_at_tokens", "token_cap", "convergence"]
 # The evaluation suite (issue 4), from the files beside each eval record; empty where a metric is off.
 SUITE_COLUMNS = ["probe_loss", "probe_loss_post", "probe_loss_resid", "ablation_sparsity",
-                 "ablation_sparsity_resid", "freq_slope", "alpha_paper", "alpha_model", "nn_mean", "nn_above_0.9",
-                 "nn_above_0.97", "nn_random_mean", "n2g_precision", "n2g_recall", "n2g_f1", "n2g_delta_ce",
-                 "bigram_delta_ce", "sae_delta_ce_c6", "autointerp_accuracy", "autointerp_auroc"]
+                 "ablation_sparsity_resid", "freq_slope", "alpha_paper", "alpha_model",
+                 "average_max_decoder_cosine_sim", "nn_above_0.9", "nn_above_0.97", "nn_random_mean",
+                 "n2g_precision", "n2g_recall", "n2g_f1", "n2g_delta_ce", "bigram_delta_ce",
+                 "sae_delta_ce_c6", "autointerp_accuracy", "autointerp_auroc"]
 COLUMNS += SUITE_COLUMNS
 
 
@@ -31,8 +41,7 @@ def flatten(ev: dict) -> dict:
     return {
         **{key: ev[key] for key in ("subject", "layer", "arch", "n", "k", "d_model", "fvu", "l0", "dead_fraction",
                                     "dead_latents", "eval_tokens", "lr", "device")},
-        **{key: down[key] for key in ("delta_ce", "kl", "ce_clean", "ce_spliced", "delta_ce_zero_ablation",
-                                      "kl_zero_ablation", "loss_recovered")},
+        **{key: down[key] for key in DOWNSTREAM},
         "downstream_tokens": down["tokens"],
         "train_tokens": train["tokens"],
         "train_seconds": train["train_seconds"],
@@ -48,6 +57,17 @@ def flatten(ev: dict) -> dict:
         "token_cap": train.get("max_tokens"),
         "convergence": convergence_status(train.get("converged_at_tokens"), train.get("convergence_tolerance")),
     }
+
+
+def refuse_old_names(names, where: str, rerun: str) -> None:
+    """Raise if `names` (a record's keys or a table's columns) holds a name saescale used before it took
+    SAEBench's: the file was written by an earlier version, and reading it would leave those columns empty."""
+    old = [name for name in RENAMED if name in names]
+    if old:
+        pairs = ", ".join(f"{name} -> {RENAMED[name]}" for name in old)
+        raise ValueError(f"{where} was written by an earlier saescale, before its metrics took SAEBench's "
+                         f"names ({pairs}; docs/metrics.md): rerun {rerun}. Snakemake reruns it on its own "
+                         "after an upgrade unless --rerun-triggers leaves out code; else delete the file.")
 
 
 def _suite(job: dict) -> dict:
@@ -66,7 +86,7 @@ def _suite(job: dict) -> dict:
     if geo := load(paths.METRIC, metric="geometry"):
         fit, nn = geo["frequency_fit"], geo["nn"]
         out.update(freq_slope=fit.get("slope"), alpha_paper=fit.get("alpha_paper"), alpha_model=fit.get("alpha_model"),
-                   nn_mean=nn["mean"], nn_random_mean=geo["nn_random"]["mean"],
+                   average_max_decoder_cosine_sim=nn["mean"], nn_random_mean=geo["nn_random"]["mean"],
                    **{f"nn_above_{th}": nn["thresholds"][th]["count"] for th in ("0.9", "0.97")})
     if interp := load(paths.INTERPRET):
         out.update({f"n2g_{key}": interp["n2g"][key] for key in ("precision", "recall", "f1")})
@@ -84,6 +104,7 @@ def collect(eval_paths: list[str]) -> pd.DataFrame:
     rows = []
     for p in eval_paths:
         ev = read_json(p)
+        refuse_old_names(ev["downstream"], f"{p} (downstream)", "its evaluate job")
         job = {key: ev[key] for key in ("subject", "layer", "arch", "n", "k")}
         rows.append({**flatten(ev), **_suite(job)})
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["arch", "k", "n"]).reset_index(drop=True)
