@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--data", type=int, default=1)
     ap.add_argument("--latent", type=int, default=1)
     ap.add_argument("--stop-after", type=int, default=None, help="checkpoint at this step and exit (a kill)")
+    ap.add_argument("--crash", default=None, metavar="RANK:STEP", help="that rank dies (exit 3) after that step")
     ap.add_argument("--spec", default="{}", help="TrainSpec overrides (JSON)")
     ap.add_argument("--gather-bytes", type=int, default=None, help="gather the shards' candidates in small chunks")
     a = ap.parse_args()
@@ -125,6 +126,15 @@ def main() -> None:
     else:
         trainer, rank = Trainer(*setup), 0
     first_step = trainer.step
+    if a.crash is not None:
+        crash_rank, crash_step = (int(v) for v in a.crash.split(":"))
+        step_once = trainer.train_step
+
+        def step_then_crash(batch):
+            step_once(batch)
+            if rank == crash_rank and trainer.step == crash_step:
+                os._exit(3)  # no cleanup, no collective left hanging politely: what a dead GPU process does
+        trainer.train_step = step_then_crash
     if a.stop_after is not None:
         original = trainer.train_step
 

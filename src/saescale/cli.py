@@ -854,8 +854,27 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip() or type(exc).__name__
         print(f"saescale {args.stage} failed: {message}\n  (traceback in {args.log})", file=terminal())
         return 1
-    log.info("saescale %s done in %.1f s", args.stage, time.time() - t0)
+    seconds = time.time() - t0
+    log.info("saescale %s done in %.1f s", args.stage, seconds)
+    if args.log and not _is_torchrun_worker():  # a workflow job: one line in the terminal names what it made
+        print(f"saescale {args.stage}: {_job_label(args)} ({seconds:.0f} s)", file=terminal())
     return 0
+
+
+def _is_torchrun_worker() -> bool:
+    from saescale.launch import is_worker
+
+    return is_worker()
+
+
+def _job_label(args) -> str:
+    """What a job made, for its one terminal line: its output folder or file, or a pack's size."""
+    if getattr(args, "members", None):
+        return f"{len(args.members)} SAEs of one pack ({Path(args.members[0]['out_dir']).parent} ...)"
+    for key in ("out_dir", "out", "sae_dir", "out_jsonl"):
+        if getattr(args, key, None):
+            return str(getattr(args, key))
+    return "done"
 
 
 if __name__ == "__main__":
