@@ -3,6 +3,8 @@ tests/test_distributed.py compares: the latents selected at every step (main cod
 final weights and log. Run directly it trains the single-process reference.
 
     torchrun --standalone --nproc-per-node 4 tests/distributed_worker.py --data 2 --latent 2 --out DIR
+
+`launch` runs it that way for the tests.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +26,19 @@ from saescale.sae.train import Trainer, TrainSpec, train_together
 from saescale.store import InMemoryBatches
 
 D_MODEL, N, BATCH = 32, 256, 128
+
+
+def launch(out: Path, data: int = 1, latent: int = 1, *extra: str, check: bool = True) -> Path:
+    """Run the worker: directly for the single-process reference, else under torchrun with data x latent
+    processes (standalone rendezvous on a free port)."""
+    procs = data * latent
+    args = [str(Path(__file__)), "--out", str(out), "--data", str(data), "--latent", str(latent), *extra]
+    cmd = ([sys.executable, *args] if procs == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *args])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert (proc.returncode == 0) == check, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
 
 
 def problem(rows: int = 4096, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:

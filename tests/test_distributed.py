@@ -1,51 +1,30 @@
-"""One SAE on data x latent processes (train.distributed, method §A.7) equals the single-device run: the same
-latents selected at every step (main code and AuxK), the same weights up to float summation order, a sharded
-checkpoint that resumes, shards consolidated into one ordinary SAE. CPU processes with the gloo backend, launched
-by torchrun as the workflow launches them (tests/distributed_worker.py)."""
+"""One SAE on data x latent processes (train.distributed, method §A.7b) equals the single-device run: the same
+latents selected at every step (main code and AuxK), the same weights up to float summation order (bf16: within its
+own noise), shards consolidated into one ordinary SAE, each holding its share of the state; the layout's checks.
+CPU processes with the gloo backend, launched by torchrun as the workflow launches them
+(tests/distributed_worker.py; faults and the communication model: tests/test_distributed_faults.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from distributed_worker import BATCH, make_spec
+from distributed_worker import BATCH, launch
 from saescale.config import ConfigError, validate
-from saescale.sae.distributed import Mesh, owned, selection_slots, step_bytes
+from saescale.sae.distributed import Mesh, owned, selection_slots
 from saescale.sae.train_distributed import draw_shard_rows
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+pytestmark = pytest.mark.slow  # torchrun launches: ~1 min on 2 cores
+
 # measured: 1.2e-7 (S = 2, D = 2, D = S = 2; 30 steps, weights of magnitude 0.3-0.4); float32 summation order only
 WEIGHT_ATOL = 1e-5
-
-
-def launch(out: Path, data: int = 1, latent: int = 1, *extra: str, check: bool = True) -> Path:
-    """Run the worker: directly for the single-process reference, else under torchrun with data x latent
-    processes (standalone rendezvous on a free port)."""
-    procs = data * latent
-    args = [str(WORKER), "--out", str(out), "--data", str(data), "--latent", str(latent), *extra]
-    cmd = ([sys.executable, *args] if procs == 1 else
-           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *args])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert (proc.returncode == 0) == check, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     return launch(tmp_path_factory.mktemp("single"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """An S = 2 run to the end; checkpointing at every log step changes no weight."""
-    return launch(tmp_path_factory.mktemp("uninterrupted"), 1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -112,81 +91,19 @@ def test_multitopk_shards_its_sorted_selection_and_two_bags(reference_multitopk,
     assert_same_run(reference_multitopk, launch(tmp_path / "run", 1, 2, "--arch", "multitopk"), 1, 2)
 
 
-
-
-def test_a_killed_sharded_run_resumes_from_its_checkpoint(uninterrupted, tmp_path):
-    out = tmp_path / "killed"
-    launch(out, 1, 2, "--stop-after", "12")
-    manifest = json.loads((out / "checkpoint.json").read_text())
-    assert manifest["step"] == 12 and manifest["layout"] == {"data": 1, "latent": 2}
-    assert sorted(p.name for p in out.glob("checkpoint.shard*")) == ["checkpoint.shard0of2.step12.pt",
-                                                                     "checkpoint.shard1of2.step12.pt"]
-    launch(out, 1, 2)
-    assert torch.load(out / "selections.rank0.pt")["first_step"] == 12  # resumed, not restarted
-    a, b = torch.load(uninterrupted / "result.pt"), torch.load(out / "result.pt")
-    for name, t in a["state"].items():
-        torch.testing.assert_close(b["state"][name], t, atol=0, rtol=0, msg=name)  # resuming changes nothing
-    assert [r["fvu"] for r in a["rows"]] == [r["fvu"] for r in b["rows"]]
-    assert not list(out.glob("checkpoint*")), "the finished run leaves no checkpoint behind"
-
-
-def test_a_rank_that_dies_fails_the_run_and_the_rerun_resumes(uninterrupted, tmp_path):
-    """Rank 1 of 2 exits mid-run without a word (a lost GPU): torchrun stops rank 0, which is waiting in a
-    collective, and fails; the rerun resumes from the last complete checkpoint (every log step, 5) to the
-    uninterrupted weights."""
-    every_log_step = ("--spec", '{"checkpoint_seconds": 1e-06}')
-    out = tmp_path / "crashed"
-    launch(out, 1, 2, *every_log_step, "--crash", "1:17", check=False)
-    assert json.loads((out / "checkpoint.json").read_text())["step"] == 15
-    assert not (out / "result.pt").exists()
-    launch(out, 1, 2, *every_log_step)
-    assert torch.load(out / "selections.rank0.pt")["first_step"] == 15
-    a, b = torch.load(uninterrupted / "result.pt"), torch.load(out / "result.pt")
-    for name, t in a["state"].items():
-        torch.testing.assert_close(b["state"][name], t, atol=0, rtol=0, msg=name)
-
-
-def test_the_launcher_starts_torchrun_on_one_node_and_srun_across_nodes(monkeypatch):
-    from saescale import launch as launcher
-
-    one = launcher.torchrun_command(4, 1, {})
-    assert one[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in one
-    assert one[one.index("--nproc-per-node") + 1] == "4" and one[-2:] == ["-m", "saescale.launch"]
-    with pytest.raises(ValueError, match="need a SLURM allocation"):
-        launcher.torchrun_command(8, 2, {})
-    monkeypatch.setattr(launcher, "_first_host", lambda nodelist: "node-a")
-    cmd = launcher.torchrun_command(8, 2, {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-[a-b]"})
-    assert cmd[:5] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1", "--ntasks=2"]
-    assert cmd[cmd.index("--nproc-per-node") + 1] == "4" and cmd[cmd.index("--nnodes") + 1] == "2"
-    assert cmd[cmd.index("--rdzv-endpoint") + 1] == f"node-a:{launcher.RDZV_PORT_BASE + 4242}"
-    with pytest.raises(ValueError, match="3 nodes cannot share 8"):
-        launcher.torchrun_command(8, 3, {"SLURM_JOB_ID": "1"})
-
-
-def test_a_checkpoint_of_another_layout_is_not_resumed(tmp_path):
-    out = tmp_path / "run"
-    launch(out, 1, 2, "--stop-after", "10")
-    launch(out, 2, 1)
-    assert torch.load(out / "selections.rank0.pt")["first_step"] == 0
-
-
-BENCH = WORKER.parents[1] / "benchmarks/bench_distributed.py"
-
-
-@pytest.mark.parametrize("data, latent", [(1, 2), (2, 1)], ids=["S2", "D2"])
-def test_the_communication_model_is_what_a_step_hands_to_collectives(tmp_path, data, latent):
-    """sae.distributed.step_bytes (the README's communication table) against the bytes the benchmark's
-    instrumented collectives saw per training step, with AuxK on every step."""
-    d, n, batch = 64, 1024, 256
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(data * latent),
-           str(BENCH), "--worker", "--layout", f"{data},{latent}", "--out", str(out), "--threads", "1", "--width", str(d),
-           "--latents", str(n), "--batch", str(batch), "--steps", "3", "--warmup", "2", "--dead"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    measured = json.loads(out.read_text())["ranks"][0]["collective_bytes"]
-    modeled = step_bytes(n, d, batch, data, latent, slots=32, act_bytes=4, auxk_slots=512)
-    assert sum(measured.values()) == sum(modeled.values())
+def test_under_bf16_a_sharded_run_stays_within_bf16s_own_noise(reference, tmp_path):
+    """precision: bf16 (auto on CUDA): each shard rounds its partial reconstruction to bf16 before the sum, where
+    one device rounds the whole sum once, and Adam's first, nearly sign-like steps amplify that. Measured here:
+    weights 3e-2 apart after 30 steps, as far as one device's bf16 run is from its float32 run, and held-out FVU
+    within 2e-3 at every log step. The test holds the sharded run to that noise floor."""
+    bf16 = ("--spec", '{"precision": "bf16"}')
+    single, sharded = launch(tmp_path / "single", 1, 1, *bf16), launch(tmp_path / "sharded", 1, 2, *bf16)
+    fp32, one, two = (torch.load(run / "result.pt") for run in (reference, single, sharded))
+    for name, t in one["state"].items():
+        noise = float((t - fp32["state"][name]).abs().max())
+        assert float((two["state"][name] - t).abs().max()) <= 2 * noise, name
+    for a, b in zip(one["rows"], two["rows"]):
+        assert b["heldout_fvu"] == pytest.approx(a["heldout_fvu"], abs=5e-3), a["step"]
 
 
 # ---- pieces, without processes -------------------------------------------------------------------------
