@@ -77,6 +77,7 @@ def test_a_checkpoint_of_another_layout_is_not_resumed(tmp_path):
     launch(out, 1, 2, "--stop-after", "10")
     launch(out, 2, 1)
     assert torch.load(out / "selections.rank0.pt")["first_step"] == 0
+    assert not list(out.glob("checkpoint*")), "the other layout's shard files are cleared with the finished run's"
 
 
 BENCH = Path(__file__).parents[1] / "benchmarks/bench_distributed.py"

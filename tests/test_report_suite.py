@@ -233,6 +233,28 @@ def test_probe_loss_must_fall_with_n_and_topk_beat_relu():
     assert sv.probe_verdict(flat[flat["n"] == 32]).agrees is None
 
 
+def _probed(losses: dict[str, list[float]]) -> pd.DataFrame:
+    """TopK and ReLU at one n and L0 with per-task probe losses (metrics.csv's probe_task_losses)."""
+    rows = [{"arch": arch, "n": 64, "k": 8, "l0": 8.0, "probe_loss": sum(v) / len(v),
+             "probe_task_losses": json.dumps({f"t{i}": x for i, x in enumerate(v)})} for arch, v in losses.items()]
+    return pd.DataFrame(rows)
+
+
+def test_topk_below_relu_in_probe_loss_is_judged_on_the_paired_task_differences():
+    """Tasks differ in difficulty far more than the SAEs do; pairing by task removes that. The same two means can
+    agree (every task a little lower) or say nothing (the tasks disagree)."""
+    relu = [0.20, 0.45, 0.30, 0.60, 0.35, 0.50]
+    consistent = _probed({"topk": [x - 0.02 for x in relu], "relu": relu})
+    v = sv.probe_verdict(consistent)
+    assert v.agrees is True and "difference ±" in " ".join(v.held)
+    noisy = _probed({"topk": [x + d for x, d in zip(relu, (-0.10, 0.08, -0.09, 0.07, -0.06, -0.02))], "relu": relu})
+    assert sv.probe_verdict(noisy).agrees is None  # the mean is 0.02 lower, within the per-task noise
+    worse = _probed({"topk": [x + 0.03 for x in relu], "relu": relu})
+    assert sv.probe_verdict(worse).agrees is False
+    without_tasks = consistent.drop(columns="probe_task_losses")
+    assert sv.probe_verdict(without_tasks).agrees is True  # the point values, as before
+
+
 def test_n2g_judges_the_papers_words_higher_recall_worse_precision_better_f1():
     m = pd.DataFrame({"arch": ["topk", "relu"], "n": 64, "k": 8, "l0": 8.0, "n2g_precision": [0.6, 0.62],
                       "n2g_recall": [0.4, 0.25], "n2g_f1": [0.48, 0.35]})

@@ -282,20 +282,21 @@ DISTRIBUTED = {"topk_s2": {"data": 1, "latent": 2}, "topk_d2s2": {"data": 2, "la
 
 def test_distributed_variants_train_on_2_and_4_processes_to_the_single_device_weights(quick_run, tmp_path):
     """train.distributed on a sweep.variants entry: its job starts data x latent gloo processes with torchrun and
-    writes the usual files, whose weights equal the quick run's single-device SAE of the same recipe up to float
+    writes the usual files, whose weights equal a single-device variant of the same recipe (128 steps) up to float
     summation order (tests/test_distributed.py measures the same tolerance on every step)."""
     from safetensors.torch import load_file
 
     wdir = tmp_path / "distributed"
     shutil.copytree(quick_run, wdir, symlinks=True)
     cfg = json.loads(json.dumps(QUICK))
-    cfg["sweep"]["extra"].append({"archs": list(DISTRIBUTED), "n": [64], "k": [4]})
-    cfg["sweep"]["variants"].update({name: {"arch": "topk", "train": {"distributed": layout}}
-                                     for name, layout in DISTRIBUTED.items()})
-    targets = [f"data/saes/tiny/L1/{name}/n64_k4/saescale_sae.json" for name in DISTRIBUTED]
-    assert planned_jobs(snakemake(wdir, "-n", *targets, config=cfg)) == {"train": 2}
+    layouts = {"topk_short": {"data": 1, "latent": 1}, **DISTRIBUTED}
+    cfg["sweep"]["extra"].append({"archs": list(layouts), "n": [64], "k": [4]})
+    cfg["sweep"]["variants"].update({name: {"arch": "topk", "train": {"distributed": layout, "tokens": 32768}}
+                                     for name, layout in layouts.items()})
+    targets = [f"data/saes/tiny/L1/{name}/n64_k4/saescale_sae.json" for name in layouts]
+    assert planned_jobs(snakemake(wdir, "-n", *targets, config=cfg)) == {"train": 3}
     snakemake(wdir, *targets, config=cfg)
-    alone = load_file(quick_run / "data/saes/tiny/L1/topk/n64_k4/saescale_sae.safetensors")
+    alone = load_file(wdir / "data/saes/tiny/L1/topk_short/n64_k4/saescale_sae.safetensors")
     for name, layout in DISTRIBUTED.items():
         folder = wdir / f"data/saes/tiny/L1/{name}/n64_k4"
         weights = load_file(folder / "saescale_sae.safetensors")

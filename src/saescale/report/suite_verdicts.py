@@ -6,6 +6,8 @@ paper's words (`quote`, `source`) and the provenance of every threshold it uses 
 
 from __future__ import annotations
 
+import json
+
 import math
 from dataclasses import replace
 
@@ -29,6 +31,9 @@ THRESHOLDS = {
              "App. E.5)",
     "near_one": f"near 1 = nearest-neighbour cosine > {NEAR_ONE} (paper, Michaud App.); 'no large mass' = at "
                 f"most {FEW_NEAR_ONE:.0%} of latents (our choice)",
+    "paired_tasks": "probe loss, TopK vs ReLU: the mean over tasks of the per-task difference ± its standard error "
+                    "(std / √tasks; both SAEs are probed on the same tasks), matched per task at the L0 target (our "
+                    "choice); without per-task losses, the point values",
     "n2g_se": "TopK vs ReLU: the mean over sampled latents ± its standard error (std / √latents, from the "
               "per-latent interpret records; without them, the point values)",
     "power_law": f"power law = R² >= {R2_POWER_LAW} on the fitted rank range (our choice); the slope must lie "
@@ -130,18 +135,39 @@ def _d_model(m: pd.DataFrame) -> float:
     return d if math.isfinite(d) else math.inf
 
 
+def task_columns(m: pd.DataFrame, col: str = "probe_task_losses") -> tuple[pd.DataFrame, list[str]]:
+    """`m` with one column per probe task (from the JSON of per-task losses), and their names."""
+    if col not in m.columns:
+        return m, []
+    parsed = m[col].map(lambda s: json.loads(s) if isinstance(s, str) and s else {})
+    tasks = sorted(set().union(*parsed)) if len(parsed) else []
+    cols = {f"task::{t}": parsed.map(lambda d, t=t: d.get(t, math.nan)).astype(float) for t in tasks}
+    return m.assign(**cols), list(cols)
+
+
+def paired_task_se(pair: dict, task_cols: list[str]) -> float | None:
+    """The standard error of the mean per-task difference of a matched pair (both SAEs probed on the same tasks):
+    std over tasks of (a's loss − b's loss) / √tasks. Pairing removes how much harder one task is than another, which
+    dwarfs the SAEs' difference. None with fewer than 2 tasks."""
+    diffs = [pair[c][0] - pair[c][1] for c in task_cols if c in pair]
+    return float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) >= 2 else None
+
+
 def probe_verdict(m: pd.DataFrame) -> cmp.Verdict:
-    """§4.2 / Fig. 6a: probe loss falls with n; TopK below ReLU at matched L0."""
+    """§4.2 / Fig. 6a: probe loss falls with n; TopK below ReLU at matched L0, by more than Z standard errors of
+    the paired per-task difference where the tasks' losses are known."""
     claims = n_trend(m, "probe_loss", falls=True)
-    for p in matched_pairs(m, ("probe_loss",)):
-        ok, said = cmp._lower("topk", p["probe_loss"][0], "relu", p["probe_loss"][1])
+    with_tasks, tasks = task_columns(m)
+    for p in matched_pairs(with_tasks, ("probe_loss", *tasks)) or matched_pairs(m, ("probe_loss",)):
+        ok, said = cmp._lower("topk", p["probe_loss"][0], "relu", p["probe_loss"][1], paired_task_se(p, tasks))
         claims.append((ok, f"n = {num(p['n'])}, L0 = {p['l0']}: {said}"))
     v = cmp._combine(claims, "the best single latent's probe loss falls as n grows, and TopK's is below "
                              "ReLU's at matched L0 (§4.2, Fig. 6a).", "Needs SAEs at >= 2 values of n.",
                      quote=FIG6, source="Gao et al. Fig. 6 caption (TopK vs ReLU: §4.2, method §C.4; its text "
                                         "is not in our sources)", anchor="probes",
                      paper_value="probe loss falls with n; TopK < ReLU",
-                     thresholds=(THRESHOLDS["trend"], cmp.THRESHOLDS["matched"], cmp.THRESHOLDS["point"]))
+                     thresholds=(THRESHOLDS["trend"], cmp.THRESHOLDS["matched"], THRESHOLDS["paired_tasks"],
+                                 cmp.THRESHOLDS["z"]))
     loss = _col(m, "probe_loss").dropna()
     return cmp.with_run_value(v, f"probe loss {_span(loss, 4)}" if len(loss) else "")
 

@@ -155,12 +155,12 @@ class ShardedTrainer(Trainer):
         log.info("resumed from %s at step %d/%d", self._manifest, self.step, self.steps)
 
     def remove_checkpoint(self) -> None:
-        if self.mesh.replica == 0:
-            step = self._manifest_step()
-            if step is not None:
-                self._shard_file(step).unlink(missing_ok=True)
+        """The job's outputs are written: its shard files go, and any a run of another layout or configuration
+        left in this folder (they could never be resumed by this one), then the manifest."""
         self.mesh.barrier()
         if self.mesh.rank == 0:
+            for stale in self.checkpoint_path.parent.glob(f"{self.checkpoint_path.stem}.shard*of*.step*.pt"):
+                stale.unlink(missing_ok=True)
             self._manifest.unlink(missing_ok=True)
 
     # ---- the end: one SAE on rank 0 -------------------------------------------------------------------

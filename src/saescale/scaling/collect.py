@@ -28,7 +28,7 @@ COLUMNS = ["subject", "layer", "arch", "base_arch", "n", "k", "d_model", "fvu", 
            # L(N) needs converged SAEs (method §D.1): the trainer's convergence record and the status it gives
            "convergence_tolerance", "converged_at_tokens", "token_cap", "convergence"]
 # The evaluation suite (issue 4), from the files beside each eval record; empty where a metric is off.
-SUITE_COLUMNS = ["probe_loss", "probe_loss_post", "probe_loss_resid", "ablation_sparsity",
+SUITE_COLUMNS = ["probe_loss", "probe_loss_post", "probe_loss_resid", "probe_task_losses", "ablation_sparsity",
                  "ablation_sparsity_resid", "freq_slope", "alpha_paper", "alpha_model",
                  "average_max_decoder_cosine_sim", "nn_above_0.9", "nn_above_0.97", "nn_random_mean",
                  "n2g_precision", "n2g_recall", "n2g_f1", "n2g_delta_ce", "bigram_delta_ce",
@@ -81,6 +81,9 @@ def _suite(job: dict) -> dict:
         sets = probes["feature_sets"]
         out.update(probe_loss=sets.get("pre", {}).get("mean_loss"), probe_loss_post=sets.get("post", {}).get("mean_loss"),
                    probe_loss_resid=sets["resid"]["mean_loss"])
+        if "pre" in sets:  # per task, for the paired uncertainty of TopK vs ReLU (report/suite_verdicts.py)
+            out["probe_task_losses"] = json.dumps({t: r["loss"] for t, r in sets["pre"]["tasks"].items()},
+                                                  sort_keys=True)
     if ablation := load(paths.METRIC, metric="ablation"):
         out.update(ablation_sparsity=ablation["latents"]["mean"], ablation_sparsity_resid=ablation["channels"]["mean"])
     if geo := load(paths.METRIC, metric="geometry"):
