@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from browser import broken_anchors, chromium, inspect, local_targets, screenshot  # noqa: F401 (a fixture)
-from helpers import random_gpt2, record_authorization, write_text_files
+from helpers import record_authorization
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = yaml.safe_load((ROOT / "workflow/configs/quick.yaml").read_text())
@@ -331,24 +331,3 @@ def test_malformed_config_is_rejected_naming_the_key(tmp_path):
     res = snakemake(tmp_path, "-n", config=bad, check=False)
     assert res.returncode != 0
     assert "config.sweep.k[1]" in res.stdout + res.stderr
-
-
-def test_a_local_hf_model_and_local_text_files_run_end_to_end(tmp_path):
-    files = write_text_files(tmp_path / "text", copies=200)
-    model = random_gpt2(tmp_path / "model", files)
-    cfg = {
-        "subjects": {"rand": {"model": model, "layers": [0, 1], "ctx_len": 16, "train_tokens": 4096,
-                              "eval_tokens": 512, "chunk_windows": 32,
-                              "dataset": {"path": "text", "data_files": files}}},
-        "sweep": {"n": [32], "k": [4]},
-        "train": {"tokens": 8192, "batch_size": 512, "dead_tokens": 2048},
-        "evaluate": {"downstream_windows": 16},
-        # the model-free studies never read the subject; the quick preset runs them
-        "toy": {study: {"enabled": False} for study in ("allocation", "manifolds", "groundtruth")},
-    }
-    res = snakemake(tmp_path, config=cfg)
-    assert "rule lm" not in res.stdout + res.stderr  # a given model is loaded, never trained
-    for layer in (0, 1):
-        ev = json.loads((tmp_path / f"data/eval/rand/L{layer}/topk/n32_k4.json").read_text())
-        assert ev["d_model"] == 32 and 0 <= ev["fvu"] < 2
-    assert (tmp_path / "reports/report.html").exists()
