@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 from saescale.files import file_digest, read_json, setup_logging, terminal, write_json_atomic
 from saescale import paths
 from saescale.config import ConfigError
+from saescale.launch import is_worker
 from saescale.stage_specs import BY_HAND, MODEL_OPTION_KEYS
 
 
@@ -137,7 +138,7 @@ def cmd_train(a) -> None:
     data, latent = layout(first)
     if data * latent > 1 and len(members) > 1:
         raise SystemExit("saescale train --members: an SAE with train.distributed trains alone, never packed")
-    from saescale.launch import is_worker, launch
+    from saescale.launch import launch
 
     if data * latent > 1 and not is_worker():  # this process starts the data x latent that train
         use_gpus = first["device"] != "cpu" and torch.cuda.device_count() > 0  # NVML: CUDA stays uninitialised
@@ -856,15 +857,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     seconds = time.time() - t0
     log.info("saescale %s done in %.1f s", args.stage, seconds)
-    if args.log and not _is_torchrun_worker():  # a workflow job: one line in the terminal names what it made
+    if args.log and not is_worker():  # a workflow job: one line in the terminal names what it made
         print(f"saescale {args.stage}: {_job_label(args)} ({seconds:.0f} s)", file=terminal())
     return 0
-
-
-def _is_torchrun_worker() -> bool:
-    from saescale.launch import is_worker
-
-    return is_worker()
 
 
 def _job_label(args) -> str:

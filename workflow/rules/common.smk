@@ -71,11 +71,12 @@ def train_resources(job):
         settings = recipe(CFG, arch)[1]
         attrs = hardware.store_attrs(input.activations)
         act_bytes = hardware.forward_bytes(settings["precision"], "cuda" if TRAIN_ON_GPU else "cpu")
-        d, data, latent = attrs["d_model"], *layout(settings)
-        k = int(getattr(wildcards, "k", 0))  # a distributed SAE's own job; packs train on one device
-        slots = (4 * k if recipe(CFG, arch)[0] == "multitopk" else k) + k_aux_for(settings, d)
+        d, distributed = attrs["d_model"], layout(settings)
+        # a distributed SAE has a job of its own (never a pack), so its k is the job's wildcard
+        slots = 0 if distributed == (1, 1) else gathered_slots(recipe(CFG, arch)[0], int(wildcards.k), max(widths),
+                                                                 settings, d)
         gpu = hardware.train_gpu_gib(widths, d, settings["batch_size"], act_bytes, settings["microbatch"],
-                                     (data, latent), slots)
+                                     distributed, slots)
         # a distributed job's processes on one node each hold what a single-device job holds on the host
         host = hardware.train_host_gib(attrs, widths, settings, TRAIN_ON_GPU) * procs_per_node(settings)
         return host, gpu if TRAIN_ON_GPU else 0
@@ -89,6 +90,17 @@ def train_resources(job):
         "gpu_mem_gb": lambda wildcards, input: size(wildcards, input)[1],
         "constraint": constraint,
     }
+
+
+def gathered_slots(arch, k, n, settings, d_model):
+    """Latents per token a train.distributed step gathers from each shard: the arch's main selection (multitopk:
+    its multiple of k, sae.distributed.selection_slots) and AuxK's k_aux. It imports torch, so only a job with
+    train.distributed asks."""
+    from saescale.sae.archs import ARCHS
+    from saescale.sae.distributed import selection_slots
+
+    params = {**ARCHS[arch].defaults, **settings["arch_params"].get(arch, {})}
+    return selection_slots(arch, k, n, params)[0] + k_aux_for(settings, d_model)
 
 
 def procs_per_node(settings):
