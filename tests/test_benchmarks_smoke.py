@@ -47,3 +47,24 @@ def test_gpu_check_smoke_times_the_real_step_h2d_and_loader(tmp_path):
     assert result["loader"]["loop_s_per_batch"] > 0 and result["loader"]["bound"] in ("loader", "step")
     assert "skipped" in result["rehearsal"]
     assert out.with_suffix(".md").read_text().startswith("# GPU check") and "| 1024 | 8 | 50% |" in text
+
+
+def test_calibration_benchmark_plans_the_penalty_grid_on_the_run_config_and_flags_misses(tmp_path):
+    import importlib.util
+
+    import yaml
+
+    from saescale.config import load_config
+
+    spec = importlib.util.spec_from_file_location("calibration", ROOT / "benchmarks" / "calibration.py")
+    calibration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibration)
+    preset = tmp_path / "calibration.yaml"
+    preset.write_text(yaml.safe_dump(calibration.calibration_config(ROOT / "config.yaml", ["relu", "gated"], 512,
+                                                                    [2, 128])))
+    cfg = load_config(preset, local_paths=False)
+    assert cfg["sweep"]["archs"] == ["relu", "gated"] and cfg["sweep"]["k"] == [2, 128] and not cfg["sweep"]["extra"]
+    assert not cfg["interpret"]["enabled"] and not cfg["scaling"]["lr_sweep"]["enabled"]
+    assert cfg["subjects"] == load_config(ROOT / "config.yaml", local_paths=False)["subjects"]  # the run's own subject
+    md = calibration.table({("relu", 2): 1.6, ("relu", 128): 126.0}, ["relu", "gated"], [2, 128])
+    assert "| relu | 0.80 ⚠ | 0.98 |" in md and "| gated |  |  |" in md

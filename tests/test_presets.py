@@ -149,6 +149,28 @@ def test_without_configfile_the_default_runs_and_overrides_apply(tmp_path):
     assert narrowed["evaluate"] == 2
 
 
+def test_presets_run_in_the_default_directory_agree_on_every_sae_they_share():
+    """convergence.yaml, lr-sweep.yaml, archs.yaml ... extend config.yaml and run in its directory, so an SAE folder
+    (subject, layer, arch name, n, k) two of them plan must have one recipe: else each run retrains what the other
+    wrote (convergence.yaml and lr-sweep.yaml both define a variant topk_conv, with different token caps: the lr
+    sweep's own 1x SAEs are topk_conv_lr1, so they do not collide)."""
+    from saescale.config import sae_settings, trained_saes
+
+    seen: dict[tuple, tuple[str, dict, str]] = {}
+    default = ROOT / "config.yaml"
+    shared = [default] + [p for p in PRESETS if (yaml.safe_load(p.read_text()) or {}).get("base") == "../../config.yaml"]
+    assert len(shared) >= 4  # the default, archs, convergence, lr-sweep, manifolds
+    for path in shared:
+        cfg = load_config(path, local_paths=False)
+        for sae in trained_saes(cfg):
+            key = (sae["subject"], sae["layer"], sae["arch"], sae["n"], sae["k"])
+            settings = sae_settings(cfg, sae["arch"])
+            if key in seen:
+                assert seen[key][:2] == settings, f"{path.name} and {seen[key][2]} train {key} with different recipes"
+            else:
+                seen[key] = (*settings, path.name)
+
+
 def test_base_extends_another_file_and_the_preset_wins(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"subjects": {"a": {"model": "gpt2", "layers": [1]}},
                                                         "sweep": {"archs": ["topk"], "n": [64], "k": [4]}}))

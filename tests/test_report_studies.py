@@ -4,6 +4,7 @@ answers: each claim must be able to fail."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from saescale.report import manifold_sections as ms
 from saescale.report import scaling_sections as ss
@@ -57,14 +58,53 @@ def test_joint_verdict_reads_the_signs_of_gamma_and_eta():
     assert ss.joint_verdict(joint(0.04, -0.1)).agrees is False
 
 
-def _subject(name, d, fvu, b):
-    return {"subject": name, "d_model": d, "points": [{"n": 128, "fvu": fvu}], "fit": {"ok": True, "b": b}}
+def _subject(name, d, fvu, b, b_err=0.01, regime="converged", status="converged", rmse=0.01):
+    return {"subject": name, "d_model": d, "points": [{"n": 128, "fvu": fvu, "status": status}],
+            "fit": {"ok": True, "b": b, "b_err": b_err, "e": 0.01, "rmse_log": rmse, "regime": regime}}
 
 
 def test_subject_verdict_wants_larger_models_harder_and_shallower():
     assert ss.subject_verdict([_subject("a", 64, 0.1, 0.3), _subject("b", 128, 0.2, 0.2)]).agrees is True
     assert ss.subject_verdict([_subject("a", 64, 0.2, 0.2), _subject("b", 128, 0.1, 0.3)]).agrees is False
     assert "subject-size.yaml" in ss.subject_verdict([_subject("a", 64, 0.1, 0.3)]).note
+
+
+def test_subject_verdict_needs_differences_beyond_their_errors():
+    # b 0.3 vs 0.2 with errors 0.1 each: the difference 0.1 is within 2 sigma (0.28), so cannot tell
+    v = ss.subject_verdict([_subject("a", 64, 0.1, 0.3, b_err=0.1), _subject("b", 128, 0.2, 0.2, b_err=0.1)])
+    assert v.agrees is None and any("b:" in u for u in v.unsure)
+    # FVU 0.100 vs 0.105 with a log-rmse of 0.05: within the scatter of one SAE about its law
+    v = ss.subject_verdict([_subject("a", 64, 0.100, 0.3, rmse=0.05), _subject("b", 128, 0.105, 0.2, rmse=0.05)])
+    assert v.agrees is None and any("FVU" in u for u in v.unsure)
+
+
+def test_subject_verdict_does_not_judge_fixed_budget_or_censored_points():
+    fixed = [_subject("a", 64, 0.1, 0.3, regime="fixed-budget", status="fixed-budget"),
+             _subject("b", 128, 0.2, 0.2, regime="fixed-budget", status="fixed-budget")]
+    v = ss.subject_verdict(fixed)
+    assert v.agrees is None and "fixed-budget L(n)" in v.note and "b = 0.3" in v.note
+    # a censored SAE is an upper bound: its FVU is not compared, only the fits' exponents are
+    v = ss.subject_verdict([_subject("a", 64, 0.1, 0.3, status="censored"), _subject("b", 128, 0.2, 0.2)])
+    assert v.agrees is True and not any("FVU" in h for h in v.held) and any("b:" in h for h in v.held)
+
+
+def test_subject_curves_fit_converged_and_censored_sae_as_l_of_n():
+    rng = np.random.default_rng(0)
+    layers = []
+    for name, d, a in (("w64", 64, 1.0), ("w128", 128, 1.6)):
+        n = np.array([128, 256, 512, 1024, 2048])
+        fvu = a * n ** -0.3 + 0.01
+        status = ["converged"] * 4 + ["censored"]
+        m = pd.DataFrame({"arch": "topk", "n": n, "k": 8, "fvu": fvu * np.exp(rng.normal(0, 1e-3, 5)),
+                          "d_model": d, "convergence": status})
+        layers.append({"subject": name, "layer": 2, "metrics_all": m})
+    curves = ss.subject_curves(layers, {"scaling": {"subject_size": {"arch": "topk", "k": 8}}, "sweep": {"k": [8]}})
+    assert [c["subject"] for c in curves] == ["w64", "w128"]
+    assert all(c["fit"]["regime"] == "converged" and c["fit"]["counts"]["censored"] == 1 for c in curves)
+    assert [p["status"] for p in curves[0]["points"]][-1] == "censored"
+    assert abs(curves[0]["fit"]["b"] - 0.3) < 0.05
+    table = ss.subject_table(curves)
+    assert "L(N), converged" in str(table)
 
 
 def _curve(kind, d, losses, beta=None, plateau_n=None):

@@ -130,6 +130,10 @@ def lr_sweep(lr: dict | None) -> str | None:
     return to_base64_png(fig)
 
 
+_STATUS_MARKER = {"converged": dict(marker="o"), "censored": dict(marker="v", mfc="none"),
+                  "fixed-budget": dict(marker="s", mfc="none")}  # an SAE's convergence status (scaling.fits)
+
+
 def ln_points(fits: list[dict]) -> str | None:
     """L(N) per k (Fig. 1b analogue) from the per-k fits: converged SAEs filled, censored ones (hit their
     token cap before the rule) as open ▼ at their capped loss, an upper bound, fixed-budget ones as open
@@ -138,8 +142,6 @@ def ln_points(fits: list[dict]) -> str | None:
     if not entries:
         return None
     colours = _palette([f["k"] for f in entries], "flare")
-    marker = {"converged": dict(marker="o"), "censored": dict(marker="v", mfc="none"),
-              "fixed-budget": dict(marker="s", mfc="none")}
     archs = sorted({str(f["arch"]) for f in entries})
     with _style():
         fig, axes = _panels(len(archs))
@@ -148,7 +150,7 @@ def ln_points(fits: list[dict]) -> str | None:
                 col = colours[f["k"]]
                 pts = pd.DataFrame(f["points"]).sort_values("n")
                 for status, g in pts.groupby("status"):
-                    ax.plot(g["n"], g["y"], ls="none", color=col, **marker.get(status, {"marker": "x"}))
+                    ax.plot(g["n"], g["y"], ls="none", color=col, **_STATUS_MARKER.get(status, {"marker": "x"}))
                 if _ok(f):
                     ns = np.geomspace(pts["n"].min(), pts["n"].max(), 50)
                     ax.plot(ns, predict_power_law(f, ns), "--", color=col,
@@ -161,7 +163,7 @@ def ln_points(fits: list[dict]) -> str | None:
             ax.set_title(f"{arch}: " + ", ".join(sorted(x for x in label if x)))
             ax.legend(fontsize=7)
         axes[0].set_ylabel("eval FVU")
-        handles = [Line2D([], [], color="grey", ls="none", label=lab, **marker[st])
+        handles = [Line2D([], [], color="grey", ls="none", label=lab, **_STATUS_MARKER[st])
                    for st, lab in (("converged", "converged"), ("censored", "censored (≤: hit its cap)"),
                                    ("fixed-budget", "fixed budget"))]
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
@@ -191,7 +193,8 @@ def joint_residuals(joint: list[dict]) -> str | None:
 
 
 def subject_size(curves: list[dict]) -> str | None:
-    """Fig. 4: FVU vs n at fixed k, one line per subject model (colour by width), with its L(n) fit."""
+    """Fig. 4: FVU vs n at fixed k, one line per subject model (colour by width), with its law; markers as in
+    ln_points (converged filled, censored ▼, fixed-budget open squares)."""
     curves = [c for c in curves if c["points"]]
     if len(curves) < 1:
         return None
@@ -204,13 +207,17 @@ def subject_size(curves: list[dict]) -> str | None:
             col = colours[c["d_model"]]
             fit = c.get("fit")
             label = f"{c['subject']} (d = {c['d_model']})" + (f": b = {fit['b']:.3f}" if _ok(fit) else "")
-            ax.plot(pts["n"], pts["fvu"], "o", color=col, label=label)
+            status = pts["status"] if "status" in pts else pd.Series("fixed-budget", index=pts.index)
+            for st, g in pts.groupby(status):
+                ax.plot(g["n"], g["fvu"], ls="none", color=col, **_STATUS_MARKER.get(st, {"marker": "x"}))
+            ax.plot([], [], ls="none", color=col, marker="o", label=label)
             if _ok(fit):
                 ns = np.geomspace(pts["n"].min(), pts["n"].max(), 50)
                 ax.plot(ns, predict_power_law(fit, ns), "--", color=col)
         _log(ax)
         ax.set_xlabel("n (latents)")
         ax.set_ylabel("eval FVU")
-        ax.set_title(f"{curves[0]['arch']}, k = {curves[0]['k']}")
+        laws = sorted({(c.get("fit") or {}).get("label") or "" for c in curves} - {""})
+        ax.set_title(f"{curves[0]['arch']}, k = {curves[0]['k']}" + (": " + ", ".join(laws) if laws else ""))
         ax.legend(fontsize=8)
     return to_base64_png(fig)

@@ -20,7 +20,6 @@ from saescale.report.suite_sections import headline
 from saescale.report.tables import num, pm, table, text
 from saescale.scaling import fits
 from saescale.scaling import lr as lrmod
-from saescale.scaling.fits import fit_power_law
 
 EXPONENT_SLACK = 0.15  # our choice: an exponent agrees when it lies within ±0.15 of the paper's value
 GOOD_FIT = 0.05  # our choice: rmse of log L below this, the functional form describes the points
@@ -336,7 +335,9 @@ def joint_tables(joint: list[dict]) -> list[dict]:
 # ---- subject size ------------------------------------------------------------------------------------------------
 
 def subject_curves(layers: list[dict], config: dict) -> list[dict]:
-    """Per subject (its first layer): FVU vs n of scaling.subject_size's (arch, k) and its L(n) fit."""
+    """Per subject (its first layer): FVU vs n of scaling.subject_size's (arch, k) and its law, fitted as the
+    L(N) fits are (scaling.fits.fit_all): a converged L(N) with censored SAEs as upper bounds when the SAEs
+    were trained in convergence mode, else a fixed-budget L(n), labelled so."""
     ss = config["scaling"]["subject_size"]
     k = ss["k"] if ss["k"] is not None else min(config["sweep"]["k"])
     seen, out = set(), []
@@ -350,34 +351,55 @@ def subject_curves(layers: list[dict], config: dict) -> list[dict]:
         if rows.empty:
             continue
         d = pd.to_numeric(rows.get("d_model"), errors="coerce").dropna()
+        cols = ["arch", "n", "k", "fvu"] + (["convergence"] if "convergence" in rows.columns else [])
+        fit = fits.fit_all(rows[cols])["per_k"][0]
         out.append({"subject": lay["subject"], "layer": lay["layer"], "arch": ss["arch"], "k": k,
                     "d_model": int(d.iloc[0]) if len(d) else 0, "n_params": lay.get("n_params"),
-                    "points": rows[["n", "fvu"]].to_dict("records"),
-                    "fit": fit_power_law(rows["n"].to_numpy(float), rows["fvu"].to_numpy(float))})
+                    "points": [{"n": p["n"], "fvu": p["y"], "status": p["status"]} for p in fit.pop("points")],
+                    "fit": fit})
     return sorted(out, key=lambda c: (c["d_model"], c["subject"]))
 
 
 def subject_verdict(curves: list[dict]) -> cmp.Verdict:
+    """Gao §3.2's L_s(N) is a converged law, so both halves of the claim are judged on converged fits only, each
+    pair of subjects adjacent in width with an uncertainty: FVU at the largest n where every subject's SAE
+    converged (a difference of logs beyond Z·√2 times the larger fit's log-rmse, the scatter of one SAE about its
+    law), and b (a difference beyond Z times the two fits' standard errors combined). Fixed-budget fits are
+    shown, not judged: larger n and larger subjects are less converged at one budget."""
     paper = ("Fig. 4: at fixed k, larger subject models need more latents for the same MSE (higher FVU at "
              "equal n) and scale with a shallower exponent.")
     if len(curves) < 2:
         return _subject_fields(cmp.Verdict(None, paper, note=(
             f"{len(curves)} subject model in this run; workflow/configs/subject-size.yaml trains several builtin "
             "LMs of increasing width.")))
-    held, failed = [], []
-    common = set.intersection(*({int(p["n"]) for p in c["points"]} for c in curves))
+    fixed = [c for c in curves if c["fit"].get("regime") != fits.CONVERGED]
+    if fixed:
+        shown = "; ".join(f"{c['subject']}: b = {pm(c['fit']['b'], c['fit'].get('b_err'))}" if c["fit"].get("ok")
+                          else f"{c['subject']}: not fitted" for c in curves)
+        return _subject_fields(cmp.Verdict(None, paper, note=(
+            f"{', '.join(c['subject'] for c in fixed)}: fixed-budget L(n), not the paper's converged L_s(N) (larger n "
+            f"and larger subjects are less converged at one budget), so not judged: {shown}. Train the subjects' "
+            "SAEs in convergence mode (train.convergence) to judge it.")))
+    claims = []
+    common = set.intersection(*({int(p["n"]) for p in c["points"] if p["status"] == fits.CONVERGED}
+                                for c in curves))
     if common:
         n = max(common)
-        fvu = [next(p["fvu"] for p in c["points"] if int(p["n"]) == n) for c in curves]
-        claim = "FVU at n = {}: {}".format(num(n), ", ".join(f"{c['subject']} {num(v, 3)}" for c, v in zip(curves, fvu)))
-        (held if all(np.diff(fvu) > 0) else failed).append(claim + " (rises with width)")
-    bs = [c["fit"]["b"] for c in curves if c["fit"].get("ok")]
-    if len(bs) == len(curves):
-        claim = "b: " + ", ".join(f"{c['subject']} {num(c['fit']['b'], 3)}" for c in curves)
-        (held if all(np.diff(bs) < 0) else failed).append(claim + " (falls with width)")
-    v = cmp.Verdict(not failed, paper, tuple(held), tuple(failed)) if held or failed else \
-        cmp.Verdict(None, paper, note="The subjects share no n.")
-    return _subject_fields(v)
+        for a, b in zip(curves, curves[1:]):
+            fa, fb = (next(p["fvu"] for p in c["points"] if int(p["n"]) == n) for c in (a, b))
+            scatter = max(c["fit"].get("rmse_log") or np.nan for c in (a, b))
+            ok = cmp.sign_claim(np.log(fb / fa), np.sqrt(2) * scatter)
+            sym = {True: "<", False: ">", None: "≈"}[ok]
+            claims.append((ok, f"FVU at n = {num(n)}: {a['subject']} {num(fa, 3)} {sym} {b['subject']} {num(fb, 3)}"))
+    if all(c["fit"].get("ok") for c in curves):
+        for a, b in zip(curves, curves[1:]):
+            fa, fb = a["fit"], b["fit"]
+            ok = cmp.sign_claim(fa["b"] - fb["b"], np.hypot(fa.get("b_err") or np.nan, fb.get("b_err") or np.nan))
+            sym = {True: ">", False: "<", None: "≈"}[ok]
+            claims.append((ok, f"b: {a['subject']} {pm(fa['b'], fa.get('b_err'))} {sym} {b['subject']} "
+                               f"{pm(fb['b'], fb.get('b_err'))}"))
+    missing = "No n at which every subject's SAE converged, and not every subject's L(N) was fitted."
+    return _subject_fields(cmp._combine(claims, paper, missing))
 
 
 def _subject_fields(v: cmp.Verdict) -> cmp.Verdict:
@@ -385,17 +407,21 @@ def _subject_fields(v: cmp.Verdict) -> cmp.Verdict:
                             "to achieve the same MSE, and the exponent is worse (Figure 4).",
                    source=f"{PAPER} §3.2, Fig. 4", paper_value="higher MSE at equal n, smaller b (GPT-4 family)",
                    anchor="subject-size", run_value=v.run_value or v.tally,
-                   thresholds=("point values of single SAEs and per-subject fits, ordered by width (our choice)",))
+                   thresholds=(THRESHOLDS["rule"], THRESHOLDS["censored"],
+                               f"FVU: the log difference beyond {cmp.Z:g}·√2 × the larger log-rmse of the two fits "
+                               "(the scatter of one SAE about its law; our choice)",
+                               f"b: the difference beyond {cmp.Z:g}σ of the two fits' errors combined (our choice)"))
 
 
 def subject_table(curves: list[dict]) -> dict:
     rows = []
     for c in curves:
         f = c["fit"]
-        rows.append([c["subject"], c["layer"], c["d_model"], num(c.get("n_params")),
-                     len(c["points"]), pm(f["b"], f["b_err"]) if f.get("ok") else text(f.get("reason")),
+        counts = ", ".join(f"{v} {k}" for k, v in (f.get("counts") or {}).items() if v)
+        rows.append([c["subject"], c["layer"], c["d_model"], num(c.get("n_params")), text(f.get("label")), counts,
+                     pm(f["b"], f["b_err"]) if f.get("ok") else text(f.get("reason")),
                      num(f["e"], 3) if f.get("ok") else "—"])
-    return table(["subject", "layer", "d_model", "LM parameters", "SAEs", "b", "e"], rows)
+    return table(["subject", "layer", "d_model", "LM parameters", "law", "SAEs", "b", "e"], rows)
 
 
 # ---- sections ------------------------------------------------------------------------------------------------
