@@ -688,7 +688,7 @@ def render(out: dict) -> str:
         lines.append(f"| {r['n']} | {r['members']} | {'runs' if r['auxk'] else 'idle'} | {r['gpu_s'] * 1e3:.0f} ms | "
                      f"{r['loader_s'] * 1e3:.0f} ms | {r['disk_s'] * 1e3:.0f} ms | {r['h2d_s'] * 1e3:.0f} ms | "
                      f"{r['step_s'] * 1e3:.0f} ms | {r['bound']} | {_dur(r['total_s'])} | {r['peak_gpu_gib']} |")
-    lines += ["", f"Total by host speed-up (host of the H100 vs this machine): "
+    lines += ["", "Total by host speed-up (host of the H100 vs this machine): "
               + ", ".join(f"{k}x: {v:.1f} h" for k, v in out["total_h_by_host_speedup"].items()), "",
               "ASSUMED (H100 and its host): " + ", ".join(f"{k} = {v}" for k, v in dev.items())
               + f"; host speed-up {out['host_speedup']}x over the measured rates below.", "",

@@ -1,7 +1,6 @@
 """Ground truth: a TopK SAE trained with the pipeline's loop recovers a planted dictionary."""
 
 import numpy as np
-import torch
 
 from saescale.normalize import layer_stats
 from saescale.sae.train import TrainSpec, train_sae

@@ -2,7 +2,6 @@
 sizes of training jobs against the audit's figures (shared/notes/audits/scale.md), the code they mirror, and
 the resources the workflow gives each training job."""
 
-import inspect
 import json
 import re
 import subprocess

@@ -7,7 +7,6 @@ metrics the pipeline computed for the original (the normalization is folded on e
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -1,7 +1,5 @@
 """The TopK SAE's math (method §A.3-A.6), checked on small hand-made cases."""
 
-import numpy as np
-import pytest
 import torch
 
 from saescale.sae.activations import topk
