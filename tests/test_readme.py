@@ -155,6 +155,10 @@ REGISTRY: list[Entry] = [
     Entry(r"^python benchmarks/rehearsal\.py$",
           "covered:tests/test_rehearsal.py::test_cut_preset_runs_end_to_end_and_every_stage_is_timed",
           names=("rehearsal.run_workflow",)),
+    # Its training and evaluation are the workflow's own jobs; the test checks the grid it plans and the table.
+    Entry(r"^python benchmarks/calibration\.py$",
+          "covered:tests/test_benchmarks_smoke.py::test_calibration_benchmark_plans_the_penalty_grid_on_the_run_config_and_flags_misses",
+          names=("calibration_config", "calibration.table")),
     Entry(r"^python benchmarks/gpu_check\.py$",
           "covered:tests/test_benchmarks_smoke.py::test_gpu_check_smoke_times_the_real_step_h2d_and_loader",
           names=("gpu_check",)),
