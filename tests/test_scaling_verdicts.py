@@ -150,6 +150,21 @@ def test_irreducible_test_can_fail_and_pass():
     assert ss.irreducible_verdict([{"law": "L(C)", "arch": "topk", "k": 8, **pure}]).agrees is False
 
 
+def test_irreducible_test_with_five_points_cannot_fail():
+    """At 5 points AICc's penalty needs +e to cut the RSS 403-fold: a smaller gain is 'cannot tell', not 'no'
+    (the convergence preset's per-k L(N) fits have 5 n); at 6 points the same test can fail."""
+    rng = np.random.default_rng(1)
+    for m, resolvable in ((5, False), (6, True)):
+        x = np.logspace(2, 4, m)
+        t = fits.irreducible_test(x, (3 * x**-0.3 + 0.01) * np.exp(rng.normal(0, 0.003, m)))
+        assert t["ok"] and t["resolvable"] is resolvable and not t["substantial"], (m, t)
+    assert fits.irreducible_test(np.logspace(2, 4, 5), 3 * np.logspace(2, 4, 5) ** -0.3)["rss_ratio_needed"] > 400
+    x = np.logspace(2, 4, 5)
+    five = fits.irreducible_test(x, (3 * x**-0.3 + 0.01) * np.exp(rng.normal(0, 0.003, 5)))
+    v = ss.irreducible_verdict([{"law": "L(N)", "arch": "topk", "k": 8, **five}])
+    assert v.agrees is None and "5 points" in v.unsure[0]
+
+
 # ---- lr: the largest converging lr, L(N) vs L(C) optima ---------------------------------------------------------
 
 def test_converges_on_planted_curves():

@@ -214,6 +214,10 @@ def subject_size(curves: list[dict]) -> str | None:
             if _ok(fit):
                 ns = np.geomspace(pts["n"].min(), pts["n"].max(), 50)
                 ax.plot(ns, predict_power_law(fit, ns), "--", color=col)
+        shown = {p.get("status") for c in curves for p in c["points"]} - {None, "converged"}
+        for st, lab in (("censored", "censored (≤: hit its cap)"), ("fixed-budget", "fixed budget")):
+            if st in shown:
+                ax.plot([], [], ls="none", color="grey", label=lab, **_STATUS_MARKER[st])
         _log(ax)
         ax.set_xlabel("n (latents)")
         ax.set_ylabel("eval FVU")

@@ -33,6 +33,10 @@ LABELS = {CONVERGED: "L(N), converged", FIXED: "fixed-budget L(n)"}
 # "substantially" read as an AICc gain of at least 10 for the 1 extra parameter, the point above which the
 # simpler model has "essentially no support" (Burnham & Anderson 2002, §2.6). Our choice of threshold.
 AIC_SUBSTANTIAL = 10.0
+# With few points AICc's small-sample penalty is so large that no realistic fit can reach AIC_SUBSTANTIAL: at 5
+# points +e must cut the residual sum of squares 403-fold. A comparison is called resolvable only when the
+# threshold needs at most this factor (our choice: the pure law's rmse 10x the other's); 6 points need 28x.
+MAX_RSS_RATIO = 100.0
 
 POWER_FORM = "a*n^-b + e"
 JOINT_FORM = "exp(alpha + beta_k*log k + beta_n*log n + gamma*log k*log n) + exp(zeta + eta*log k)"
@@ -299,9 +303,13 @@ def irreducible_test(x, y, threshold: float = AIC_SUBSTANTIAL) -> dict[str, Any]
     gain = _aicc(rss0, m, 2) - _aicc(rss1, m, 3) if rss1 > 0 else math.inf
     f_stat = (rss0 - rss1) / (rss1 / (m - 3)) if rss1 > 0 else math.inf
     p_value = float(stats.f.sf(f_stat, 1, m - 3)) if math.isfinite(f_stat) else 0.0
+    # the gain is m log(rss0 / rss1) minus the extra parameter's penalty, so the threshold needs this ratio
+    penalty = 2 * 3 + 24 / (m - 4) - (2 * 2 + 12 / (m - 3))
+    needed = math.exp((threshold + penalty) / m)
     return {"ok": True, "aicc_gain": float(gain), "f_stat": float(f_stat), "p_value": p_value,
             "rmse_pure": math.sqrt(rss0 / m), "rmse_with_e": math.sqrt(rss1 / m), "e": with_e["e"],
-            "threshold": threshold, "substantial": bool(gain >= threshold), "n_points": m}
+            "threshold": threshold, "substantial": bool(gain >= threshold), "n_points": m,
+            "rss_ratio_needed": needed, "resolvable": bool(needed <= MAX_RSS_RATIO)}
 
 
 def bootstrap_power_law(x, y, reps: int = 200, seed: int = 0) -> dict[str, Any]:
