@@ -24,7 +24,7 @@ import yaml
 
 from saescale import paths
 from saescale.config import load_config
-from saescale.report.comparison import L0_TOLERANCE
+from saescale.report.comparison import L0_TOLERANCE, l0_offset
 
 PENALTY_ARCHS = ["relu", "relu_dn", "prolu", "gated", "jumprelu", "jumprelu_tanh"]
 OFF = {"evaluate": {"probes": {"enabled": False}, "ablation": {"enabled": False}, "geometry": {"enabled": False}},
@@ -45,7 +45,8 @@ def table(evals: dict[tuple[str, int], float | None], archs: list[str], targets:
         cells = []
         for k in targets:
             l0 = evals.get((arch, k))
-            cells.append("" if l0 is None else f"{l0 / k:.2f}" + (" ⚠" if abs(l0 / k - 1) > L0_TOLERANCE else ""))
+            miss = l0 is not None and abs(l0_offset(l0, k)) > L0_TOLERANCE
+            cells.append("" if l0 is None else f"{l0 / k:.2f}" + (" ⚠" if miss else ""))
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -96,11 +96,10 @@ def gathered_slots(arch, k, n, settings, d_model):
     """Latents per token a train.distributed step gathers from each shard: the arch's main selection (multitopk:
     its multiple of k, sae.distributed.selection_slots) and AuxK's k_aux. It imports torch, so only a job with
     train.distributed asks."""
-    from saescale.sae.archs import ARCHS
     from saescale.sae.distributed import selection_slots
 
-    params = {**ARCHS[arch].defaults, **settings["arch_params"].get(arch, {})}
-    return selection_slots(arch, k, n, params)[0] + k_aux_for(settings, d_model)
+    main = selection_slots(arch, k, n, settings["arch_params"].get(arch, {}))[0]
+    return main + k_aux_for(settings, d_model)
 
 
 def procs_per_node(settings):

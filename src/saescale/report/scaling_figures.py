@@ -207,14 +207,13 @@ def subject_size(curves: list[dict]) -> str | None:
             col = colours[c["d_model"]]
             fit = c.get("fit")
             label = f"{c['subject']} (d = {c['d_model']})" + (f": b = {fit['b']:.3f}" if _ok(fit) else "")
-            status = pts["status"] if "status" in pts else pd.Series("fixed-budget", index=pts.index)
-            for st, g in pts.groupby(status):
+            for st, g in pts.groupby("status"):
                 ax.plot(g["n"], g["fvu"], ls="none", color=col, **_STATUS_MARKER.get(st, {"marker": "x"}))
             ax.plot([], [], ls="none", color=col, marker="o", label=label)
             if _ok(fit):
                 ns = np.geomspace(pts["n"].min(), pts["n"].max(), 50)
                 ax.plot(ns, predict_power_law(fit, ns), "--", color=col)
-        shown = {p.get("status") for c in curves for p in c["points"]} - {None, "converged"}
+        shown = {p["status"] for c in curves for p in c["points"]} - {"converged"}
         for st, lab in (("censored", "censored (≤: hit its cap)"), ("fixed-budget", "fixed budget")):
             if st in shown:
                 ax.plot([], [], ls="none", color="grey", label=lab, **_STATUS_MARKER[st])

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from saescale.config import SHARDED_ARCHS
 from saescale.hardware import GATHER_BYTES
 from saescale.sae.activations import Latents, Selection, dead_topk
-from saescale.sae.archs import Mse, TrainOutput
+from saescale.sae.archs import ARCHS, Mse, TrainOutput
 
 
 @dataclass
@@ -172,11 +172,12 @@ def _topk_of_gathered(values: torch.Tensor, indices: torch.Tensor, k: int, mesh:
 
 def selection_slots(arch: str, k: int, n: int, params: dict) -> tuple[int, bool, tuple[int, ...]]:
     """(slots selected per token, sorted, bag bounds) of a TopK-family arch's main selection over n latents:
-    topk keeps k; multitopk keeps the top multiple*k, sorted, in two bags (the first k, the rest)."""
+    topk keeps k; multitopk keeps the top multiple*k, sorted, in two bags (the first k, the rest).
+    `params`: the arch's parameters, all of them or only the configured overrides of its defaults."""
     if arch == "topk":
         return k, False, ()
     if arch == "multitopk":
-        big = min(params["multiple"] * k, n)
+        big = min({**ARCHS[arch].defaults, **params}["multiple"] * k, n)
         return big, True, (k,) if big > k else ()
     raise ValueError(f"train.distributed supports the archs {SHARDED_ARCHS}, not '{arch}': a code whose support "
                      "varies per token has no fixed-size global selection; train it on one device")

@@ -20,7 +20,6 @@ from torch import nn
 
 from saescale.files import replace_when_done, write_json_atomic
 from saescale.sae.activations import Latents
-from saescale.sae.archs import ARCHS
 from saescale.sae.distributed import Mesh, ShardedStep, firing_counts, selection_slots, sharded_reconstruct
 from saescale.sae.losses import normalized_mse
 from saescale.sae.model import ENCODER_RESCALE_SAMPLES, SparseAutoencoder
@@ -48,8 +47,7 @@ class ShardedTrainer(Trainer):
     """Trainer over this process's shard of the SAE; `mesh` from sae.distributed.mesh_from_env."""
 
     def __init__(self, mesh: Mesh, b_pre, baseline_mse: float, spec, checkpoint_path: str | Path, *args, **kwargs):
-        # refuses a non-TopK arch by name
-        selection_slots(spec.arch, spec.k, spec.n, {**ARCHS[spec.arch].defaults, **spec.arch_params})
+        selection_slots(spec.arch, spec.k, spec.n, spec.arch_params)  # refuses a non-TopK arch by name
         self.mesh = mesh
         self.start, self.stop = mesh.latents(spec.n)
         mesh.rows(spec.batch_size)  # refuses a batch the replicas cannot split evenly

@@ -275,11 +275,16 @@ def censored_slope(x, y, bound=None) -> dict[str, Any]:
             "censored_binding": binding, "x_min": float(x.min()), "x_max": float(x.max())}
 
 
+def _aicc_penalty(m: int, p: int) -> float:
+    """AICc's charge for p parameters fitted to m points: 2p + 2p(p+1)/(m-p-1)."""
+    return 2 * p + 2 * p * (p + 1) / (m - p - 1)
+
+
 def _aicc(rss: float, m: int, p: int) -> float:
-    """Corrected AIC of a least-squares fit with Gaussian residuals: m log(RSS/m) + 2p + 2p(p+1)/(m-p-1)."""
+    """Corrected AIC of a least-squares fit with Gaussian residuals: m log(RSS/m) + _aicc_penalty(m, p)."""
     if m - p - 1 <= 0 or rss <= 0:
         return math.nan
-    return m * math.log(rss / m) + 2 * p + 2 * p * (p + 1) / (m - p - 1)
+    return m * math.log(rss / m) + _aicc_penalty(m, p)
 
 
 def irreducible_test(x, y, threshold: float = AIC_SUBSTANTIAL) -> dict[str, Any]:
@@ -304,8 +309,7 @@ def irreducible_test(x, y, threshold: float = AIC_SUBSTANTIAL) -> dict[str, Any]
     f_stat = (rss0 - rss1) / (rss1 / (m - 3)) if rss1 > 0 else math.inf
     p_value = float(stats.f.sf(f_stat, 1, m - 3)) if math.isfinite(f_stat) else 0.0
     # the gain is m log(rss0 / rss1) minus the extra parameter's penalty, so the threshold needs this ratio
-    penalty = 2 * 3 + 24 / (m - 4) - (2 * 2 + 12 / (m - 3))
-    needed = math.exp((threshold + penalty) / m)
+    needed = math.exp((threshold + _aicc_penalty(m, 3) - _aicc_penalty(m, 2)) / m)
     return {"ok": True, "aicc_gain": float(gain), "f_stat": float(f_stat), "p_value": p_value,
             "rmse_pure": math.sqrt(rss0 / m), "rmse_with_e": math.sqrt(rss1 / m), "e": with_e["e"],
             "threshold": threshold, "substantial": bool(gain >= threshold), "n_points": m,
